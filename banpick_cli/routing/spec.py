@@ -109,6 +109,19 @@ class Routing:
         """Returns (weights, indices), the order transformers' routers return them in."""
         return self.weights, self.indices
 
+    def sentinel_free(self, num_experts: int) -> "Routing":
+        """Returns this routing with each "no expert" slot pointing at the token's first slot's expert
+        (expert 0 if it has none) with weight 0.
+
+        For experts kernels that cannot skip index == E: transformers' `grouped_mm` leaves those rows
+        uninitialised (NaN out) and `batched_mm` indexes out of range, unless in expert-parallel mode.
+        The output is unchanged; the compute of the filled slots is spent.
+        """
+        real = self.indices < num_experts
+        first = torch.where(real[:, :1], self.indices[:, :1], 0)
+        indices = torch.where(real, self.indices, first)
+        return Routing(indices=indices, weights=self.weights.masked_fill(~real, 0.0), k=self.k)
+
 
 def _describe(x: object) -> str:
     if isinstance(x, torch.Tensor):
