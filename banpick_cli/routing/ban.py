@@ -9,6 +9,8 @@ import torch
 from .spec import RouterSpec, Routing
 from .topk import check_k, keep_top_probs, probs, route_probs
 
+REWEIGHTS = ("model", "keep")  # reading 9, and its alternative
+
 
 def token_ratio(logits: torch.Tensor, spec: RouterSpec, k_num: int = 3, k_base: int | None = None) -> torch.Tensor:
     """Returns R [T] (float32): the weight of the top-k_num experts over that of the top-k_base.
@@ -78,23 +80,31 @@ def ban(
     beta: float = 0.5,
     clip: bool = True,
     ratio_k_num: int | None = None,
+    reweight: str = "model",
 ) -> Routing:
     """Returns the Ban routing: each token keeps its K_i most preferred of the model's top-K_base.
 
     K_base is spec.top_k; R's numerator is the top-k_min (reading 2) unless ratio_k_num says
     otherwise (3 for the paper's literal top-3). Weights follow the model's rule over the kept
-    experts (reading 9). `Routing.k` holds K_i; the width stays K_base.
+    experts (reading 9); reweight="keep" keeps the top-K_base weights as they were (they then sum
+    to less than before). `Routing.k` holds K_i; the width stays K_base.
     """
     k_base = spec.top_k
     check_ban_params(k_base=k_base, k_min=k_min, lam=lam, beta=beta)
     k_num = k_min if ratio_k_num is None else ratio_k_num
     if not isinstance(k_num, int) or not 1 <= k_num <= k_base:
         raise ValueError(f"ratio_k_num must be an integer in [1, k_base={k_base}], got {k_num!r}")
+    if reweight not in REWEIGHTS:
+        raise ValueError(f"reweight must be one of {REWEIGHTS}, got {reweight!r}")
     p = probs(logits, spec)
-    top = route_probs(p, spec, k_base, logits.dtype).indices  # [T, K_base], preference order
-    k = ban_k(ratio_of(p, top, k_num), layer_sensitivity, r_min, r_max, k_base, k_min=k_min, lam=lam, beta=beta,
-              clip=clip)
-    return keep_top_probs(p, spec, k, top, logits.dtype)
+    base = route_probs(p, spec, k_base, logits.dtype)  # [T, K_base], preference order
+    k = ban_k(ratio_of(p, base.indices, k_num), layer_sensitivity, r_min, r_max, k_base, k_min=k_min, lam=lam,
+              beta=beta, clip=clip)
+    kept = keep_top_probs(p, spec, k, base.indices, logits.dtype)
+    if reweight == "model":
+        return kept
+    # The kept experts are a prefix of the base slots, so the old weights line up slot by slot.
+    return Routing(kept.indices, base.weights.masked_fill(kept.indices == spec.num_experts, 0.0), kept.k)
 
 
 def check_ban_params(*, k_base: int, k_min: int, lam: float, beta: float) -> None:

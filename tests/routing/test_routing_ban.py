@@ -104,3 +104,10 @@ def test_bad_hyperparameters_fail_with_one_line(kwargs, match):
     with pytest.raises(ValueError, match=match) as err:
         ban(torch.randn(3, E), SPEC, **args)
     assert "\n" not in str(err.value)
+
+
+def test_reweight_keep_leaves_the_top_k_base_weights_unrenormalised():
+    r = ban(logits_of(PEAKED), SPEC, 0.4, 0.5, 0.9, lam=1.0, reweight="keep")  # K = 4 of a full top-8
+    close(r.weights[0], [0.40, 0.20, 0.16, 0.10, 0, 0, 0, 0])
+    with pytest.raises(ValueError, match="reweight"):
+        ban(logits_of(PEAKED), SPEC, 0.4, 0.5, 0.9, reweight="none")
