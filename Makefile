@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine with Python 3.11: `make demo` and `make test`.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+BANPICK := $(VENV)/bin/banpick
+STAMP := $(VENV)/.installed
+OUT ?= build/demo
+
+.PHONY: setup demo test demo-model bench docs clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,report]'
+	touch $(STAMP)
+
+demo: setup
+	bash tools/demo.sh $(BANPICK) $(OUT)
+
+test: setup
+	$(PY) -m pytest
+
+demo-model: setup
+	$(PY) tools/train_demo.py
+
+bench: setup
+	$(PY) bench/bench_profile.py
+
+docs: setup
+	$(PY) tools/gen_cli_docs.py > docs/cli.md
+
+clean:
+	rm -rf build

@@ -1,0 +1,3 @@
+from banpick_cli.cli.app import main
+
+main()

@@ -1,0 +1,1 @@
+"""Calibration passes: usage counts, the shared KL engine, layer/token sensitivity, failure probe."""

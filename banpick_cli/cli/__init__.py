@@ -1,0 +1,1 @@
+"""The command line: thin Typer commands that parse flags, call the library, and render with Rich."""

@@ -1,0 +1,176 @@
+"""The `banpick` command line: thin Typer commands over the library. Heavy imports stay inside commands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from banpick_cli.cli.render import console, err_console, handle_errors, print_json, progress_bar, table
+
+EXIT_CODES = "Exit codes: 0 done, 1 user error (bad input, wrong model, missing data), 2 usage error, 3 interrupted (rerun to resume)."
+
+app = typer.Typer(
+    name="banpick",
+    help=f"Calibrate Mixture-of-Experts routing after training (Ban&Pick) and write routing profiles.\n\n{EXIT_CODES}",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+ModelOpt = typer.Option("demo", "--model", "-m", help="Local model directory or hub id; 'demo' is the shipped demo model.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
+ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (off for CI logs).")
+JsonOpt = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of tables.")
+
+
+@app.command()
+@handle_errors
+def profile(
+    domain: str = typer.Option(..., "--domain", "-d", help="Domain name (math, code, general) or a domain .toml file."),
+    out: Path = typer.Option(..., "--out", "-o", help="Profile to write; an existing profile of the same model is updated."),
+    model: str = ModelOpt,
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Local .jsonl/.json/.parquet/.txt/.csv file, hub dataset id, or 'embedded'. Default: the domain's hub datasets ('embedded' for the demo model)."
+    ),
+    text_field: Optional[str] = typer.Option(None, "--text-field", help="Field holding the text (default: the domain's template, else 'text')."),
+    samples: int = typer.Option(256, "--samples", help="Number of calibration texts."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per text (longer texts are truncated)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Texts per forward pass."),
+    seed: int = typer.Option(0, "--seed", help="Shuffle seed for choosing texts."),
+    candidate_ratio: float = typer.Option(2.0, "--candidate-ratio", help="Candidate if usage >= this many times the layer mean."),
+    candidate_top: int = typer.Option(0, "--candidate-top", help="Also mark the N most used experts of each layer (0: off)."),
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    show_progress: bool = ProgressOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Count expert usage on a domain's calibration text and mark its domain-specialised candidates."""
+    from banpick_cli.calibrate.profile_stage import ProfileSettings, run_profile
+    from banpick_cli.cli.views import domain_usage
+
+    settings = ProfileSettings(
+        domain=domain, data=data, text_field=text_field, samples=samples, seq_len=seq_len,
+        batch_size=batch_size, seed=seed, candidate_ratio=candidate_ratio, candidate_top=candidate_top,
+    )
+    with progress_bar(show_progress and not as_json, "profile") as progress:
+        result = run_profile(settings, out=out, model=model, device=device, dtype=dtype, progress=progress)
+    summary = {
+        "profile": str(result.path),
+        "domain": result.domain,
+        "samples": result.usage.samples,
+        "tokens": result.usage.tokens,
+        "wall_s": round(result.wall_s, 3),
+        "tokens_per_s": round(result.tokens_per_s, 1),
+        "candidates": int(result.profile.get(f"domain/{result.domain}/candidates").sum()),
+        "dropped_stale": result.dropped,
+    }
+    if as_json:
+        print_json(summary)
+        return
+    _print_usage(result.profile, result.domain, top=5)
+    for name in result.dropped:
+        err_console.print(f"note: removed stale '{name}' (its usage counts changed); rerun its stage")
+    console.print(
+        f"[bold]{result.domain}[/]: {summary['samples']} texts, {summary['tokens']:,} tokens in {summary['wall_s']:.1f}s "
+        f"({summary['tokens_per_s']:,.0f} tok/s); {summary['candidates']} candidate experts -> {result.path}"
+    )
+
+
+def _print_usage(prof, domain: str, top: int) -> None:
+    from banpick_cli.cli.views import domain_usage
+
+    rows = []
+    for layer in domain_usage(prof, domain, top=top):
+        experts = "  ".join(f"E{e} {f:.1%} ({r:.1f}x)" for e, f, r in layer.top)
+        rows.append([f"L{layer.layer_index}", experts, len(layer.candidates)])
+    console.print(
+        table(f"domain '{domain}': top experts per layer (share of tokens, ratio to layer mean)", ["layer", "top experts", "candidates"], rows, justify_right_from=2)
+    )
+
+
+@app.command()
+@handle_errors
+def inspect(
+    path: Path = typer.Argument(..., help="A routing profile (.safetensors)."),
+    domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Show only this domain."),
+    top: int = typer.Option(5, "--top", help="Experts to list per layer."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Show what a routing profile holds: model, provenance, and per domain the top experts of each layer."""
+    from banpick_cli.cli.views import profile_summary
+    from banpick_cli.errors import BadSetting
+    from banpick_cli.profile import read_profile
+
+    if top < 1:
+        raise BadSetting(f"--top must be >= 1, got {top}")
+    prof = read_profile(path)
+    if domain is not None and domain not in prof.domains():
+        raise BadSetting(f"the profile has no domain '{domain}'; it has: {', '.join(prof.domains()) or 'none'}")
+    if as_json:
+        print_json(profile_summary(prof))
+        return
+    m = prof.model
+    console.print(
+        f"[bold]{path}[/]: {m.name_or_path} ({m.architecture}), {len(m.moe_layers)} MoE layers x {m.num_experts} experts, "
+        f"top-{m.k_base} {m.scoring}{' renormalised' if m.renormalize else ''}; fingerprint {prof.fingerprint[:19]}…; "
+        f"banpick {prof.banpick_version}, {prof.created_utc}"
+    )
+    stage_rows = [[key, rec.get("dataset", ""), rec.get("samples", ""), rec.get("tokens", ""), rec.get("wall_s", "")] for key, rec in sorted(prof.provenance.items())]
+    if stage_rows:
+        console.print(table("stages", ["stage", "data", "samples", "tokens", "wall s"], stage_rows, justify_right_from=2))
+    for name in [domain] if domain else prof.domains():
+        _print_usage(prof, name, top=top)
+    extra = sorted(k for k in prof.tensors if not k.endswith(("expert_counts", "token_counts", "candidates")))
+    if extra:
+        console.print("other tensors: " + ", ".join(extra))
+
+
+@app.command()
+@handle_errors
+def merge(
+    inputs: list[Path] = typer.Argument(..., help="Two or more profiles of the same model."),
+    out: Path = typer.Option(..., "--out", "-o", help="Merged profile to write."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Merge profiles of one model: add usage counts of shared domains (data shards), union the rest."""
+    from banpick_cli.errors import BadSetting
+    from banpick_cli.profile import merge_profiles, read_profile, write_profile
+    from banpick_cli.profile.format import ensure_writable
+
+    if len(inputs) < 2:
+        raise BadSetting("merge needs at least two profiles")
+    ensure_writable(out)
+    merged = merge_profiles([read_profile(p) for p in inputs], names=[str(p) for p in inputs])
+    write_profile(merged, out)
+    if as_json:
+        print_json({"profile": str(out), "domains": merged.domains(), "inputs": [str(p) for p in inputs]})
+        return
+    console.print(f"merged {len(inputs)} profiles -> {out} (domains: {', '.join(merged.domains())})")
+
+
+def _not_yet(name: str, issue: str) -> None:
+    @app.command(name=name, help=f"Not yet available ({issue}).")
+    @handle_errors
+    def stub() -> None:
+        from banpick_cli.errors import BanpickError
+
+        raise BanpickError(f"`banpick {name}` is not available yet ({issue})")
+
+
+_not_yet("kl-scan", "sensitivity scans")
+_not_yet("layer-sensitivity", "sensitivity scans")
+_not_yet("failure-probe", "accuracy side")
+_not_yet("export", "runtimes and export")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Rich rendering for the CLI: progress bars, error lines, profile tables. No math here."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from banpick_cli.errors import EXIT_INTERRUPTED, BanpickError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def handle_errors(func: Callable) -> Callable:
+    """Turns BanpickError into one line on stderr and its exit code; Ctrl-C into exit 3."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            _quiet_libraries()
+            return func(*args, **kwargs)
+        except BanpickError as err:
+            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("interrupted: finished work is saved; rerun the same command to resume")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper
+
+
+def _quiet_libraries() -> None:
+    """Keeps transformers/datasets from printing their own bars and warnings into our output."""
+    import logging
+    import os
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    logging.getLogger("datasets").setLevel(logging.ERROR)
+
+
+@contextmanager
+def progress_bar(enabled: bool, description: str) -> Iterator[Callable]:
+    """Yields a library progress callback drawn as a Rich bar with tokens/s and ETA (or a no-op)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from banpick_cli.progress import ProgressEvent
+
+    if not enabled or not sys.stderr.isatty() and not console.is_terminal:
+        yield lambda event: None
+        return
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(event: ProgressEvent) -> None:
+            if event.task not in tasks:
+                tasks[event.task] = bar.add_task(f"{description} {event.task}", total=event.total, rate="")
+            task_id = tasks[event.task]
+            elapsed = bar.tasks[task_id].elapsed or 0.0
+            rate = f"{event.tokens / elapsed:,.0f} tok/s" if event.tokens and elapsed > 0 else event.note
+            bar.update(task_id, completed=event.done, total=event.total, rate=rate)
+
+        yield update
+
+
+def print_json(data: Any) -> None:
+    """Writes machine-readable output to stdout (for CI jobs)."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def table(title: str, columns: list[str], rows: list[list[Any]], *, justify_right_from: int = 1) -> Table:
+    """Returns a Rich table; numeric columns (from `justify_right_from`) are right-aligned."""
+    out = Table(title=title, title_justify="left", header_style="bold")
+    for i, name in enumerate(columns):
+        out.add_column(name, justify="right" if i >= justify_right_from else "left")
+    for row in rows:
+        out.add_row(*[str(cell) for cell in row])
+    return out

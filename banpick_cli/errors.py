@@ -1,0 +1,44 @@
+"""Errors a user can cause. Each carries a one-line message; the CLI maps them to exit codes."""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_USER_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 3
+
+
+class BanpickError(Exception):
+    """Base class: a problem with the user's input, not a bug. `str(err)` is one line."""
+
+    exit_code = EXIT_USER_ERROR
+
+
+class BadSetting(BanpickError):
+    """A flag or config value is out of range or of the wrong type."""
+
+
+class ModelError(BanpickError):
+    """The model cannot be found, loaded, or is not a supported MoE architecture."""
+
+
+class UnsupportedArchitecture(ModelError):
+    """No adapter is registered for this model family."""
+
+
+class DataError(BanpickError):
+    """Calibration or task data is missing, empty or unreadable."""
+
+
+class ProfileError(BanpickError):
+    """A routing profile is missing, corrupt, of a newer schema, or lacks what a stage needs."""
+
+
+class FingerprintMismatch(ProfileError):
+    """The profile was made for another checkpoint."""
+
+
+class Interrupted(BanpickError):
+    """A stage stopped early; what finished is saved and a rerun resumes."""
+
+    exit_code = EXIT_INTERRUPTED

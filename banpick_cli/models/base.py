@@ -1,0 +1,142 @@
+"""The adapter contract: where a family keeps its MoE blocks and routers, and how it routes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+# A route override receives the router's own output for one MoE layer and returns the
+# (weights, indices) the experts should use instead. Index == num_experts means "no expert".
+#   fn(position, router_logits [T, E], weights [T, K], indices [T, K]) -> (weights [T, W], indices [T, W])
+RouteFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# An observer sees the final (weights, indices) the experts receive, after any override.
+ObserveFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """How the model's own router turns logits into (weights, indices); also the profile's identity."""
+
+    num_experts: int
+    top_k: int
+    scoring: str  # "softmax" | "sigmoid"
+    renormalize: bool
+    routed_scaling_factor: float = 1.0
+    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy" | "noaux_tc"
+    n_group: int = 1
+    topk_group: int = 1
+    shared_experts: bool = False
+
+
+@dataclass(frozen=True)
+class MoELayer:
+    """One sparse MoE block: its position among MoE layers, its decoder-layer index, its router."""
+
+    position: int  # 0..num_moe_layers-1: the row in every [moe_layers, experts] tensor
+    layer_index: int  # index in model.model.layers
+    block: nn.Module
+    router: nn.Module
+
+
+class MoEAdapter:
+    """Base adapter. Families differ in config names, which layers are sparse, and routing rules.
+
+    transformers 5.24 gives every supported family the same block shape: `layers[i].mlp` holds a
+    router `gate` returning (router_logits, top_k_weights, top_k_index) and an `experts` module that
+    skips index == num_experts. The adapter reads and replaces the router's output through a forward
+    hook on `gate`, so the state dict, and the experts loop, stay untouched.
+    """
+
+    model_types: tuple[str, ...] = ()
+    family: str = ""
+
+    # --- what differs per family -------------------------------------------------------------
+    def routing_config(self, config: Any) -> RoutingConfig:
+        raise NotImplementedError
+
+    # --- shared ------------------------------------------------------------------------------
+    def decoder(self, model: nn.Module) -> nn.Module:
+        """Returns the decoder stack (the module with `.layers`), skipping the LM head wrapper."""
+        return model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
+
+    def moe_layers(self, model: nn.Module) -> list[MoELayer]:
+        """Returns every sparse MoE block in order, with its router."""
+        found = []
+        for index, layer in enumerate(self.decoder(model).layers):
+            mlp = getattr(layer, "mlp", None)
+            router = getattr(mlp, "gate", None)
+            # Dense layers (DeepSeek's first_k_dense_replace, Qwen's mlp_only_layers) have no router.
+            if mlp is None or router is None or not hasattr(mlp, "experts"):
+                continue
+            found.append(MoELayer(len(found), index, mlp, router))
+        return found
+
+    def router_tensors(self, layer: MoELayer) -> dict[str, torch.Tensor]:
+        """Returns the router parameters that decide routing (hashed into the fingerprint)."""
+        out = {"weight": layer.router.weight}
+        bias = getattr(layer.router, "e_score_correction_bias", None)
+        if bias is not None:
+            out["e_score_correction_bias"] = bias
+        return out
+
+
+@dataclass
+class RoutingHooks:
+    """Forward hooks on every router of a model: observers and per-layer overrides.
+
+    Install once with `install`, change `overrides`/`observers` freely, `remove` when done.
+    `token_mask` (bool [tokens]) tells observers which flattened positions are real tokens.
+    """
+
+    layers: list[MoELayer]
+    num_experts: int
+    overrides: dict[int, RouteFn] = field(default_factory=dict)
+    observers: list[ObserveFn] = field(default_factory=list)
+    token_mask: torch.Tensor | None = None
+    _handles: list[Any] = field(default_factory=list)
+    _saved_flags: list[tuple[nn.Module, bool]] = field(default_factory=list)
+
+    def install(self) -> "RoutingHooks":
+        for layer in self.layers:
+            self._handles.append(layer.router.register_forward_hook(self._make_hook(layer.position)))
+            self._make_sentinels_safe(layer.block.experts)
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for experts, flag in self._saved_flags:
+            experts._is_expert_parallel = flag
+        self._saved_flags.clear()
+
+    def _make_sentinels_safe(self, experts: nn.Module) -> None:
+        # transformers 5.24 `grouped_mm`/`batched_mm` experts (the default when loaded with
+        # from_pretrained) handle index == num_experts only on their expert-parallel path; otherwise
+        # the kernel leaves those output rows uninitialised and weight 0 * NaN poisons the token.
+        # That path only masks sentinel rows (integrations/moe.py), and grouped_mm then skips them
+        # at no compute. The eager loop skips them regardless. Restored by `remove`.
+        if hasattr(experts, "_is_expert_parallel"):
+            self._saved_flags.append((experts, experts._is_expert_parallel))
+            experts._is_expert_parallel = True
+
+    def __enter__(self) -> "RoutingHooks":
+        return self.install()
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _make_hook(self, position: int):
+        def hook(module: nn.Module, args: tuple, output: tuple) -> tuple | None:
+            logits, weights, indices = output
+            override = self.overrides.get(position)
+            if override is not None:
+                weights, indices = override(position, logits, weights, indices)
+            for observe in self.observers:
+                observe(position, logits, weights, indices)
+            return (logits, weights, indices) if override is not None else None
+
+        return hook

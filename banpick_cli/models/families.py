@@ -1,0 +1,112 @@
+"""Built-in adapters: Qwen3-MoE, Qwen2-MoE, OLMoE, Mixtral, DeepSeek-V2, DeepSeek-V3."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from banpick_cli.models.base import MoEAdapter, RoutingConfig
+from banpick_cli.models.registry import register
+
+
+@register
+class Qwen3MoeAdapter(MoEAdapter):
+    """Qwen3-MoE: softmax router, top-k, renormalised when `norm_topk_prob`."""
+
+    model_types = ("qwen3_moe",)
+    family = "Qwen3-MoE"
+
+    def routing_config(self, config: Any) -> RoutingConfig:
+        return RoutingConfig(
+            num_experts=config.num_experts,
+            top_k=config.num_experts_per_tok,
+            scoring="softmax",
+            renormalize=bool(config.norm_topk_prob),
+        )
+
+
+
+@register
+class Qwen2MoeAdapter(Qwen3MoeAdapter):
+    """Qwen2-MoE: as Qwen3-MoE plus a sigmoid-gated shared expert that routing does not touch."""
+
+    model_types = ("qwen2_moe",)
+    family = "Qwen2-MoE"
+
+    def routing_config(self, config: Any) -> RoutingConfig:
+        base = super().routing_config(config)
+        return RoutingConfig(**{**base.__dict__, "shared_experts": True})
+
+
+@register
+class OlmoeAdapter(MoEAdapter):
+    """OLMoE: softmax router, top-8 of 64, no renormalisation by default."""
+
+    model_types = ("olmoe",)
+    family = "OLMoE"
+
+    def routing_config(self, config: Any) -> RoutingConfig:
+        return RoutingConfig(
+            num_experts=config.num_experts,
+            top_k=config.num_experts_per_tok,
+            scoring="softmax",
+            renormalize=bool(config.norm_topk_prob),
+        )
+
+
+@register
+class MixtralAdapter(MoEAdapter):
+    """Mixtral: softmax router, top-2 of 8, always renormalised."""
+
+    model_types = ("mixtral",)
+    family = "Mixtral"
+
+    def routing_config(self, config: Any) -> RoutingConfig:
+        return RoutingConfig(
+            num_experts=config.num_local_experts,
+            top_k=config.num_experts_per_tok,
+            scoring="softmax",
+            renormalize=True,
+        )
+
+
+@register
+class DeepseekV2Adapter(MoEAdapter):
+    """DeepSeek-V2: softmax, greedy or group-limited top-k, routed scaling, no renormalisation."""
+
+    model_types = ("deepseek_v2",)
+    family = "DeepSeek-V2"
+
+    def routing_config(self, config: Any) -> RoutingConfig:
+        return RoutingConfig(
+            num_experts=config.n_routed_experts,
+            top_k=config.num_experts_per_tok,
+            scoring="softmax",
+            renormalize=False,
+            routed_scaling_factor=float(config.routed_scaling_factor),
+            topk_method=config.topk_method,
+            n_group=int(config.n_group or 1),
+            topk_group=int(config.topk_group or 1),
+            shared_experts=bool(config.n_shared_experts),
+        )
+
+
+
+@register
+class DeepseekV3Adapter(DeepseekV2Adapter):
+    """DeepSeek-V3: sigmoid scores, correction bias for choice only, group top-k, optional renorm."""
+
+    model_types = ("deepseek_v3",)
+    family = "DeepSeek-V3"
+
+    def routing_config(self, config: Any) -> RoutingConfig:
+        return RoutingConfig(
+            num_experts=config.n_routed_experts,
+            top_k=config.num_experts_per_tok,
+            scoring="sigmoid",
+            renormalize=bool(config.norm_topk_prob),
+            routed_scaling_factor=float(config.routed_scaling_factor),
+            topk_method="noaux_tc",
+            n_group=int(config.n_group or 1),
+            topk_group=int(config.topk_group or 1),
+            shared_experts=bool(config.n_shared_experts),
+        )

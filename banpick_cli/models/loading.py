@@ -1,0 +1,180 @@
+"""Load a model through transformers, find its adapter, and describe it for a profile."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from banpick_cli.errors import BadSetting, ModelError
+from banpick_cli.models.base import MoEAdapter, MoELayer, RoutingConfig
+from banpick_cli.models.registry import adapter_for
+from banpick_cli.paths import DEMO_MODEL_DIR, DEMO_MODEL_NAME
+
+# Short names users type, as in `banpick profile --model Qwen3-30B-A3B`.
+HUB_ALIASES = {
+    "Qwen3-30B-A3B": "Qwen/Qwen3-30B-A3B",
+    "Qwen3-235B-A22B": "Qwen/Qwen3-235B-A22B",
+    "Qwen1.5-MoE-A2.7B": "Qwen/Qwen1.5-MoE-A2.7B",
+    "DeepSeek-V2-Lite": "deepseek-ai/DeepSeek-V2-Lite",
+    "DeepSeek-V2-Lite-Chat": "deepseek-ai/DeepSeek-V2-Lite-Chat",
+    "OLMoE-1B-7B": "allenai/OLMoE-1B-7B-0924",
+    "Mixtral-8x7B": "mistralai/Mixtral-8x7B-v0.1",
+}
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a profile records about the model it was made for."""
+
+    name_or_path: str
+    architecture: str
+    model_type: str
+    num_layers: int
+    moe_layers: tuple[int, ...]
+    num_experts: int
+    k_base: int
+    renormalize: bool
+    scoring: str
+    routed_scaling_factor: float
+    topk_method: str
+    n_group: int
+    topk_group: int
+    vocab_size: int
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["moe_layers"] = list(self.moe_layers)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelIdentity":
+        fields = {**data, "moe_layers": tuple(int(i) for i in data["moe_layers"])}
+        return cls(**fields)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for calibration: the HF model, its tokenizer, adapter, MoE layers, identity."""
+
+    model: nn.Module
+    tokenizer: Any
+    adapter: MoEAdapter
+    layers: list[MoELayer]
+    routing: RoutingConfig
+    identity: ModelIdentity
+    fingerprint: str
+    device: torch.device
+
+
+def resolve_model_name(name: str) -> str:
+    """Returns a local path or hub id for a user's --model value."""
+    if name == DEMO_MODEL_NAME:
+        if not (DEMO_MODEL_DIR / "config.json").exists():
+            raise ModelError(f"the embedded demo model is missing at {DEMO_MODEL_DIR}; run `make demo-model`")
+        return str(DEMO_MODEL_DIR)
+    return HUB_ALIASES.get(name, name)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadSetting(f"--device {device}: no CUDA device is available here; use --device cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise BadSetting(f"--device {device}: {err}") from None
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise BadSetting(f"--dtype {dtype}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def load_config(name: str) -> tuple[str, Any]:
+    """Returns (resolved path or hub id, transformers config) or raises a one-line ModelError."""
+    from transformers import AutoConfig
+
+    resolved = resolve_model_name(name)
+    local = Path(resolved)
+    if local.exists() and not (local / "config.json").exists():
+        raise ModelError(f"model directory {resolved} has no config.json")
+    if not local.exists() and (resolved.startswith((".", "/", "~")) or resolved.count("/") > 1):
+        raise ModelError(f"model not found: {resolved} (no such directory)")
+    try:
+        return resolved, AutoConfig.from_pretrained(resolved)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:160]
+        raise ModelError(
+            f"cannot load model '{resolved}': not a local model directory, and the hub did not provide it ({reason})"
+        ) from None
+
+
+def load_model(name: str, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
+    """Loads a supported MoE model with from_pretrained, in eval mode, with its adapter."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    resolved, config = load_config(name)
+    adapter = adapter_for(config)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError) as err:
+        reason = str(err).strip().splitlines()[0][:160]
+        raise ModelError(f"cannot load model '{resolved}': {reason}") from None
+    model.to(torch_device).eval()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return describe(model, tokenizer, adapter, name_or_path=name, device=torch_device)
+
+
+def describe(model: nn.Module, tokenizer: Any, adapter: MoEAdapter, *, name_or_path: str, device: torch.device) -> LoadedModel:
+    """Wraps an already-loaded HF model (the library entry point for users who load it themselves)."""
+    layers = adapter.moe_layers(model)
+    if not layers:
+        raise ModelError(f"'{name_or_path}' has no MoE layers that banpick can find")
+    routing = adapter.routing_config(model.config)
+    config = model.config
+    identity = ModelIdentity(
+        name_or_path=str(name_or_path),
+        architecture=(getattr(config, "architectures", None) or [type(model).__name__])[0],
+        model_type=config.model_type,
+        num_layers=len(adapter.decoder(model).layers),
+        moe_layers=tuple(layer.layer_index for layer in layers),
+        num_experts=routing.num_experts,
+        k_base=routing.top_k,
+        renormalize=routing.renormalize,
+        scoring=routing.scoring,
+        routed_scaling_factor=routing.routed_scaling_factor,
+        topk_method=routing.topk_method,
+        n_group=routing.n_group,
+        topk_group=routing.topk_group,
+        vocab_size=int(config.vocab_size),
+    )
+    return LoadedModel(model, tokenizer, adapter, layers, routing, identity, fingerprint(adapter, layers), device)
+
+
+def fingerprint(adapter: MoEAdapter, layers: list[MoELayer]) -> str:
+    """Returns "sha256:<hex>" over every router's weights, rounded to bfloat16.
+
+    Rounding to bfloat16 first makes the hash the same whether the checkpoint is loaded in
+    float32 or bfloat16, while any retrained or different router changes it.
+    """
+    digest = hashlib.sha256()
+    for layer in layers:
+        for name, tensor in adapter.router_tensors(layer).items():
+            values = tensor.detach().to(torch.bfloat16).cpu().contiguous()
+            digest.update(f"{layer.layer_index}.{name}:{tuple(values.shape)};".encode())
+            digest.update(values.view(torch.int16).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()

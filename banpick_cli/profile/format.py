@@ -1,0 +1,233 @@
+"""The routing profile, format v1: one safetensors file that any runtime can read with safetensors alone.
+
+Every key is documented in docs/profile-format.md; keep the two in step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from banpick_cli import __version__
+from banpick_cli.errors import FingerprintMismatch, ProfileError
+from banpick_cli.models.loading import ModelIdentity
+
+FORMAT_NAME = "banpick.routing_profile"
+SCHEMA_VERSION = 1
+
+M, E, ANY = "moe_layers", "experts", "any"
+# Tensor name pattern -> (dtype, shape in symbolic dims, the command that writes it).
+TENSOR_SCHEMA: dict[str, tuple[torch.dtype, tuple[str, ...], str]] = {
+    r"domain/(?P<d>[^/]+)/expert_counts": (torch.int64, (M, E), "profile"),
+    r"domain/(?P<d>[^/]+)/token_counts": (torch.int64, (M,), "profile"),
+    r"domain/(?P<d>[^/]+)/candidates": (torch.bool, (M, E), "profile"),
+    r"domain/(?P<d>[^/]+)/kl": (torch.float32, (M, E), "kl-scan"),
+    r"domain/(?P<d>[^/]+)/accuracy_gain": (torch.float32, (M, E), "failure-probe"),
+    r"domain/(?P<d>[^/]+)/key_experts": (torch.bool, (M, E), "kl-scan"),
+    r"ban/layer_kl": (torch.float32, (M,), "layer-sensitivity"),
+    r"ban/layer_sensitivity": (torch.float32, (M,), "layer-sensitivity"),
+    r"ban/ratio_min": (torch.float32, (M,), "layer-sensitivity"),
+    r"ban/ratio_max": (torch.float32, (M,), "layer-sensitivity"),
+    r"ban/ratio_hist": (torch.int64, (M, ANY), "layer-sensitivity"),
+}
+REQUIRED_PER_DOMAIN = ("expert_counts", "token_counts", "candidates")
+
+
+@dataclass
+class RoutingProfile:
+    """A routing profile in memory: the model it belongs to, its tensors, and how they were made."""
+
+    model: ModelIdentity
+    fingerprint: str
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    # stage key ("profile/math", "kl-scan/math", "layer-sensitivity") -> provenance record
+    provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # settings key ("domain/math", "ban", "pick/math") -> the knobs a stage chose
+    settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    created_utc: str = ""
+    banpick_version: str = __version__
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """Returns (number of MoE layers, experts per layer): the shape of every per-expert tensor."""
+        return len(self.model.moe_layers), self.model.num_experts
+
+    def domains(self) -> list[str]:
+        """Returns the domains this profile holds usage counts for, sorted."""
+        found = {m.group(1) for name in self.tensors if (m := re.fullmatch(r"domain/([^/]+)/expert_counts", name))}
+        return sorted(found)
+
+    def has(self, name: str) -> bool:
+        return name in self.tensors
+
+    def get(self, name: str) -> torch.Tensor:
+        """Returns a tensor, or raises a one-line error that names the stage to run first."""
+        if name not in self.tensors:
+            stage = _schema_for(name)[2]
+            domain = re.match(r"domain/([^/]+)/", name)
+            hint = f" --domain {domain.group(1)}" if domain else ""
+            raise ProfileError(f"the profile has no '{name}': run `banpick {stage}{hint}` first")
+        return self.tensors[name]
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        """Stores a tensor after checking its name, dtype and shape against the schema."""
+        self.tensors[name] = _checked(name, tensor.detach().cpu().contiguous(), self.shape)
+
+
+def _schema_for(name: str) -> tuple[torch.dtype, tuple[str, ...], str]:
+    for pattern, spec in TENSOR_SCHEMA.items():
+        if re.fullmatch(pattern, name):
+            return spec
+    raise ProfileError(f"unknown tensor '{name}' in a v{SCHEMA_VERSION} profile")
+
+
+def _checked(name: str, tensor: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    dtype, dims, _ = _schema_for(name)
+    sizes = {M: shape[0], E: shape[1]}
+    want = tuple(sizes.get(d, -1) for d in dims)
+    got = tuple(tensor.shape)
+    if len(got) != len(want) or any(w not in (-1, g) for w, g in zip(want, got)):
+        raise ProfileError(f"tensor '{name}' has shape {list(got)}, expected {list(want)} ([{', '.join(dims)}])")
+    if tensor.dtype != dtype:
+        raise ProfileError(f"tensor '{name}' has dtype {tensor.dtype}, expected {dtype}")
+    return tensor
+
+
+def new_profile(model: ModelIdentity, fingerprint: str) -> RoutingProfile:
+    """Returns an empty profile for a model."""
+    return RoutingProfile(model=model, fingerprint=fingerprint)
+
+
+def check_fingerprint(profile: RoutingProfile, fingerprint: str, *, path: str | os.PathLike = "profile") -> None:
+    """Raises FingerprintMismatch unless the profile was made for the checkpoint with this fingerprint."""
+    if profile.fingerprint != fingerprint:
+        raise FingerprintMismatch(
+            f"{path} was made for another model ({profile.model.name_or_path}, router fingerprint "
+            f"{profile.fingerprint[7:19]}…), not this one ({fingerprint[7:19]}…)"
+        )
+
+
+def write_profile(profile: RoutingProfile, path: str | os.PathLike) -> Path:
+    """Writes the profile atomically (temporary file in the same folder, then rename); returns the path."""
+    from safetensors.torch import save_file
+
+    target = Path(path)
+    _validate(profile)
+    if not target.parent.exists():
+        raise ProfileError(f"cannot write profile {target}: folder {target.parent} does not exist")
+    profile.created_utc = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    profile.banpick_version = __version__
+    metadata = {
+        "format": FORMAT_NAME,
+        "schema_version": str(SCHEMA_VERSION),
+        "banpick_version": profile.banpick_version,
+        "created_utc": profile.created_utc,
+        "fingerprint": profile.fingerprint,
+        "model": json.dumps(profile.model.to_dict(), sort_keys=True),
+        "domains": json.dumps(profile.domains()),
+        "provenance": json.dumps(profile.provenance, sort_keys=True),
+        "settings": json.dumps(profile.settings, sort_keys=True),
+    }
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as err:
+        raise ProfileError(f"cannot write profile {target}: {err.strerror}") from None
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in sorted(profile.tensors.items())}, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except OSError as err:
+        raise ProfileError(f"cannot write profile {target}: {err.strerror}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _validate(profile: RoutingProfile) -> None:
+    for name, tensor in profile.tensors.items():
+        _checked(name, tensor, profile.shape)
+    for domain in profile.domains():
+        for part in REQUIRED_PER_DOMAIN:
+            if f"domain/{domain}/{part}" not in profile.tensors:
+                raise ProfileError(f"domain '{domain}' lacks tensor 'domain/{domain}/{part}'")
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Returns the raw safetensors metadata, or raises if the file is not a banpick profile."""
+    from safetensors import safe_open
+
+    source = Path(path)
+    if not source.is_file():
+        raise ProfileError(f"profile not found: {source}")
+    try:
+        with safe_open(str(source), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+    except Exception:  # safetensors raises several types for corrupt headers
+        raise ProfileError(f"{source} is not a banpick profile (not a readable safetensors file)") from None
+    if metadata.get("format") != FORMAT_NAME:
+        raise ProfileError(f"{source} is not a banpick profile (format is {metadata.get('format')!r})")
+    try:
+        version = int(metadata.get("schema_version", ""))
+    except ValueError:
+        raise ProfileError(f"{source} has an unreadable schema_version") from None
+    if version > SCHEMA_VERSION:
+        raise ProfileError(
+            f"{source} uses profile schema v{version}, newer than this banpick ({__version__}) reads (v{SCHEMA_VERSION}); upgrade banpick"
+        )
+    return metadata
+
+
+def read_profile(path: str | os.PathLike, *, fingerprint: str | None = None) -> RoutingProfile:
+    """Reads and validates a profile; with `fingerprint`, also refuses one made for another model."""
+    from safetensors import safe_open
+
+    metadata = read_metadata(path)
+    try:
+        model = ModelIdentity.from_dict(json.loads(metadata["model"]))
+        profile = RoutingProfile(
+            model=model,
+            fingerprint=metadata["fingerprint"],
+            provenance=json.loads(metadata.get("provenance", "{}")),
+            settings=json.loads(metadata.get("settings", "{}")),
+            created_utc=metadata.get("created_utc", ""),
+            banpick_version=metadata.get("banpick_version", ""),
+        )
+        with safe_open(str(path), framework="pt") as handle:
+            profile.tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except ProfileError:
+        raise
+    except Exception as err:
+        raise ProfileError(f"{path} is a corrupt banpick profile ({type(err).__name__}: {str(err)[:100]})") from None
+    _validate(profile)
+    listed = json.loads(metadata.get("domains", "[]"))
+    if sorted(listed) != profile.domains():
+        raise ProfileError(f"{path} lists domains {listed} but holds tensors for {profile.domains()}")
+    if fingerprint is not None:
+        check_fingerprint(profile, fingerprint, path=path)
+    return profile
+
+
+def ensure_writable(path: str | os.PathLike) -> None:
+    """Raises before any work is done if a profile could not be written at `path`."""
+    target = Path(path)
+    if target.is_dir():
+        raise ProfileError(f"cannot write profile {target}: it is a directory")
+    if not target.parent.is_dir():
+        raise ProfileError(f"cannot write profile {target}: folder {target.parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=target.parent)
+    except OSError as err:
+        raise ProfileError(f"cannot write profile {target}: {err.strerror}") from None
+    os.close(fd)
+    os.unlink(probe)
