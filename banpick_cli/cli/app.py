@@ -7,25 +7,8 @@ from typing import Optional
 
 import typer
 
+from banpick_cli.cli.base import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, app
 from banpick_cli.cli.render import console, err_console, handle_errors, print_json, progress_bar, table
-
-EXIT_CODES = "Exit codes: 0 done, 1 user error (bad input, wrong model, missing data), 2 usage error, 3 interrupted (rerun to resume)."
-
-app = typer.Typer(
-    name="banpick",
-    help=f"Calibrate Mixture-of-Experts routing after training (Ban&Pick) and write routing profiles.\n\n{EXIT_CODES}",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-)
-
-ModelOpt = typer.Option("demo", "--model", "-m", help="Local model directory or hub id; 'demo' is the shipped demo model.")
-DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
-DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
-ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (off for CI logs).")
-JsonOpt = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of tables.")
-
 
 @app.command()
 @handle_errors
@@ -152,19 +135,8 @@ def merge(
     console.print(f"merged {len(inputs)} profiles -> {out} (domains: {', '.join(merged.domains())})")
 
 
-def _not_yet(name: str, issue: str) -> None:
-    @app.command(name=name, help=f"Not yet available ({issue}).")
-    @handle_errors
-    def stub() -> None:
-        from banpick_cli.errors import BanpickError
-
-        raise BanpickError(f"`banpick {name}` is not available yet ({issue})")
-
-
-_not_yet("kl-scan", "sensitivity scans")
-_not_yet("layer-sensitivity", "sensitivity scans")
-_not_yet("failure-probe", "accuracy side")
-_not_yet("export", "runtimes and export")
+# Stage commands live in their own modules; importing them registers them on `app`.
+from banpick_cli.cli import scans, accuracy, runtime  # noqa: E402,F401
 
 
 def main() -> None:

@@ -8,6 +8,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from banpick_cli.routing import RouterSpec
+
 # A route override receives the router's own output for one MoE layer and returns the
 # (weights, indices) the experts should use instead. Index == num_experts means "no expert".
 #   fn(position, router_logits [T, E], weights [T, K], indices [T, K]) -> (weights [T, W], indices [T, W])
@@ -29,6 +31,8 @@ class RoutingConfig:
     n_group: int = 1
     topk_group: int = 1
     shared_experts: bool = False
+    # Qwen2/Qwen3-MoE and OLMoE cast routing weights back to the logits' dtype; the others keep float32.
+    weights_in_logits_dtype: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,22 @@ class MoEAdapter:
                 continue
             found.append(MoELayer(len(found), index, mlp, router))
         return found
+
+    def router_spec(self, layer: MoELayer, routing: RoutingConfig) -> RouterSpec:
+        """Returns the routing core's description of this layer's router (its own rule, exactly)."""
+        bias = getattr(layer.router, "e_score_correction_bias", None)
+        return RouterSpec(
+            num_experts=routing.num_experts,
+            top_k=routing.top_k,
+            scoring=routing.scoring,
+            renormalize=routing.renormalize,
+            routed_scaling_factor=routing.routed_scaling_factor,
+            topk_method=routing.topk_method,
+            n_group=routing.n_group,
+            topk_group=routing.topk_group,
+            correction_bias=None if bias is None else bias.detach(),
+            weights_in_logits_dtype=routing.weights_in_logits_dtype,
+        )
 
     def router_tensors(self, layer: MoELayer) -> dict[str, torch.Tensor]:
         """Returns the router parameters that decide routing (hashed into the fingerprint)."""

@@ -21,6 +21,7 @@ class Qwen3MoeAdapter(MoEAdapter):
             top_k=config.num_experts_per_tok,
             scoring="softmax",
             renormalize=bool(config.norm_topk_prob),
+            weights_in_logits_dtype=True,
         )
 
 
@@ -50,6 +51,7 @@ class OlmoeAdapter(MoEAdapter):
             top_k=config.num_experts_per_tok,
             scoring="softmax",
             renormalize=bool(config.norm_topk_prob),
+            weights_in_logits_dtype=True,
         )
 
 

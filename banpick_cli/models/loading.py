@@ -13,6 +13,7 @@ from torch import nn
 from banpick_cli.errors import BadSetting, ModelError
 from banpick_cli.models.base import MoEAdapter, MoELayer, RoutingConfig
 from banpick_cli.models.registry import adapter_for
+from banpick_cli.routing import RouterSpec
 from banpick_cli.paths import DEMO_MODEL_DIR, DEMO_MODEL_NAME
 
 # Short names users type, as in `banpick profile --model Qwen3-30B-A3B`.
@@ -70,6 +71,10 @@ class LoadedModel:
     identity: ModelIdentity
     fingerprint: str
     device: torch.device
+
+    def router_specs(self) -> list["RouterSpec"]:
+        """Returns one RouterSpec per MoE layer (the model's own routing rule), in layer order."""
+        return [self.adapter.router_spec(layer, self.routing) for layer in self.layers]
 
 
 def resolve_model_name(name: str) -> str:

@@ -115,3 +115,26 @@ def test_unknown_moe_architecture_lists_supported():
 def test_missing_model_path(tmp_path):
     with pytest.raises(ModelError, match="model not found"):
         load_config(str(tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_router_spec_reproduces_the_router_in_the_model(tiny_models, family, dtype):
+    """The routing core, fed the logits the hooks see, returns exactly what the model's router chose."""
+    from banpick_cli.routing import route
+
+    loaded = load_model(str(tiny_models[family]), device="cpu", dtype=dtype)
+    specs = loaded.router_specs()
+    checked = []
+
+    def compare(position, logits, weights, indices):
+        mine = route(logits, specs[position])
+        order_hf, order_mine = indices.argsort(-1), mine.indices.argsort(-1)
+        assert torch.equal(indices.gather(-1, order_hf), mine.indices.gather(-1, order_mine))
+        assert torch.equal(weights.gather(-1, order_hf), mine.weights.gather(-1, order_mine))
+        assert weights.dtype == mine.weights.dtype
+        checked.append(position)
+
+    with torch.inference_mode(), RoutingHooks(loaded.layers, loaded.routing.num_experts, observers=[compare]):
+        loaded.model(_ids(loaded))
+    assert sorted(checked) == list(range(len(loaded.layers)))

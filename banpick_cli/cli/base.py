@@ -1,0 +1,22 @@
+"""The Typer app object and the options every command shares. Heavy imports stay inside commands."""
+
+from __future__ import annotations
+
+import typer
+
+EXIT_CODES = "Exit codes: 0 done, 1 user error (bad input, wrong model, missing data), 2 usage error, 3 interrupted (rerun to resume)."
+
+app = typer.Typer(
+    name="banpick",
+    help=f"Calibrate Mixture-of-Experts routing after training (Ban&Pick) and write routing profiles.\n\n{EXIT_CODES}",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+
+ModelOpt = typer.Option("demo", "--model", "-m", help="Local model directory or hub id; 'demo' is the shipped demo model.")
+DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
+DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
+ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (off for CI logs).")
+JsonOpt = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of tables.")
