@@ -1,0 +1,321 @@
+"""The HF transformers runtime: apply a routing profile to a loaded model, and count what it did.
+
+    with banpick_cli.runtime.apply(model, "math.safetensors", method="banpick", domain="math") as h:
+        model.generate(...)
+    h.stats().avg_experts        # experts actually run per token, per MoE layer
+
+Routing goes through `RoutingHooks` (a forward hook on each router) and the routing core; only the
+layers the plan changes get an override. A "no expert" slot is index == num_experts, which the
+experts module skips (eager loop, and grouped_mm with the expert-parallel flag RoutingHooks sets).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from banpick_cli.errors import FingerprintMismatch, ProfileError
+from banpick_cli.models.base import RoutingHooks
+from banpick_cli.models.loading import LoadedModel, describe
+from banpick_cli.models.registry import adapter_for
+from banpick_cli.profile.format import RoutingProfile, check_fingerprint, read_profile
+from banpick_cli.routing.topk import to_mask
+
+from banpick_cli.runtime.auto import AutoPlan, build_auto
+from banpick_cli.runtime.plan import AUTO, RoutingPlan, build_plan
+
+
+@dataclass(frozen=True)
+class RoutingStats:
+    """What the routing did since install (or the last reset), on real (non-padding) tokens.
+
+    avg_experts[l] = experts run per token at MoE layer l; k_base is the model's own. Where the
+    plan changed a layer: added / removed = (token, expert) pairs that entered / left the router's
+    own top-k, key_added = the added ones that are key experts (Pick's insertions).
+    """
+
+    method: str
+    domain: str | None
+    k_base: int
+    tokens: list[int]  # per MoE layer
+    avg_experts: list[float]  # per MoE layer
+    avg_experts_overall: float
+    added: list[int]
+    removed: list[int]
+    key_added: list[int]
+    domain_choices: dict[str, int]  # domain auto: requests routed by each domain
+
+    @property
+    def engaged(self) -> list[bool]:
+        """Returns, per layer, whether the rule changed any token's experts."""
+        return [a > 0 or r > 0 for a, r in zip(self.added, self.removed)]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "engaged": self.engaged}
+
+
+class RoutingHandle:
+    """An installed routing: use as a context manager, or call `remove()` when done."""
+
+    def __init__(self, loaded: LoadedModel, plan: RoutingPlan | AutoPlan, *, count_changes: bool = True):
+        self.loaded = loaded
+        self.plan = plan
+        self.count_changes = count_changes
+        m, e = len(loaded.layers), loaded.routing.num_experts
+        self._num_experts = e
+        self._device = loaded.device
+        self._experts = torch.zeros(m, dtype=torch.int64, device=self._device)
+        self._tokens = torch.zeros(m, dtype=torch.int64, device=self._device)
+        self._changes = torch.zeros(3, m, dtype=torch.int64, device=self._device)  # added, removed, key_added
+        self._mask: torch.Tensor | None = None  # bool [T]: real tokens of the current forward
+        self._rows: torch.Tensor | None = None  # long [T]: domain index per token (auto)
+        self._row_domains: torch.Tensor | None = None  # long [B]
+        self._choices = torch.zeros(len(plan.domains) if isinstance(plan, AutoPlan) else 0, dtype=torch.int64)
+        self._signature: torch.Tensor | None = None
+        self._in_signature_pass = False
+        self.hooks = RoutingHooks(loaded.layers, e, overrides=self._overrides(), observers=[self._observe])
+        self._pre_handle = None
+        self.hooks.install()
+        decoder = loaded.adapter.decoder(loaded.model)
+        self._pre_handle = decoder.register_forward_pre_hook(self._before_forward, with_kwargs=True)
+
+    # --- public --------------------------------------------------------------------------------
+    def stats(self) -> RoutingStats:
+        """Returns the experts run per token and layer, and how many the plan added or removed."""
+        tokens = self._tokens.cpu()
+        experts = self._experts.cpu()
+        avg = [float(x) / t if t else 0.0 for x, t in zip(experts.tolist(), tokens.tolist())]
+        total_tokens = int(tokens.sum())
+        changes = self._changes.cpu().tolist()
+        domain = self.plan.domain if isinstance(self.plan, RoutingPlan) else AUTO
+        choices = dict(zip(self.plan.domains, self._choices.tolist())) if isinstance(self.plan, AutoPlan) else {}
+        return RoutingStats(
+            method=self.plan.method, domain=domain, k_base=self.loaded.routing.top_k, tokens=tokens.tolist(),
+            avg_experts=avg, avg_experts_overall=float(experts.sum()) / total_tokens if total_tokens else 0.0,
+            added=changes[0], removed=changes[1], key_added=changes[2], domain_choices=choices,
+        )
+
+    def reset_stats(self) -> None:
+        for t in (self._experts, self._tokens, self._changes, self._choices):
+            t.zero_()
+
+    @property
+    def chosen_domains(self) -> list[str] | None:
+        """Domain auto: the domain chosen for each request (row) of the last prefill."""
+        if self._row_domains is None:
+            return None
+        return [self.plan.domains[i] for i in self._row_domains.tolist()]
+
+    def remove(self) -> None:
+        self.hooks.remove()
+        if self._pre_handle is not None:
+            self._pre_handle.remove()
+            self._pre_handle = None
+
+    def __enter__(self) -> "RoutingHandle":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # --- hooks ---------------------------------------------------------------------------------
+    def _overrides(self) -> dict[int, Any]:
+        if isinstance(self.plan, AutoPlan):
+            return {p: self._auto_override for p in self.plan.changed_layers()}
+        return {p: self._override for p in self.plan.rules}
+
+    def _override(self, position: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
+        rule = self.plan.rules[position]
+        routing = rule.route(logits)
+        self._count(position, indices, routing.indices, rule.key_experts)
+        return routing.weights, routing.indices
+
+    def _auto_override(self, position: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
+        plan: AutoPlan = self.plan
+        if self._rows is None or self._rows.shape[0] != logits.shape[0]:
+            return weights, indices  # no choice made for these tokens (e.g. a direct router call)
+        rows = self._rows.to(logits.device)
+        e, width = self._num_experts, plan.width
+        out_i = torch.full((logits.shape[0], width), e, dtype=torch.long, device=logits.device)
+        out_w = None
+        key = torch.zeros(logits.shape[0], e, dtype=torch.bool, device=logits.device)
+        for d, name in enumerate(plan.domains):
+            sel = rows == d
+            if not bool(sel.any()):
+                continue
+            dplan = plan.plans[name]
+            routing = dplan.route(position, logits[sel])
+            if out_w is None:
+                out_w = torch.zeros(logits.shape[0], width, dtype=routing.weights.dtype, device=logits.device)
+            out_i[sel, : routing.width] = routing.indices
+            out_w[sel, : routing.width] = routing.weights
+            rule = dplan.rules.get(position)
+            if rule is not None and rule.key_experts is not None:
+                key[sel] = rule.key_experts.to(logits.device)
+        self._count(position, indices, out_i, key)
+        return out_w, out_i
+
+    def _count(self, position: int, before: torch.Tensor, after: torch.Tensor, key: torch.Tensor | None) -> None:
+        if not self.count_changes:
+            return
+        e = self._num_experts
+        old, new = to_mask(before.long(), e), to_mask(after, e)  # [T, E]
+        mask = self._mask_on(old)
+        if mask is not None:
+            old, new = old[mask], new[mask]
+        added, removed = new & ~old, old & ~new
+        key_added = torch.zeros((), dtype=torch.int64, device=added.device)
+        if key is not None:
+            key = key.to(added.device)
+            if key.dim() == 2 and mask is not None:  # domain auto: one key row per token
+                key = key[mask]
+            key_added = (added & key).sum()
+        # Layers may sit on several devices (device_map); the counters live on one.
+        self._changes[:, position] += torch.stack([added.sum(), removed.sum(), key_added]).to(self._device)
+
+    def _observe(self, position: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
+        real = indices < self._num_experts  # [T, W]
+        if self._in_signature_pass:
+            if self._signature is not None:
+                self._signature[:, position] += self._usage_per_row(indices, real)
+            return
+        mask = self._mask_on(real)
+        if mask is not None:
+            real = real[mask]
+        self._experts[position] += real.sum().to(self._device)
+        self._tokens[position] += real.shape[0]
+
+    def _mask_on(self, like: torch.Tensor) -> torch.Tensor | None:
+        """Returns the real-token mask on `like`'s device, or None when it does not fit these tokens."""
+        if self._mask is None or self._mask.shape[0] != like.shape[0]:
+            return None
+        return self._mask.to(like.device)
+
+    def _before_forward(self, module: nn.Module, args: tuple, kwargs: dict):
+        if self._in_signature_pass:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        shape = ids.shape if ids is not None else embeds.shape[:2] if embeds is not None else None
+        if shape is None or len(shape) != 2:
+            self._mask = None
+            return None
+        batch, new = int(shape[0]), int(shape[1])
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= new:
+            self._mask = mask[:, -new:].reshape(-1).bool()
+        else:
+            self._mask = None
+        if isinstance(self.plan, AutoPlan):
+            self._route_requests(module, args, kwargs, batch, new)
+        return None
+
+    # --- domain auto ---------------------------------------------------------------------------
+    def _route_requests(self, decoder: nn.Module, args: tuple, kwargs: dict, batch: int, new: int) -> None:
+        past = kwargs.get("past_key_values")
+        past = kwargs.get("cache") if past is None else past  # transformers 5.24 passes `cache`
+        seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        keep = new == 1 and seen > 0 and self._row_domains is not None and self._row_domains.shape[0] == batch
+        if not keep:
+            # A prefill (or a batch we have not seen): one extra pass of the model's own routing over
+            # the prompt gives each request's usage signature; then the real pass routes by its domain.
+            usage = self._signature_pass(decoder, args, kwargs, batch, new)
+            self._row_domains, _ = self.plan.choose(usage)
+            self._choices += torch.bincount(self._row_domains.cpu(), minlength=len(self.plan.domains))
+        self._rows = self._row_domains.to(self._device).repeat_interleave(new)
+
+    @torch.no_grad()
+    def _signature_pass(self, decoder: nn.Module, args: tuple, kwargs: dict, batch: int, new: int) -> torch.Tensor:
+        m, e = len(self.loaded.layers), self._num_experts
+        self._signature = torch.zeros(batch, m, e, device=self._device)
+        self._signature_shape = (batch, new)
+        passed = {k: kwargs[k] for k in ("input_ids", "inputs_embeds", "attention_mask", "position_ids")
+                  if kwargs.get(k) is not None}
+        saved = self.hooks.overrides
+        self.hooks.overrides = {}
+        self._in_signature_pass = True
+        try:
+            decoder(*args[:1], **passed, use_cache=False)
+        finally:
+            self._in_signature_pass = False
+            self.hooks.overrides = saved
+        usage, self._signature = self._signature, None
+        return usage
+
+    def _usage_per_row(self, indices: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        batch, new = self._signature_shape
+        e = self._num_experts
+        row = torch.arange(batch, device=indices.device).repeat_interleave(new).unsqueeze(-1).expand_as(indices)
+        mask = self._mask_on(real)
+        keep = real if mask is None else real & mask.unsqueeze(-1)
+        flat = (row * e + indices.clamp(max=e - 1))[keep]
+        return torch.bincount(flat, minlength=batch * e).view(batch, e).float().to(self._device)
+
+
+def apply(
+    model: Any,
+    profile: RoutingProfile | str | os.PathLike | None = None,
+    method: str = "baseline",
+    domain: str | None = None,
+    *,
+    count_changes: bool = True,
+    **overrides: Any,
+) -> RoutingHandle:
+    """Installs `method`'s routing on every MoE layer of `model`; returns the handle (a context manager).
+
+    `model`: a LoadedModel (banpick_cli.models.load_model) or a transformers MoE model of a supported
+    family. `profile`: a path or a RoutingProfile; one made for another checkpoint is refused
+    (FingerprintMismatch). `method`: baseline, pick, ban, banpick, dynamic, des, odp, rice.
+    `domain`: the key experts Pick reads (pick, banpick), or "auto" to choose per request at
+    prefill. `overrides`: hyperparameters (e.g. lam=0.5, strategy="D"; tau for dynamic, thresholds
+    for des/odp, cognitive_experts and factor for rice), over the profile's settings.
+    """
+    loaded = as_loaded(model)
+    prof = load_profile_for(profile, loaded)
+    specs = loaded.router_specs()
+    if domain == AUTO:
+        plan: RoutingPlan | AutoPlan = build_auto(prof, specs, method, **overrides)
+    else:
+        plan = build_plan(prof, specs, method, domain, **overrides)
+    return RoutingHandle(loaded, plan, count_changes=count_changes)
+
+
+def remove(handle: RoutingHandle) -> None:
+    """Removes an installed routing (same as `handle.remove()`)."""
+    handle.remove()
+
+
+def as_loaded(model: Any) -> LoadedModel:
+    """Returns a LoadedModel for a LoadedModel or a plain transformers MoE model."""
+    if isinstance(model, LoadedModel):
+        return model
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        raise TypeError(f"apply() needs a transformers model or a LoadedModel, got {type(model).__name__}")
+    device = next(model.parameters()).device
+    name = getattr(model, "name_or_path", None) or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return describe(model, None, adapter_for(model.config), name_or_path=str(name), device=device)
+
+
+def load_profile_for(profile: RoutingProfile | str | os.PathLike | None, loaded: LoadedModel) -> RoutingProfile | None:
+    """Returns the profile (read if a path) after checking it was made for this checkpoint."""
+    if profile is None:
+        return None
+    if not isinstance(profile, RoutingProfile):
+        profile = read_profile(profile, fingerprint=loaded.fingerprint)
+    check_fingerprint(profile, loaded.fingerprint)
+    ident = profile.model
+    if ident.k_base != loaded.routing.top_k or tuple(ident.moe_layers) != tuple(loaded.identity.moe_layers):
+        raise FingerprintMismatch(
+            f"the profile was made for top-{ident.k_base} routing over MoE layers {list(ident.moe_layers)}; "
+            f"this model is loaded with top-{loaded.routing.top_k} over {list(loaded.identity.moe_layers)}"
+        )
+    if ident.num_experts != loaded.routing.num_experts:
+        raise ProfileError(f"the profile has {ident.num_experts} experts per layer; this model {loaded.routing.num_experts}")
+    return profile
+
+
+__all__ = ["RoutingHandle", "RoutingStats", "apply", "as_loaded", "load_profile_for", "remove"]
