@@ -22,10 +22,11 @@ from banpick_cli.errors import FingerprintMismatch, ProfileError
 from banpick_cli.models.base import RoutingHooks
 from banpick_cli.models.loading import LoadedModel, describe
 from banpick_cli.models.registry import adapter_for
-from banpick_cli.profile.format import RoutingProfile, check_fingerprint, read_profile
+from banpick_cli.profile.format import RoutingProfile, check_fingerprint
 from banpick_cli.routing.topk import to_mask
 
 from banpick_cli.runtime.auto import AutoPlan, build_auto
+from banpick_cli.runtime.bundle import load_bundle
 from banpick_cli.runtime.plan import AUTO, RoutingPlan, build_plan
 
 
@@ -259,7 +260,7 @@ class RoutingHandle:
 def apply(
     model: Any,
     profile: RoutingProfile | str | os.PathLike | None = None,
-    method: str = "baseline",
+    method: str | None = None,
     domain: str | None = None,
     *,
     count_changes: bool = True,
@@ -268,14 +269,20 @@ def apply(
     """Installs `method`'s routing on every MoE layer of `model`; returns the handle (a context manager).
 
     `model`: a LoadedModel (banpick_cli.models.load_model) or a transformers MoE model of a supported
-    family. `profile`: a path or a RoutingProfile; one made for another checkpoint is refused
-    (FingerprintMismatch). `method`: baseline, pick, ban, banpick, dynamic, des, odp, rice.
-    `domain`: the key experts Pick reads (pick, banpick), or "auto" to choose per request at
+    family. `profile`: a RoutingProfile, a profile file, or a bundle folder from `banpick export`;
+    one made for another checkpoint is refused (FingerprintMismatch). `method`: baseline, pick, ban,
+    banpick, dynamic, des, odp, rice (default: the bundle's, else baseline). `domain`: the key
+    experts Pick reads (pick, banpick; default: the bundle's), or "auto" to choose per request at
     prefill. `overrides`: hyperparameters (e.g. lam=0.5, strategy="D"; tau for dynamic, thresholds
     for des/odp, cognitive_experts and factor for rice), over the profile's settings.
     """
     loaded = as_loaded(model)
-    prof = load_profile_for(profile, loaded)
+    prof, manifest = load_profile_for(profile, loaded)
+    if manifest is not None:
+        method = method or manifest.get("method")
+        domain = domain or manifest.get("domain")
+        overrides = {**manifest.get("overrides", {}), **overrides}
+    method = method or "baseline"
     specs = loaded.router_specs()
     if domain == AUTO:
         plan: RoutingPlan | AutoPlan = build_auto(prof, specs, method, **overrides)
@@ -300,12 +307,15 @@ def as_loaded(model: Any) -> LoadedModel:
     return describe(model, None, adapter_for(model.config), name_or_path=str(name), device=device)
 
 
-def load_profile_for(profile: RoutingProfile | str | os.PathLike | None, loaded: LoadedModel) -> RoutingProfile | None:
-    """Returns the profile (read if a path) after checking it was made for this checkpoint."""
+def load_profile_for(
+    profile: RoutingProfile | str | os.PathLike | None, loaded: LoadedModel
+) -> tuple[RoutingProfile | None, dict | None]:
+    """Returns (profile, bundle manifest or None) after checking the profile was made for this checkpoint."""
     if profile is None:
-        return None
+        return None, None
+    manifest = None
     if not isinstance(profile, RoutingProfile):
-        profile = read_profile(profile, fingerprint=loaded.fingerprint)
+        profile, manifest = load_bundle(profile, fingerprint=loaded.fingerprint)
     check_fingerprint(profile, loaded.fingerprint)
     ident = profile.model
     if ident.k_base != loaded.routing.top_k or tuple(ident.moe_layers) != tuple(loaded.identity.moe_layers):
@@ -315,7 +325,7 @@ def load_profile_for(profile: RoutingProfile | str | os.PathLike | None, loaded:
         )
     if ident.num_experts != loaded.routing.num_experts:
         raise ProfileError(f"the profile has {ident.num_experts} experts per layer; this model {loaded.routing.num_experts}")
-    return profile
+    return profile, manifest
 
 
 __all__ = ["RoutingHandle", "RoutingStats", "apply", "as_loaded", "load_profile_for", "remove"]

@@ -1,0 +1,138 @@
+"""The text files of an export bundle: README (three lines of Python, engine commands), Dockerfile lines, env file."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+BUNDLE_DIR_IN_IMAGE = "/opt/banpick/bundle"
+
+
+def three_lines(manifest: dict[str, Any], bundle: str = "banpick-bundle") -> str:
+    """Returns the three lines of Python that apply the bundle to the model with transformers."""
+    model = manifest["model"]["serve_as"]
+    return (
+        "import banpick_cli.runtime as banpick, transformers\n"
+        f"model = transformers.AutoModelForCausalLM.from_pretrained({model!r})\n"
+        f"handle = banpick.apply(model, {bundle!r})  # method and domain from the manifest; handle.stats() counts experts\n"
+    )
+
+
+def engine_env(manifest: dict[str, Any]) -> dict[str, str]:
+    """Returns the environment a serving process needs."""
+    env = {"BANPICK_PROFILE": BUNDLE_DIR_IN_IMAGE}
+    if manifest["method"] is None:
+        env["BANPICK_METHOD"] = "ban  # or pick / banpick; chosen at serve time"
+        env["BANPICK_DOMAIN"] = "<domain>  # for pick and banpick"
+    return env
+
+
+def engine_flags(manifest: dict[str, Any]) -> list[str]:
+    """Returns the engine flags the bundle's routing needs."""
+    target, k_base = manifest["target"], manifest["model"]["k_base"]
+    slots = manifest["engine_slots"]
+    widen = json.dumps({"num_experts_per_tok": slots})
+    eager = any(s["method"] == "pick" and s["hyperparameters"].get("strategy") in ("C", "D") for s in manifest["served"].values())
+    flags = []
+    if target == "vllm":
+        flags.append("--moe-backend triton")  # a modular backend calls the router; monolithic kernels do not
+        if slots > k_base:
+            flags.append(f"--hf-overrides '{widen}'")
+        if eager:
+            flags.append("--enforce-eager")
+    elif target == "sglang":
+        flags.append("--moe-runner-backend triton")
+        if slots > k_base:
+            flags.append(f"--json-model-override-args '{widen}'")
+        if eager:
+            flags.append("--disable-cuda-graph")
+    return flags
+
+
+def serve_command(manifest: dict[str, Any]) -> str:
+    model = manifest["model"]["serve_as"]
+    flags = " ".join(engine_flags(manifest))
+    if manifest["target"] == "vllm":
+        return f"vllm serve {model} {flags}".strip()
+    if manifest["target"] == "sglang":
+        return f"python -m sglang.launch_server --model-path {model} {flags}".strip()
+    return "python serve.py  # your transformers server, with the three lines above"
+
+
+def dockerfile(manifest: dict[str, Any]) -> str:
+    """Returns Dockerfile lines for a serving image (append them to yours, or build FROM the base)."""
+    from banpick_cli.runtime.export import BASE_IMAGES
+
+    env = engine_env(manifest)
+    lines = [
+        f"# banpick {manifest['banpick_version']}: {manifest['method'] or 'method chosen at serve time'}"
+        f"{' / ' + manifest['domain'] if manifest['domain'] else ''} for {manifest['model']['name_or_path']}",
+        f"FROM {BASE_IMAGES[manifest['target']]}",
+        f"RUN pip install --no-cache-dir 'banpick=={manifest['banpick_version']}'",
+        f"COPY . {BUNDLE_DIR_IN_IMAGE}",
+        *(f"ENV {k}={v.split('  #')[0]}" for k, v in env.items()),
+    ]
+    if manifest["target"] != "hf":
+        lines.append(f"# start the engine with: {serve_command(manifest)}")
+    return "\n".join(lines) + "\n"
+
+
+def serve_env(manifest: dict[str, Any]) -> str:
+    return "".join(f"{k}={v}\n" for k, v in engine_env(manifest).items())
+
+
+def readme(manifest: dict[str, Any], bundle: str = "banpick-bundle") -> str:
+    """Returns the bundle's README.md."""
+    m = manifest["model"]
+    expected = manifest.get("expected_avg_experts")
+    lines = [
+        f"# banpick bundle: {manifest['method'] or 'choose the method at serve time'}"
+        f"{' / ' + manifest['domain'] if manifest['domain'] else ''}",
+        "",
+        f"For `{m['name_or_path']}` ({m['architecture']}, {len(m['moe_layers'])} MoE layers x {m['num_experts']} experts, "
+        f"top-{m['k_base']}), router fingerprint `{m['fingerprint'][:23]}…`; any other checkpoint is refused.",
+        f"Made by banpick {manifest['banpick_version']} on {manifest['created_utc']}; `profile.safetensors` has sha256 "
+        f"`{manifest['profile']['sha256'][:16]}…` (checked on load).",
+        "",
+        "## transformers (three lines)",
+        "",
+        "```python",
+        three_lines(manifest, bundle).rstrip(),
+        "```",
+        "",
+        f"`pip install banpick` first; `{bundle}` is this folder. Choose another method or domain with "
+        f"`banpick.apply(model, '{bundle}', method='ban')` or `domain='code'`; remove with `handle.remove()` or use `with banpick.apply(...):`.",
+        "",
+    ]
+    if manifest["target"] in ("vllm", "sglang"):
+        lines += [
+            f"## {manifest['target']}",
+            "",
+            "The banpick plugin loads itself through the engine's plugin entry point once `banpick` is installed, and acts "
+            "only when `BANPICK_PROFILE` is set. See `Dockerfile.banpick` and `serve.env`.",
+            "",
+            "```bash",
+            *(f"export {k}={v}" for k, v in engine_env(manifest).items()),
+            serve_command(manifest),
+            "```",
+            "",
+            "Each worker checks the router fingerprint at load, compares the engine's own routing with banpick's on its "
+            "first pass, and logs one line with the method, domain and expected experts per token. Override at serve time "
+            "with `BANPICK_METHOD`, `BANPICK_DOMAIN` and `BANPICK_PARAMS` (JSON, e.g. `{\"lam\": 0.5}`).",
+            "",
+        ]
+    if expected:
+        lines += [
+            "## Expected experts per token (Avg-TopK)",
+            "",
+            f"Overall {expected['overall_low']:.2f}"
+            + (f"-{expected['overall_high']:.2f}" if expected["overall_high"] != expected["overall_low"] else "")
+            + f" of {m['k_base']} ({expected['basis']}). Per layer: see `manifest.json` (`expected_avg_experts`). "
+            "A deployment that reports the model's own top-k everywhere has not engaged the rule.",
+            "",
+        ]
+    lines += ["## Files", "", "- `profile.safetensors`: the runtime profile (a v1 banpick profile; `settings.runtime` "
+              "holds the method, hyperparameters and expected experts per layer)",
+              "- `manifest.json`: fingerprint, method, domain, hyperparameters, versions, sha256",
+              "- `Dockerfile.banpick`, `serve.env`: serving image lines and environment", ""]
+    return "\n".join(lines)
