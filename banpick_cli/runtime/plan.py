@@ -237,8 +237,11 @@ def _ban_setup(profile: RoutingProfile, method: str, overrides: dict) -> tuple[d
     scope = params.pop("ratio_scope", "layer")
     if scope not in RATIO_SCOPES:
         raise BadSetting(f"ratio_scope must be one of {RATIO_SCOPES}, got {scope!r}")
-    if scope == "pooled":
-        r_min, r_max = torch.full_like(r_min, float(r_min.min())), torch.full_like(r_max, float(r_max.max()))
+    if scope == "pooled":  # one range over every layer's tokens: layer-sensitivity records it (reading 4)
+        recorded = profile.settings.get("ban", {})
+        lo = recorded.get("ratio_min_global", float(r_min.min()))
+        hi = recorded.get("ratio_max_global", float(r_max.max()))
+        r_min, r_max = torch.full_like(r_min, float(lo)), torch.full_like(r_max, float(hi))
     # Python floats, read once here: the per-token code then never syncs with the device.
     per_layer = [(float(s), float(lo), float(hi)) for s, lo, hi in zip(sensitivity, r_min, r_max)]
     bad = [i for i, (s, lo, hi) in enumerate(per_layer) if not all(math.isfinite(v) for v in (s, lo, hi))]
@@ -275,9 +278,16 @@ def _defaults(method: str) -> dict[str, Any]:
             if n not in _FROM_PROFILE and p.default is not inspect.Parameter.empty and n != "key_tokens"}
 
 
+# Names a stage records under another spelling than the routing core's keyword.
+_SETTING_ALIASES = {"lambda": "lam"}
+
+
 def _settings(profile: RoutingProfile, key: str, method: str) -> dict[str, Any]:
+    """Returns the stage settings stored under `key` that `method` takes (layer-sensitivity records
+    k_min, lambda, beta, ratio_k_num, ratio_scope; failure-probe strategy, range_factor)."""
     allowed = set(allowed_params(method))
-    return {k: v for k, v in profile.settings.get(key, {}).items() if k in allowed}
+    recorded = {_SETTING_ALIASES.get(k, k): v for k, v in profile.settings.get(key, {}).items()}
+    return {k: v for k, v in recorded.items() if k in allowed}
 
 
 def _check_overrides(method: str, overrides: dict) -> None:

@@ -213,3 +213,18 @@ def test_baselines_through_apply(models):
     assert des.stats().avg_experts == [2.0] * m  # every ratio exceeds its median 1.0: top-k_lo
     assert o.stats().avg_experts == [3.0] * m  # ODP keeps key tokens at k_hi
     assert set(ric.plan.rules) == {0} and ric.stats().avg_experts == [4.0] * m
+
+
+def test_layer_sensitivity_settings_are_read_as_that_stage_writes_them(models):
+    """settings["ban"] as `banpick layer-sensitivity` records it: `lambda`, pooled range in *_global."""
+    loaded = models("qwen3_moe")
+    prof = make_profile(loaded)
+    prof.settings["ban"] = {"k_base": 4, "k_min": 2, "lambda": 0.0, "beta": 0.5, "ratio_k_num": 2,
+                            "ratio_scope": "pooled", "ratio_min_global": 0.2, "ratio_max_global": 0.8}
+    with apply(loaded, prof, "ban") as h:
+        pass
+    assert h.plan.params["lam"] == 0.0 and h.plan.params["ratio_scope"] == "pooled"
+    assert h.plan.ban_params["per_layer"][0][1:] == (pytest.approx(0.2), pytest.approx(0.8))
+    with torch.inference_mode(), apply(loaded, prof, "ban") as h:  # lam 0: every token at K_min
+        loaded.model(ids_for(loaded))
+    assert h.stats().avg_experts == [2.0] * len(loaded.layers)
