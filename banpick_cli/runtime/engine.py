@@ -34,6 +34,7 @@ logger = logging.getLogger("banpick")
 ENV_PROFILE, ENV_METHOD, ENV_DOMAIN = "BANPICK_PROFILE", "BANPICK_METHOD", "BANPICK_DOMAIN"
 ENV_PARAMS, ENV_OVERFLOW = "BANPICK_PARAMS", "BANPICK_OVERFLOW"
 ENV_UNTESTED = "BANPICK_ALLOW_UNTESTED_ENGINE"
+ENV_ROUTE_ALL = "BANPICK_ROUTE_ALL"  # 1: every layer through the core, even unchanged ones (an equivalence test)
 ENGINE_METHODS = ("baseline", "ban", "pick", "banpick", "dynamic")
 OVERFLOWS = ("error", "truncate")
 # Decoder-layer index of a router gate or MoE module, in every engine's module names:
@@ -58,6 +59,7 @@ class EngineSettings:
     domain: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
     overflow: str = "error"
+    route_all: bool = False
 
 
 def read_env(environ: Mapping[str, str] = os.environ) -> EngineSettings | None:
@@ -75,7 +77,8 @@ def read_env(environ: Mapping[str, str] = os.environ) -> EngineSettings | None:
     overflow = environ.get(ENV_OVERFLOW, "error").strip() or "error"
     if overflow not in OVERFLOWS:
         raise EngineUnsupported(f"{ENV_OVERFLOW}={overflow!r}: expected one of {', '.join(OVERFLOWS)}")
-    return EngineSettings(path, environ.get(ENV_METHOD) or None, environ.get(ENV_DOMAIN) or None, params, overflow)
+    return EngineSettings(path, environ.get(ENV_METHOD) or None, environ.get(ENV_DOMAIN) or None, params, overflow,
+                          environ.get(ENV_ROUTE_ALL) == "1")
 
 
 def check_version(engine: str, version: str, supported: tuple[tuple[int, int], tuple[int, int]],
@@ -157,7 +160,8 @@ class EngineRouter:
             )
         self.position = {index: position for position, index in enumerate(ident.moe_layers)}
         # With more slots than K_base the engine's own top-k would run too many experts: every layer routes here.
-        self.changed = set(range(len(self.specs))) if slots > ident.k_base else set(self.plan.rules)
+        every = slots > ident.k_base or settings.route_all
+        self.changed = set(range(len(self.specs))) if every else set(self.plan.rules)
         self.expected = expected_k(self.plan, profile)
         self.capture_safe = not (method == "pick" and self.plan.params.get("strategy") in ("C", "D"))
         self._scale: dict[int, float] = {}  # engine weight / core weight, learned by the self-check
