@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from banpick_cli.calibrate.checkpoint import Sidecar, run_fingerprint, texts_digest
 from banpick_cli.calibrate.common import open_for_update, provenance
+from banpick_cli.calibrate.distributed import Dist, init_from_env
 from banpick_cli.calibrate.usage import UsageCounts, count_usage
+from banpick_cli.calibrate.usage_pass import RunOptions, count_usage_pass
 from banpick_cli.data import CalibrationText, Domain, get_domain, load_calibration_text
 from banpick_cli.errors import BadSetting
-from banpick_cli.models.loading import LoadedModel, load_model
+from banpick_cli.models.loading import LoadedModel, load_model, resolve_device
 from banpick_cli.paths import DEMO_MODEL_NAME
 from banpick_cli.profile.format import RoutingProfile, ensure_writable, write_profile
 from banpick_cli.profile.stats import CandidateRule, candidate_mask
@@ -60,6 +64,10 @@ class ProfileResult:
     usage: UsageCounts
     wall_s: float
     dropped: list[str]
+    rank: int = 0  # under torchrun only rank 0 holds (and wrote) the profile
+    world: int = 1
+    resumed_batches: int = 0  # batches taken from a checkpoint sidecar instead of recomputed
+    stale_sidecar: bool = False  # a sidecar of another run (other settings, data or model) was discarded
 
     @property
     def tokens_per_s(self) -> float:
@@ -95,6 +103,20 @@ def profile_domain(
     if loaded.device.type == "cuda":
         torch.cuda.synchronize()
     wall = time.perf_counter() - start
+    return usage, wall, store_usage(profile, loaded, settings, domain, text, usage, wall)
+
+
+def store_usage(
+    profile: RoutingProfile,
+    loaded: LoadedModel,
+    settings: ProfileSettings,
+    domain: Domain,
+    text: CalibrationText,
+    usage: UsageCounts,
+    wall: float,
+    **facts: Any,
+) -> list[str]:
+    """Stores a domain's counts, candidates and provenance in `profile`; returns the stale tensors it dropped."""
     name = domain.name
     dropped = [f"domain/{name}/{part}" for part in DEPENDENT_ON_USAGE if f"domain/{name}/{part}" in profile.tensors]
     for key in dropped:
@@ -114,8 +136,9 @@ def profile_domain(
         seq_len=settings.seq_len,
         seed=settings.seed,
         wall_s=round(wall, 3),
+        **facts,
     )
-    return usage, wall, dropped
+    return dropped
 
 
 def run_profile(
@@ -127,16 +150,80 @@ def run_profile(
     dtype: str = "auto",
     loaded: LoadedModel | None = None,
     progress: ProgressFn = silent,
+    options: RunOptions = RunOptions(),
 ) -> ProfileResult:
     """Loads the model, profiles one domain, and writes (or updates) the profile at `out` atomically.
 
     Everything that can fail on bad input (output path, domain, data) is checked before the model loads.
+    Under torchrun every rank counts its shard of the batches and rank 0 writes the summed profile;
+    with `options.checkpoint_every`, partial counts go to a sidecar next to `out` and a rerun resumes.
     """
     out = Path(out)
-    ensure_writable(out)
-    domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
-    loaded = loaded or load_model(model, device=device, dtype=dtype)
-    profile = open_for_update(out, loaded)
-    usage, wall, dropped = profile_domain(loaded, settings, profile, domain, text, progress=progress)
-    write_profile(profile, out)
-    return ProfileResult(profile, out, domain.name, usage, wall, dropped)
+    dist = init_from_env()
+    try:
+        if options.device_map and dist.active:
+            raise BadSetting("--device-map spreads one model over all GPUs; under torchrun each rank takes one GPU, so drop one of the two")
+        if dist.is_main:
+            ensure_writable(out)
+        domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
+        run_device = _run_device(device, dist)
+        if loaded is None and options.sequential:
+            # The model stays in CPU memory; its layers visit `run_device` one at a time.
+            loaded = load_model(model, device="cpu", dtype=_dtype_for(dtype, run_device))
+        elif loaded is None:
+            loaded = load_model(model, device=str(run_device), dtype=dtype, device_map=options.device_map)
+        if not options.sequential:
+            run_device = loaded.device
+        profile = open_for_update(out, loaded) if dist.is_main else None
+        sidecar = _sidecar(out, loaded, settings, domain, text, dist) if options.checkpoint_every else None
+        start = time.perf_counter()
+        done = count_usage_pass(loaded, text.texts, seq_len=settings.seq_len, batch_size=settings.batch_size,
+                                device=run_device, options=options, sidecar=sidecar, dist=dist, progress=progress)
+        if run_device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        dropped: list[str] = []
+        if profile is not None:
+            facts = {"world_size": dist.world, "resumed_batches": done.resumed_batches}
+            if options.sequential:
+                facts.update(sequential=True, run_device=str(run_device))
+            if options.device_map:
+                facts["device_map"] = options.device_map
+            dropped = store_usage(profile, loaded, settings, domain, text, done.usage, wall, **facts)
+            write_profile(profile, out)
+        dist.barrier()  # every rank's sidecar stays until the profile is safely written
+        if sidecar is not None:
+            sidecar.remove()
+        return ProfileResult(profile, out, domain.name, done.usage, wall, dropped, rank=dist.rank, world=dist.world,
+                             resumed_batches=done.resumed_batches, stale_sidecar=bool(sidecar and sidecar.stale))
+    finally:
+        dist.close()
+
+
+def _run_device(device: str, dist: Dist) -> torch.device:
+    """Returns the device batches run on; under torchrun each rank takes the GPU of its local rank."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and dist.active and resolved.index is None:
+        return torch.device("cuda", dist.local_rank)
+    return resolved
+
+
+def _dtype_for(dtype: str, run_device: torch.device) -> str:
+    """Returns the dtype name for a model loaded on the CPU that will run on `run_device`."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if run_device.type == "cuda" else "float32"
+
+
+def _sidecar(out: Path, loaded: LoadedModel, settings: ProfileSettings, domain: Domain, text: CalibrationText, dist: Dist) -> Sidecar:
+    """Returns this run's checkpoint sidecar, stamped with everything that decides its counts."""
+    tag = domain.name + (f".rank{dist.rank}of{dist.world}" if dist.active else "")
+    fingerprint = run_fingerprint(
+        model=loaded.fingerprint,
+        data=texts_digest(text.texts),
+        settings=asdict(settings),
+        dtype=str(next(loaded.model.parameters()).dtype),
+        world=dist.world,
+        rank=dist.rank,
+    )
+    return Sidecar(out, "profile", tag, fingerprint)

@@ -32,9 +32,12 @@ class UsageCounter:
         self.mask: torch.Tensor | None = None  # bool [flattened tokens]: real (non-padding) positions
 
     def __call__(self, position: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
-        chosen = indices if self.mask is None else indices[self.mask]
+        # With --device-map the layers live on several GPUs: mask and sums follow the router's device.
+        mask = None if self.mask is None else self.mask.to(indices.device, non_blocking=True)
+        chosen = indices if mask is None else indices[mask]
         # The extra bin collects "no expert" slots (index == num_experts) so they are never counted.
-        self.counts[position] += torch.bincount(chosen.reshape(-1), minlength=self.num_experts + 1)
+        found = torch.bincount(chosen.reshape(-1), minlength=self.num_experts + 1)
+        self.counts[position] += found.to(self.counts.device, non_blocking=True)
         self.tokens[position] += chosen.shape[0]
 
     def result(self, samples: int) -> UsageCounts:

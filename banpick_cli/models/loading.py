@@ -97,6 +97,14 @@ def resolve_device(device: str) -> torch.device:
         raise BadSetting(f"--device {device}: {err}") from None
 
 
+def _map_device(device_map: str | dict) -> torch.device:
+    """Returns the device a device map mostly uses, for choosing the default dtype."""
+    if isinstance(device_map, dict):
+        on_gpu = any(str(v) not in ("cpu", "disk", "meta") for v in device_map.values())
+        return torch.device("cuda" if on_gpu and torch.cuda.is_available() else "cpu")
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -124,21 +132,37 @@ def load_config(name: str) -> tuple[str, Any]:
         ) from None
 
 
-def load_model(name: str, *, device: str = "auto", dtype: str = "auto") -> LoadedModel:
-    """Loads a supported MoE model with from_pretrained, in eval mode, with its adapter."""
+def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_map: str | dict | None = None) -> LoadedModel:
+    """Loads a supported MoE model with from_pretrained, in eval mode, with its adapter.
+
+    `device_map` ("auto", "balanced", ... or a dict) spreads the layers over every visible GPU
+    through accelerate, for models that do not fit one; inputs then go to the embedding's device.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved, config = load_config(name)
     adapter = adapter_for(config)
     torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
+    torch_dtype = resolve_dtype(dtype, torch_device if device_map is None else _map_device(device_map))
+    extra: dict[str, Any] = {}
+    if device_map is not None:
+        try:
+            import accelerate  # noqa: F401  (from_pretrained needs it for device_map)
+        except ImportError:
+            raise BadSetting("--device-map needs the accelerate package: pip install 'banpick[scale]'") from None
+        extra["device_map"] = device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError) as err:
         reason = str(err).strip().splitlines()[0][:160]
         raise ModelError(f"cannot load model '{resolved}': {reason}") from None
-    model.to(torch_device).eval()
+    if device_map is None:
+        model.to(torch_device)
+    else:
+        # accelerate placed the layers; batches start where the embedding lives.
+        torch_device = model.get_input_embeddings().weight.device
+    model.eval()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return describe(model, tokenizer, adapter, name_or_path=name, device=torch_device)
@@ -146,6 +170,12 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto") -> Loade
 
 def describe(model: nn.Module, tokenizer: Any, adapter: MoEAdapter, *, name_or_path: str, device: torch.device) -> LoadedModel:
     """Wraps an already-loaded HF model (the library entry point for users who load it themselves)."""
+    layers, routing, identity = identify(model, adapter, name_or_path=name_or_path)
+    return LoadedModel(model, tokenizer, adapter, layers, routing, identity, fingerprint(adapter, layers), device)
+
+
+def identify(model: nn.Module, adapter: MoEAdapter, *, name_or_path: str) -> tuple[list[MoELayer], RoutingConfig, ModelIdentity]:
+    """Returns a model's MoE layers, routing rule and identity; works on a weightless (meta) model too."""
     layers = adapter.moe_layers(model)
     if not layers:
         raise ModelError(f"'{name_or_path}' has no MoE layers that banpick can find")
@@ -167,7 +197,7 @@ def describe(model: nn.Module, tokenizer: Any, adapter: MoEAdapter, *, name_or_p
         topk_group=routing.topk_group,
         vocab_size=int(config.vocab_size),
     )
-    return LoadedModel(model, tokenizer, adapter, layers, routing, identity, fingerprint(adapter, layers), device)
+    return layers, routing, identity
 
 
 def fingerprint(adapter: MoEAdapter, layers: list[MoELayer]) -> str:
