@@ -1,0 +1,171 @@
+"""Math domain: arithmetic and short word problems whose final number a scorer can check."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from banpick_cli.data.demo.spec import CalibDoc, TaskSpec
+
+NAMES = (
+    ("Anna", "She"), ("Ben", "He"), ("Carla", "She"), ("David", "He"), ("Emma", "She"), ("Felix", "He"),
+    ("Grace", "She"), ("Hugo", "He"), ("Iris", "She"), ("Jack", "He"), ("Lena", "She"), ("Max", "He"),
+    ("Nora", "She"), ("Omar", "He"), ("Paula", "She"), ("Sam", "He"), ("Tina", "She"), ("Victor", "He"),
+)
+ITEMS = ("apples", "pens", "marbles", "books", "stickers", "cookies", "coins", "cards", "shells", "balloons",
+         "pencils", "stamps", "eggs", "candies", "toy cars", "flowers")
+GAIN = ("buys {n} more", "finds {n} more", "gets {n} more from a friend", "picks up {n} more", "wins {n} more")
+LOSS = ("gives away {n}", "loses {n}", "sells {n}", "gives {n} to a friend", "uses {n}")
+
+DIRECT = {
+    "+": ("What is {a} + {b}?", "Compute {a} + {b}.", "Find the sum of {a} and {b}.", "What is {a} plus {b}?",
+          "Add {a} and {b}."),
+    "-": ("What is {a} - {b}?", "Compute {a} - {b}.", "What is {a} minus {b}?", "Subtract {b} from {a}.",
+          "Find the difference of {a} and {b}."),
+    "*": ("What is {a} * {b}?", "Compute {a} * {b}.", "What is {a} times {b}?", "Find the product of {a} and {b}.",
+          "Multiply {a} by {b}."),
+}
+
+# Relative frequency of each form in the held-out task set; the easy forms are what a small model
+# gets right, the two-digit and two-step forms are what it often gets wrong (the failure set).
+TASK_FORMS = {
+    "add1": 1.0, "sub1": 1.0, "mul1": 1.0, "add21": 1.0, "sub21": 1.0, "add22": 1.0, "sub22": 1.0,
+    "word1": 1.5, "word2": 1.0, "wordmul": 0.75, "worddiv": 0.75,
+}
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A question, the worked steps that solve it, and its final number."""
+
+    form: str
+    question: str
+    work: str
+    answer: int
+
+
+def _direct(rng: random.Random, form: str, op: str, a: int, b: int) -> Problem:
+    value = {"+": a + b, "-": a - b, "*": a * b}[op]
+    question = rng.choice(DIRECT[op]).format(a=a, b=b)
+    return Problem(form, question, f"{a} {op} {b} = {value}.", value)
+
+
+def _word1(rng: random.Random) -> Problem:
+    (name, pron), items = rng.choice(NAMES), rng.choice(ITEMS)
+    a = rng.randint(2, 30)
+    if rng.random() < 0.5:
+        b = rng.randint(1, 20)
+        step, work, value = rng.choice(GAIN).format(n=b), f"{a} + {b} = {a + b}.", a + b
+    else:
+        b = rng.randint(1, a)
+        step, work, value = rng.choice(LOSS).format(n=b), f"{a} - {b} = {a - b}.", a - b
+    question = f"{name} has {a} {items}. {pron} {step}. How many {items} does {name} have now?"
+    return Problem("word1", question, work, value)
+
+
+def _word2(rng: random.Random) -> Problem:
+    (name, pron), items = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, 20), rng.randint(1, 15)
+    c = rng.randint(1, a + b)
+    gain, loss = rng.choice(GAIN).format(n=b), rng.choice(LOSS).format(n=c)
+    question = f"{name} has {a} {items}. {pron} {gain} and then {loss}. How many {items} does {name} have now?"
+    work = f"{a} + {b} = {a + b}. {a + b} - {c} = {a + b - c}."
+    return Problem("word2", question, work, a + b - c)
+
+
+def _wordmul(rng: random.Random) -> Problem:
+    (name, _), items = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    question = rng.choice((
+        f"There are {a} boxes with {b} {items} in each box. How many {items} are there in total?",
+        f"{name} buys {a} packs of {items}. Each pack has {b} {items}. How many {items} does {name} buy?",
+    ))
+    return Problem("wordmul", question, f"{a} * {b} = {a * b}.", a * b)
+
+
+def _worddiv(rng: random.Random) -> Problem:
+    (name, _), items = rng.choice(NAMES), rng.choice(ITEMS)
+    a, b = rng.randint(2, 9), rng.randint(2, 9)
+    question = (f"{name} shares {a * b} {items} equally among {a} friends. "
+                f"How many {items} does each friend get?")
+    return Problem("worddiv", question, f"{a * b} / {a} = {b}.", b)
+
+
+def make_problem(rng: random.Random, form: str) -> Problem:
+    """Returns one problem of the named form, drawn from `rng`."""
+    r = rng.randint
+    if form == "add1":
+        return _direct(rng, form, "+", r(0, 9), r(0, 9))
+    if form == "sub1":
+        a = r(1, 18)
+        return _direct(rng, form, "-", a, r(max(0, a - 9), min(a, 9)))
+    if form == "mul1":
+        return _direct(rng, form, "*", r(2, 9), r(2, 9))
+    if form == "add21":
+        return _direct(rng, form, "+", r(10, 99), r(1, 9))
+    if form == "sub21":
+        return _direct(rng, form, "-", r(10, 99), r(1, 9))
+    if form == "add22":
+        return _direct(rng, form, "+", r(10, 99), r(10, 99))
+    if form == "sub22":
+        a = r(20, 99)
+        return _direct(rng, form, "-", a, r(10, a))
+    builders = {"word1": _word1, "word2": _word2, "wordmul": _wordmul, "worddiv": _worddiv}
+    return builders[form](rng)
+
+
+def task_prompt(question: str) -> str:
+    """Returns the prompt a math task shows the model."""
+    return f"Question: {question}\nAnswer:"
+
+
+def _spec(problem: Problem) -> TaskSpec:
+    return TaskSpec(
+        kind="math", form=problem.form, prompt=task_prompt(problem.question), answer=str(problem.answer),
+        completion=f" {problem.work} The answer is {problem.answer}.",
+    )
+
+
+def _explain_addition(rng: random.Random) -> str:
+    a, b = rng.randint(10, 99), rng.randint(10, 99)
+    ones, tens = a % 10 + b % 10, (a // 10 + b // 10) * 10
+    return (f"To add {a} and {b}, first add the ones: {a % 10} + {b % 10} = {ones}. "
+            f"Then add the tens: {a // 10 * 10} + {b // 10 * 10} = {tens}. "
+            f"Finally {tens} + {ones} = {tens + ones}, so {a} + {b} = {a + b}.")
+
+
+def _times_table(rng: random.Random) -> str:
+    n = rng.randint(2, 9)
+    rows = ", ".join(f"{n} * {k} = {n * k}" for k in range(1, 10))
+    return f"The {n} times table: {rows}."
+
+
+def _counting(rng: random.Random) -> str:
+    step, start = rng.randint(2, 10), rng.randint(0, 20)
+    seq = ", ".join(str(start + step * k) for k in range(8))
+    return f"Counting up by {step} from {start}: {seq}. Each number is {step} more than the one before."
+
+
+class MathDomain:
+    """Arithmetic with one- and two-digit numbers and one- or two-step word problems."""
+
+    name = "math"
+    kind = "math"
+
+    def task(self, rng: random.Random) -> TaskSpec:
+        form = rng.choices(list(TASK_FORMS), weights=list(TASK_FORMS.values()))[0]
+        return _spec(make_problem(rng, form))
+
+    def calib_doc(self, rng: random.Random) -> CalibDoc:
+        style = rng.random()
+        if style < 0.55:
+            # Worked problems in a different wrapper than the task prompt; the keys name the task each one is.
+            problems = [make_problem(rng, rng.choice(list(TASK_FORMS))) for _ in range(rng.randint(2, 4))]
+            text = "\n".join(f"Problem: {p.question}\nSolution: {p.work} The answer is {p.answer}."
+                             for p in problems)
+            return CalibDoc(text, tuple(_spec(p).key for p in problems))
+        if style < 0.75:
+            return CalibDoc(_explain_addition(rng))
+        if style < 0.9:
+            return CalibDoc(_times_table(rng))
+        return CalibDoc(_counting(rng))
