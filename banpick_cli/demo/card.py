@@ -1,0 +1,121 @@
+"""The demo model's card (`artifacts/demo-moe/README.md`), written from a training report and baseline scores."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+ROUTING_HEADING = "## Routing phenomena"
+ROUTING_TODO = (f"{ROUTING_HEADING}\n\nTODO: measured with banpick's own commands "
+                "(usage, KL scans, layer sensitivity) — filled in by hand.\n")
+
+
+def active_parameters(config) -> int:
+    """Returns the parameters one token uses: everything except the experts it is not routed to."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    expert = 3 * h * config.moe_intermediate_size
+    attn = h * config.head_dim * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    per_layer = attn + 2 * config.head_dim + 2 * h + config.num_experts * h + config.num_experts_per_tok * expert
+    return config.vocab_size * h + layers * per_layer + h
+
+
+def _existing_routing_section(path: Path) -> str:
+    """Returns the hand-written routing section of an existing card, so a retrain does not erase it."""
+    if not path.is_file():
+        return ROUTING_TODO
+    text = path.read_text(encoding="utf-8")
+    if ROUTING_HEADING not in text:
+        return ROUTING_TODO
+    section = text[text.index(ROUTING_HEADING):]
+    following = section.find("\n## ", len(ROUTING_HEADING))
+    return (section if following < 0 else section[:following + 1]).rstrip() + "\n"
+
+
+def render_model_card(report: dict, baseline: dict, model_config, *, previous: Path | None = None) -> str:
+    """Returns the model card as Markdown.
+
+    `report` is a `TrainReport` as a dict; `baseline` maps "top-<k>" to {domain: accuracy} plus
+    "by_form" ({domain: {form: [correct, total]}}) and "command" (how the numbers were produced).
+    """
+    c, cfg = report["config"], model_config
+    domains = list(baseline["top-8"])
+    mb = report["checkpoint_bytes"] / 1e6
+    rows = "\n".join(
+        f"| {d} | {report['eval_loss'][d]:.3f} | " + " | ".join(f"{100 * baseline[k][d]:.1f}%" for k in _ks(baseline))
+        + " |" for d in domains)
+    head = "| domain | eval loss (nats/token) | " + " | ".join(f"{k} accuracy" for k in _ks(baseline)) + " |"
+    forms = "\n".join(
+        f"- **{d}**: " + ", ".join(f"{form} {r}/{t}" for form, (r, t) in baseline["by_form"][d].items())
+        for d in domains)
+    routing = _existing_routing_section(previous) if previous else ROUTING_TODO
+    return f"""# banpick demo-moe
+
+A small Mixture-of-Experts language model that banpick trains and ships so that every command has a
+real model to work on with no hub and no GPU. It knows only three synthetic domains — **math**
+(arithmetic and word problems), **code** (small Python functions checked by unit tests) and
+**general** (facts about a small world, four-way multiple choice) — and is not useful for anything else.
+
+## Architecture
+
+| | |
+|---|---|
+| class | `Qwen3MoeForCausalLM` (transformers {report['versions'].get('transformers', '')}, torch {report['versions'].get('torch', '')}) |
+| layers | {cfg.num_hidden_layers}, every one an MoE block |
+| hidden size | {cfg.hidden_size}; {cfg.num_attention_heads} attention heads, {cfg.num_key_value_heads} key/value heads, head dim {cfg.head_dim} |
+| experts | {cfg.num_experts} per layer, top-{cfg.num_experts_per_tok} (softmax router, `norm_topk_prob=True`), expert width {cfg.moe_intermediate_size} |
+| router loss | auxiliary load balancing, `router_aux_loss_coef={cfg.router_aux_loss_coef}` (final value {report['final_aux_loss']:.3f}; {cfg.num_experts_per_tok} is perfect balance) |
+| vocabulary | {report['vocab_size']} tokens, byte-level BPE trained on the domains, one token per digit; `<|endoftext|>` (EOS), `<|pad|>` |
+| parameters | {report['parameters']:,} total, {active_parameters(cfg):,} active per token (embeddings tied) |
+| checkpoint | `model.safetensors`, float32, {mb:.1f} MB |
+
+Load it offline: `AutoModelForCausalLM.from_pretrained("artifacts/demo-moe")`, `AutoTokenizer.from_pretrained("artifacts/demo-moe")`.
+
+## Training
+
+- Command: `.venv/bin/python tools/train_demo.py` (regenerates `artifacts/data/` and this folder from seeds).
+- Data: `banpick_cli.data.demo`, seed {c['data_seed']}. Each domain's held-out tasks (`artifacts/data/<domain>/tasks.jsonl`)
+  are drawn first; calibration text (`calib.jsonl`) and every training document are drawn from the same generators with
+  those task prompts excluded. Training mixes calibration-style text with task-formatted examples
+  ({100 * c['task_fraction']:.0f}% of documents); each step has {c['batch_size'] // len(domains)} rows of {c['seq_len']} tokens per domain.
+- {report['steps']} steps, {report['tokens']:,} tokens, AdamW (lr {c['lr']}, warmup {c['warmup_steps']}, cosine to {c['min_lr_ratio']}x), seed {c['train_seed']}.
+- Wall time {report['wall_s'] / 60:.1f} min on {c['threads']} CPU threads (torch CPU; a shared machine, so timings are noisy).
+- Final training loss {report['final_train_loss']:.3f} nats/token (language-model part, last {c['log_every']} steps).
+
+## Baseline accuracy
+
+Greedy decoding, every held-out task of each domain; math by final number, code by running the task's unit tests
+in a sandbox, general by the first option letter. "top-k" sets every router to select k experts.
+
+{head}
+|---|---|{'---|' * len(_ks(baseline))}
+{rows}
+
+Reproduce: `{baseline['command']}`
+
+Per form (correct/total) at top-8:
+{forms}
+
+{routing}
+## Limitations
+
+Synthetic data only; the model has memorised a small world and a few templates. Accuracy numbers are on
+150 tasks per domain, so one task is 0.7 points.
+"""
+
+
+def _ks(baseline: dict) -> list[str]:
+    return [k for k in baseline if k.startswith("top-")]
+
+
+def write_artifacts(model_dir: str | Path, report, baseline: dict) -> Path:
+    """Writes `train_report.json` and the model card next to a trained checkpoint; returns the card's path."""
+    from transformers import AutoConfig
+
+    model_dir = Path(model_dir)
+    record = {**asdict(report), "baseline": baseline}
+    (model_dir / "train_report.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    card = model_dir / "README.md"
+    text = render_model_card(record, baseline, AutoConfig.from_pretrained(model_dir), previous=card)
+    card.write_text(text, encoding="utf-8")
+    return card
