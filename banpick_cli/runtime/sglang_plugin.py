@@ -76,9 +76,13 @@ def install(model: torch.nn.Module, *, engine: str = "SGLang") -> EngineRouter |
         config = getattr(module, "topk_config", None)
         if config is not None and LAYER_RE.search(name):
             slots.add(int(config.top_k) - int(getattr(config, "num_fused_shared_experts", 0) or 0))
+    gates = gate_modules(model.named_modules())
+    if not slots and not gates:  # a dense model in the same process (e.g. a speculative draft): not ours
+        logger.info("banpick: %s: skipping %s, it has no MoE layers", engine, type(model).__name__)
+        return None
     if len(slots) != 1:
         raise EngineUnsupported(f"{engine}: expected one routed top-k across MoE layers' TopK modules, found {sorted(slots)}")
-    router = EngineRouter(settings, gate_modules(model.named_modules()), engine=engine, slots=slots.pop())
+    router = EngineRouter(settings, gates, engine=engine, slots=slots.pop())
     _state["router"] = router
     logger.info(router.log_line())
     return router

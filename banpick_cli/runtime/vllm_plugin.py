@@ -52,7 +52,13 @@ def install(model: torch.nn.Module, *, engine: str = "vLLM", enforce_eager: bool
     settings = read_env()
     if settings is None:
         return None
+    if getattr(model, "_banpick_router", None) is not None:  # a loader subclass calling super().load_model
+        return model._banpick_router
     runners = _moe_runners(model)
+    gates = gate_modules(model.named_modules())
+    if not runners and not gates:  # a dense model in the same process (e.g. a speculative draft): not ours
+        logger.info("banpick: %s: skipping %s, it has no MoE layers", engine, type(model).__name__)
+        return None
     if not runners:
         raise EngineUnsupported(f"{engine}: no MoE layer with a router object found (module with `.router` and "
                                 "`.layer_name`): this vLLM version or model is not supported")
@@ -65,12 +71,13 @@ def install(model: torch.nn.Module, *, engine: str = "vLLM", enforce_eager: bool
     slots = {int(r.router.top_k) for r in runners.values()}
     if len(slots) != 1:
         raise EngineUnsupported(f"{engine}: MoE layers disagree on top_k ({sorted(slots)})")
-    router = EngineRouter(settings, gate_modules(model.named_modules()), engine=engine, slots=slots.pop())
+    router = EngineRouter(settings, gates, engine=engine, slots=slots.pop())
     if enforce_eager is False and not router.capture_safe:
         raise EngineUnsupported(f"Pick {router.plan.params.get('strategy')} cannot run inside CUDA graphs: add --enforce-eager")
     for index, runner in runners.items():
         if router.changes(index):
             _shadow(runner.router, router, index)
+    model._banpick_router = router
     logger.info(router.log_line())
     return router
 

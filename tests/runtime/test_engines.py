@@ -243,3 +243,17 @@ def test_entry_points_are_declared_and_resolve():
     assert points["sglang.srt.plugins"]["banpick"] == "banpick_cli.runtime.sglang_plugin:register"
     assert callable(vllm_plugin.register) and callable(sglang_plugin.register)
     assert engine_mod.ENGINE_METHODS == ("baseline", "ban", "pick", "banpick", "dynamic")
+
+
+def test_plugins_skip_a_dense_model_and_install_once(tiny_models, profile_env):
+    from transformers import AutoModelForCausalLM
+
+    llama = AutoModelForCausalLM.from_pretrained(str(tiny_models["llama"]))
+    loaded = load_model(str(tiny_models["qwen3_moe"]), device="cpu")
+    profile_env(loaded, "ban")
+    assert vllm_plugin.install(llama) is None  # e.g. a speculative draft model in the same process
+    assert sglang_plugin.install(llama) is None
+    k = loaded.routing.top_k
+    model = engine_model(loaded, lambda layer: Runner(VllmLikeRouter(k, True), f"model.layers.{layer.layer_index}.mlp.experts"))
+    first = vllm_plugin.install(model)
+    assert vllm_plugin.install(model) is first
