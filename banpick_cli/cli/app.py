@@ -28,19 +28,37 @@ def profile(
     candidate_top: int = typer.Option(0, "--candidate-top", help="Also mark the N most used experts of each layer (0: off)."),
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    device_map: Optional[str] = typer.Option(
+        None, "--device-map", help="Spread a model too big for one GPU over all visible GPUs (accelerate), e.g. 'auto'."
+    ),
+    sequential: bool = typer.Option(
+        False, "--sequential", help="Keep the model in CPU memory and run one decoder layer at a time on the device (fits 235B on one GPU)."
+    ),
+    checkpoint_every: int = typer.Option(
+        32, "--checkpoint-every", help="Save partial counts every N batches next to --out; a rerun resumes (0: off)."
+    ),
     show_progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Count expert usage on a domain's calibration text and mark its domain-specialised candidates."""
+    """Count expert usage on a domain's calibration text and mark its domain-specialised candidates.
+
+    Runs data-parallel under `torchrun --nproc-per-node N` (rank 0 writes the profile).
+    """
+    from banpick_cli.calibrate.checkpoint import terminate_as_interrupt
     from banpick_cli.calibrate.profile_stage import ProfileSettings, run_profile
-    from banpick_cli.cli.views import domain_usage
+    from banpick_cli.calibrate.usage_pass import RunOptions
 
     settings = ProfileSettings(
         domain=domain, data=data, text_field=text_field, samples=samples, seq_len=seq_len,
         batch_size=batch_size, seed=seed, candidate_ratio=candidate_ratio, candidate_top=candidate_top,
     )
-    with progress_bar(show_progress and not as_json, "profile") as progress:
-        result = run_profile(settings, out=out, model=model, device=device, dtype=dtype, progress=progress)
+    options = RunOptions(sequential=sequential, checkpoint_every=checkpoint_every, device_map=device_map)
+    with terminate_as_interrupt(), progress_bar(show_progress and not as_json, "profile") as progress:
+        result = run_profile(settings, out=out, model=model, device=device, dtype=dtype, progress=progress, options=options)
+    if result.rank != 0:
+        return  # rank 0 reports for the whole data-parallel run
+    if result.stale_sidecar:
+        err_console.print("note: discarded partial counts of an earlier run with other settings, data or model")
     summary = {
         "profile": str(result.path),
         "domain": result.domain,
@@ -50,6 +68,8 @@ def profile(
         "tokens_per_s": round(result.tokens_per_s, 1),
         "candidates": int(result.profile.get(f"domain/{result.domain}/candidates").sum()),
         "dropped_stale": result.dropped,
+        "resumed_batches": result.resumed_batches,
+        "world_size": result.world,
     }
     if as_json:
         print_json(summary)
@@ -57,6 +77,8 @@ def profile(
     _print_usage(result.profile, result.domain, top=5)
     for name in result.dropped:
         err_console.print(f"note: removed stale '{name}' (its usage counts changed); rerun its stage")
+    if result.resumed_batches:
+        err_console.print(f"note: resumed {result.resumed_batches} batches from the checkpoint of an interrupted run")
     console.print(
         f"[bold]{result.domain}[/]: {summary['samples']} texts, {summary['tokens']:,} tokens in {summary['wall_s']:.1f}s "
         f"({summary['tokens_per_s']:,.0f} tok/s); {summary['candidates']} candidate experts -> {result.path}"
@@ -137,6 +159,7 @@ def merge(
 
 # Stage commands live in their own modules; importing them registers them on `app`.
 from banpick_cli.cli import scans, accuracy, runtime  # noqa: E402,F401
+from banpick_cli.cli import report  # noqa: E402,F401
 
 
 def main() -> None:

@@ -1,0 +1,90 @@
+"""`report` (figures and an HTML page of a profile) and `import-usage` (profiles from serving-engine dumps)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from banpick_cli.cli.base import JsonOpt, ProgressOpt, app
+from banpick_cli.cli.render import console, err_console, handle_errors, print_json, progress_bar
+
+
+@app.command()
+@handle_errors
+def report(
+    path: Path = typer.Argument(..., help="A routing profile (.safetensors)."),
+    out: Path = typer.Option(Path("report"), "--out", "-o", help="Folder for the PNG figures and report.html."),
+    layers: Optional[str] = typer.Option(
+        None, "--layers", help="Decoder layers for the per-expert bar charts, e.g. '4,16,29' (default: the 3 most domain-specific)."
+    ),
+    all_layers: bool = typer.Option(False, "--all-layers", help="Also draw every layer's bars, 12 layers a page (paper figures 6-9)."),
+    show_progress: bool = ProgressOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Draw a profile's figures (usage, candidates, KL, gains, layer and token sensitivity) into PNGs and one HTML page."""
+    from banpick_cli.errors import BadSetting
+    from banpick_cli.report import build_report
+
+    chosen = None
+    if layers:
+        try:
+            chosen = [int(part.strip().lstrip("Ll")) for part in layers.split(",") if part.strip()]
+        except ValueError:
+            raise BadSetting(f"--layers takes decoder-layer numbers like '4,16,29', got {layers!r}") from None
+    with progress_bar(show_progress and not as_json, "report") as progress:
+        result = build_report(path, out, layers=chosen, all_layers=all_layers, progress=progress)
+    if as_json:
+        print_json({"html": str(result.html), "figures": [str(f.path) for f in result.figures],
+                    "skipped": [note for _, note in result.skipped]})
+        return
+    for _, note in result.skipped:
+        err_console.print(f"skipped: {note}", highlight=False)
+    console.print(f"{len(result.figures)} figures -> {out}/; open {result.html}")
+
+
+@app.command("import-usage")
+@handle_errors
+def import_usage(
+    files: list[Path] = typer.Argument(..., help="Dump files or folders (SGLang .pt; vLLM .npz/.npy/.pt/.json/.jsonl)."),
+    engine: str = typer.Option(..., "--from", help="Which engine wrote the dumps: sglang or vllm."),
+    model: str = typer.Option(..., "--model", "-m", help="The served model (local directory or hub id)."),
+    domain: str = typer.Option(..., "--domain", "-d", help="Name of the domain the traffic belongs to (e.g. math, prod-chat)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Profile to write; an existing profile of the same model is updated."),
+    replicas: int = typer.Option(
+        1, "--replicas", help="Ranks that each recorded the same tokens (SGLang tensor parallel without DP attention: its --tp-size)."
+    ),
+    candidate_ratio: float = typer.Option(2.0, "--candidate-ratio", help="Candidate if usage >= this many times the layer mean."),
+    candidate_top: int = typer.Option(0, "--candidate-top", help="Also mark the N most used experts of each layer (0: off)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Build a domain's usage profile from what SGLang or vLLM recorded while serving (docs/import.md)."""
+    from banpick_cli.calibrate.serving import ImportSettings, run_import
+
+    settings = ImportSettings(engine=engine, domain=domain, files=tuple(str(f) for f in files), replicas=replicas,
+                              candidate_ratio=candidate_ratio, candidate_top=candidate_top)
+    result = run_import(settings, model=model, out=out)
+    usage = result.usage
+    summary = {
+        "profile": str(result.path),
+        "domain": domain,
+        "engine": engine,
+        "files": len(usage.files),
+        "sequences": usage.sequences,
+        "tokens": int(usage.token_counts[0]),
+        "tokens_exact": usage.tokens_exact,
+        "candidates": int(result.profile.get(f"domain/{domain}/candidates").sum()),
+        "notes": usage.notes,
+        "dropped_stale": result.dropped,
+    }
+    if as_json:
+        print_json(summary)
+        return
+    for note in usage.notes:
+        err_console.print(f"note: {note}", highlight=False)
+    for name in result.dropped:
+        err_console.print(f"note: removed stale '{name}' (its usage counts changed); rerun its stage")
+    estimated = "" if usage.tokens_exact else " (estimated as selections / K_base)"
+    console.print(f"[bold]{domain}[/]: {summary['files']} {engine} dumps, {summary['sequences']} records, "
+                  f"{summary['tokens']:,} tokens{estimated}; {summary['candidates']} candidate experts -> {result.path}")
