@@ -130,9 +130,10 @@ def build_plan(
     _check_overrides(method, overrides)
     if method == "baseline":
         return RoutingPlan("baseline", None, {}, tuple(specs))
-    if profile is None:
+    if profile is None and method in ("pick", "ban", "banpick"):
         raise ProfileError(f"method '{method}' needs a routing profile")
-    _check_shape(profile, specs)
+    if profile is not None:
+        _check_shape(profile, specs)
     if method in DOMAIN_METHODS and not domain:
         listed = _key_domains(profile)
         raise BadSetting(f"method '{method}' needs a domain (--domain); the profile has key experts for: "

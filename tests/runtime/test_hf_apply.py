@@ -228,3 +228,12 @@ def test_layer_sensitivity_settings_are_read_as_that_stage_writes_them(models):
     with torch.inference_mode(), apply(loaded, prof, "ban") as h:  # lam 0: every token at K_min
         loaded.model(ids_for(loaded))
     assert h.stats().avg_experts == [2.0] * len(loaded.layers)
+
+
+def test_baselines_need_no_profile(models):
+    loaded = models("olmoe")
+    with torch.inference_mode(), apply(loaded, None, "dynamic", tau=0.5, cap=4) as h:
+        loaded.model(ids_for(loaded))
+    assert all(1.0 <= a <= 4.0 for a in h.stats().avg_experts)
+    with pytest.raises(ProfileError, match="needs a routing profile"):
+        apply(loaded, None, "ban")
