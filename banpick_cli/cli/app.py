@@ -74,7 +74,7 @@ def profile(
     if as_json:
         print_json(summary)
         return
-    _print_usage(result.profile, result.domain, top=5)
+    _print_usage(result.profile, result.domain, top=4)
     for name in result.dropped:
         err_console.print(f"note: removed stale '{name}' (its usage counts changed); rerun its stage")
     if result.resumed_batches:
@@ -90,10 +90,12 @@ def _print_usage(prof, domain: str, top: int) -> None:
 
     rows = []
     for layer in domain_usage(prof, domain, top=top):
-        experts = "  ".join(f"E{e} {f:.1%} ({r:.1f}x)" for e, f, r in layer.top)
-        rows.append([f"L{layer.layer_index}", experts, len(layer.candidates)])
+        cells = [f"E{e} {f:.0%} {r:.1f}x" for e, f, r in layer.top]
+        cands = " ".join(f"E{e}" for e in layer.candidates[:8]) + (" …" if len(layer.candidates) > 8 else "")
+        rows.append([f"L{layer.layer_index}", *cells, cands or "-"])
+    columns = ["layer", *[f"#{i + 1}" for i in range(len(rows[0]) - 2)], "candidates"]
     console.print(
-        table(f"domain '{domain}': top experts per layer (share of tokens, ratio to layer mean)", ["layer", "top experts", "candidates"], rows, justify_right_from=2)
+        table(f"domain '{domain}': most used experts per layer (share of tokens, ratio to the layer mean)", columns, rows)
     )
 
 

@@ -71,7 +71,7 @@ def test_profile_inspect_merge_end_to_end(tiny_models, data_file, tmp_path):
     assert read_profile(out).domains() == ["code", "math"]
 
     result = _run("inspect", out)
-    assert result.exit_code == 0 and "top experts per layer" in result.output and "L2" in result.output
+    assert result.exit_code == 0 and "most used experts per layer" in result.output and "L2" in result.output
 
     shard = tmp_path / "shard.safetensors"
     assert _run("profile", "--model", model, "--domain", "math", "--data", data_file, "--samples", 12, "--out", shard,
