@@ -66,6 +66,15 @@ class MoEAdapter:
         """Returns the decoder stack (the module with `.layers`), skipping the LM head wrapper."""
         return model.model if hasattr(model, "model") and hasattr(model.model, "layers") else model
 
+    def output_head(self, model: nn.Module) -> tuple[nn.Module, nn.Module]:
+        """Returns (final norm, LM head): what turns the last decoder layer's output into logits.
+
+        The KL engine replays decoder layers from a stored hidden state and finishes with these two,
+        which must give the same logits as the model's own forward (no softcapping or scaling in
+        any supported family; a family that has them overrides this).
+        """
+        return self.decoder(model).norm, model.get_output_embeddings()
+
     def moe_layers(self, model: nn.Module) -> list[MoELayer]:
         """Returns every sparse MoE block in order, with its router."""
         found = []

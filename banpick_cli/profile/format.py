@@ -37,6 +37,9 @@ TENSOR_SCHEMA: dict[str, tuple[torch.dtype, tuple[str, ...], str]] = {
     r"ban/ratio_min": (torch.float32, (M,), "layer-sensitivity"),
     r"ban/ratio_max": (torch.float32, (M,), "layer-sensitivity"),
     r"ban/ratio_hist": (torch.int64, (M, ANY), "layer-sensitivity"),
+    # Finished layers of an interrupted scan (NaN rows: not done); removed when the scan completes.
+    r"partial/kl-scan/(?P<d>[^/]+)/kl": (torch.float32, (M, E), "kl-scan"),
+    r"partial/layer-sensitivity/layer_kl": (torch.float32, (M,), "layer-sensitivity"),
 }
 REQUIRED_PER_DOMAIN = ("expert_counts", "token_counts", "candidates")
 
