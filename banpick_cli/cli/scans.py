@@ -1,19 +1,201 @@
-"""`kl-scan` and `layer-sensitivity`: the sensitivity scans."""
+"""`kl-scan` and `layer-sensitivity`: the sensitivity scans. Thin: flags -> calibrate/ -> Rich."""
 
 from __future__ import annotations
 
-from banpick_cli.cli.base import app
-from banpick_cli.cli.render import handle_errors
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+import typer
+
+from banpick_cli.cli.base import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, app
+from banpick_cli.cli.render import console, err_console, handle_errors, print_json, progress_bar, table
+
+DataOpt = typer.Option(
+    None, "--data", help="Local .jsonl/.json/.parquet/.txt/.csv file, hub dataset id, or 'embedded'. Default: the domain's sources ('embedded' for the demo model)."
+)
+TextFieldOpt = typer.Option(None, "--text-field", help="Field holding the text (default: the domain's template, else 'text').")
+SamplesOpt = typer.Option(128, "--samples", help="Number of calibration texts.")
+SeqLenOpt = typer.Option(256, "--seq-len", help="Tokens per text (longer texts are truncated).")
+BatchOpt = typer.Option(8, "--batch-size", help="Texts per forward (halved automatically on a GPU out-of-memory).")
+SeedOpt = typer.Option(0, "--seed", help="Shuffle seed for choosing texts (the same as `profile` picks the same texts).")
+TopTokensOpt = typer.Option(1000, "--top-tokens", help="KL over the unmodified model's N most probable tokens (appendix B); clamped to the vocabulary.")
+CacheOpt = typer.Option(2048, "--hidden-cache-mb", help="Memory for stored hidden states; beyond it later layers' inputs are recomputed.")
+OutOpt = typer.Option(None, "--out", "-o", help="Write the updated profile here instead of updating --profile.")
+RestartOpt = typer.Option(False, "--restart", help="Discard the finished layers of an interrupted run and scan from the start.")
 
 
-def _not_yet(name: str, issue: str) -> None:
-    @app.command(name=name, help=f"Not yet available ({issue}).")
-    @handle_errors
-    def stub() -> None:
-        from banpick_cli.errors import BanpickError
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM (a scheduler's stop) is Ctrl-C: finished layers are saved, exit 3."""
+    import signal
+    import threading
 
-        raise BanpickError(f"`banpick {name}` is not available yet ({issue})")
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
-_not_yet("kl-scan", "sensitivity scans")
-_not_yet("layer-sensitivity", "sensitivity scans")
+def _notes(notes: list[str]) -> None:
+    for note in notes:
+        err_console.print(f"note: {note}", highlight=False)
+
+
+@app.command("kl-scan")
+@handle_errors
+def kl_scan(
+    profile: Path = typer.Option(..., "--profile", "-p", help="Profile holding the domain's usage counts and candidates (from `profile`)."),
+    domain: str = typer.Option(..., "--domain", "-d", help="Domain whose candidates to scan."),
+    model: str = ModelOpt,
+    data: Optional[str] = DataOpt,
+    text_field: Optional[str] = TextFieldOpt,
+    samples: int = SamplesOpt,
+    seq_len: int = SeqLenOpt,
+    batch_size: int = BatchOpt,
+    seed: int = SeedOpt,
+    candidates: str = typer.Option("mask", "--candidates", help="'mask': the profile's candidates; 'top-N': the N most used experts per layer; 'all'."),
+    top_tokens: int = TopTokensOpt,
+    prune: str = typer.Option("refill", "--prune", help="'refill': the expert's score is removed before top-k, the next expert fills in (K stays); 'drop': tokens that chose it run K-1."),
+    stack: int = typer.Option(8, "--stack", help="Candidates of one layer stacked into one forward."),
+    hidden_cache_mb: int = CacheOpt,
+    key_factor: float = typer.Option(2.0, "--key-factor", help="Key expert: KL >= this times the median KL of the layer's other candidates."),
+    key_top: int = typer.Option(2, "--key-top", help="At most this many key experts per layer (0: no cap)."),
+    key_min_kl: float = typer.Option(0.0, "--key-min-kl", help="Key expert: KL at least this."),
+    show: int = typer.Option(15, "--show", help="Rows of the ranked table."),
+    out: Optional[Path] = OutOpt,
+    restart: bool = RestartOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    show_progress: bool = ProgressOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Prune each candidate expert of a domain and rank them by the top-1000 KL of the output (section 4.2)."""
+    from banpick_cli.calibrate.kl_scan import KLScanSettings, run_kl_scan
+
+    settings = KLScanSettings(
+        domain=domain, data=data, text_field=text_field, samples=samples, seq_len=seq_len, batch_size=batch_size,
+        seed=seed, candidates=candidates, top_tokens=top_tokens, prune=prune, stack=stack,
+        hidden_cache_mb=hidden_cache_mb, key_factor=key_factor, key_top=key_top, key_min_kl=key_min_kl,
+    )
+    with _sigterm_as_interrupt(), progress_bar(show_progress and not as_json, "kl-scan") as progress:
+        result = run_kl_scan(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
+                             restart=restart, progress=progress)
+    ranked = result.ranked()
+    values = sorted((r.kl for r in ranked), reverse=True)
+    summary = {
+        "profile": str(result.path),
+        "domain": result.domain,
+        "experts_scanned": len(ranked),
+        "layers_scanned": result.layers_scanned,
+        "layers_resumed": result.layers_resumed,
+        "tokens": result.tokens,
+        "wall_s": round(result.wall_s, 3),
+        "kl_max": values[0] if values else None,
+        "kl_median": values[len(values) // 2] if values else None,
+        "key_experts": [f"L{r.layer_index}E{r.expert}" for r in ranked if r.key],
+        "top": [{"layer": r.layer_index, "expert": r.expert, "kl": r.kl, "usage": r.usage, "key": r.key} for r in ranked[:show]],
+        "notes": result.notes,
+    }
+    if as_json:
+        print_json(summary)
+        return
+    _notes(result.notes)
+    rows = [[i + 1, f"L{r.layer_index}E{r.expert}", f"{r.kl:.4g}", f"{r.kl / values[0]:.0%}" if values[0] > 0 else "-",
+             f"{r.usage:.1%}", "key" if r.key else ""] for i, r in enumerate(ranked[:show])]
+    console.print(table(f"kl-scan '{result.domain}': experts that move the output most when pruned ({settings.prune})",
+                        ["rank", "expert", "top-k KL", "of max", "usage", ""], rows, justify_right_from=2))
+    resumed = f", {result.layers_resumed} resumed" if result.layers_resumed else ""
+    console.print(
+        f"[bold]{result.domain}[/]: {len(ranked)} experts in {result.layers_scanned + result.layers_resumed} layers "
+        f"({result.layers_scanned} scanned now{resumed}), {result.tokens:,} tokens, {result.wall_s:.1f}s; "
+        f"KL max {summary['kl_max']:.4g}, median {summary['kl_median']:.4g}; "
+        f"key experts: {', '.join(summary['key_experts']) or 'none'} -> {result.path}"
+    )
+
+
+@app.command("layer-sensitivity")
+@handle_errors
+def layer_sensitivity(
+    profile: Path = typer.Option(..., "--profile", "-p", help="Profile to update (created if missing)."),
+    domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain whose calibration text to use (default: the profile's only domain)."),
+    model: str = ModelOpt,
+    data: Optional[str] = DataOpt,
+    text_field: Optional[str] = TextFieldOpt,
+    samples: int = SamplesOpt,
+    seq_len: int = SeqLenOpt,
+    batch_size: int = BatchOpt,
+    seed: int = SeedOpt,
+    k_min: int = typer.Option(3, "--k-min", help="K_min: experts per token each layer is cut to when measuring W_l."),
+    lam: float = typer.Option(0.7, "--lambda", help="Ban's lambda (stored for the runtime)."),
+    beta: float = typer.Option(0.5, "--beta", help="Ban's beta: weight of layer vs token sensitivity (stored for the runtime)."),
+    ratio_k_num: Optional[int] = typer.Option(None, "--ratio-k-num", help="R's numerator: top-N weight (default K_min; 3 is the paper's literal top-3)."),
+    ratio_percentile: float = typer.Option(0.0, "--ratio-percentile", help="0: R_min/R_max are the raw min/max (the paper); p: the p-th and (100-p)-th percentiles."),
+    ratio_scope: str = typer.Option("layer", "--ratio-scope", help="Which R range Ban uses at inference: 'layer' or 'pooled' over all layers (both are stored)."),
+    ratio_bins: int = typer.Option(100, "--ratio-bins", help="Bins of the stored R histogram over [0, 1]."),
+    top_tokens: int = TopTokensOpt,
+    hidden_cache_mb: int = CacheOpt,
+    out: Optional[Path] = OutOpt,
+    restart: bool = RestartOpt,
+    device: str = DeviceOpt,
+    dtype: str = DtypeOpt,
+    show_progress: bool = ProgressOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Measure each MoE layer's sensitivity (K_base -> K_min, top-1000 KL) and the token ratios R that Ban needs."""
+    from banpick_cli.calibrate.layer_sensitivity import LayerSensitivitySettings, run_layer_sensitivity
+
+    settings = LayerSensitivitySettings(
+        domain=domain, data=data, text_field=text_field, samples=samples, seq_len=seq_len, batch_size=batch_size,
+        seed=seed, k_min=k_min, lam=lam, beta=beta, ratio_k_num=ratio_k_num, ratio_percentile=ratio_percentile,
+        ratio_scope=ratio_scope, ratio_bins=ratio_bins, top_tokens=top_tokens, hidden_cache_mb=hidden_cache_mb,
+    )
+    with _sigterm_as_interrupt(), progress_bar(show_progress and not as_json, "layer-sensitivity") as progress:
+        result = run_layer_sensitivity(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
+                                       restart=restart, progress=progress)
+    layers = result.profile.model.moe_layers
+    summary = {
+        "profile": str(result.path),
+        "domain": result.domain,
+        "layers_scanned": result.layers_scanned,
+        "layers_resumed": result.layers_resumed,
+        "tokens": result.tokens,
+        "wall_s": round(result.wall_s, 3),
+        "ban": result.ban,
+        "layers": [
+            {"layer": layers[p], "layer_kl": float(result.layer_kl[p]), "layer_sensitivity": float(result.layer_sensitivity[p]),
+             "ratio_min": float(result.ratio_min[p]), "ratio_max": float(result.ratio_max[p])}
+            for p in range(len(layers))
+        ],
+        "notes": result.notes,
+    }
+    if as_json:
+        print_json(summary)
+        return
+    _notes(result.notes)
+    ban = result.ban
+    rows = [[f"L{row['layer']}", f"{row['layer_kl']:.4g}", f"{row['layer_sensitivity']:.2f}", _bar(row["layer_sensitivity"]),
+             f"{row['ratio_min']:.3f}", f"{row['ratio_max']:.3f}"] for row in summary["layers"]]
+    console.print(table(
+        f"layer sensitivity: top-k KL when one layer goes K={ban['k_base']} -> {ban['k_min']} (W), normalised (L'), token ratio R range",
+        ["layer", "W", "L'", "", "R min", "R max"], rows, justify_right_from=1,
+    ))
+    w = result.layer_kl
+    console.print(
+        f"W spread: max/min {float(w.max() / w.min()) if float(w.min()) > 0 else float('inf'):.1f}x "
+        f"(most sensitive L{layers[int(w.argmax())]}, least L{layers[int(w.argmin())]}); "
+        f"R over all layers [{ban['ratio_min_global']:.3f}, {ban['ratio_max_global']:.3f}] (top-{ban['ratio_k_num']}/top-{ban['k_base']}); "
+        f"{result.tokens:,} tokens, {result.wall_s:.1f}s; lambda {ban['lambda']}, beta {ban['beta']} -> {result.path}"
+    )
+
+
+def _bar(x: float, width: int = 20) -> str:
+    return "█" * round(max(0.0, min(1.0, x)) * width)
