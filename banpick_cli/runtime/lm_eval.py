@@ -63,7 +63,7 @@ if HFLM is not None:
             from banpick_cli.runtime import apply
 
             routing_args, hflm_args = split_args(method, kwargs)
-            loaded = load_model(str(pretrained), device=device, dtype=dtype)
+            loaded = load_model(str(pretrained), device=device or "auto", dtype=dtype or "auto")
             hflm_args.setdefault("batch_size", 1)
             super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, **hflm_args)
             self.loaded = loaded
