@@ -314,11 +314,11 @@ class KLEngine:
                 h = _call(self.decoder.layers[j], h, _select_rows(item.kwargs[j], item.rows, r0, r1, replicas))
         finally:
             hooks.overrides = {}
-        h = self.norm(h)[item.mask[r0:r1].repeat(replicas, 1)]  # [replicas * n, H], real tokens
+        h = self.norm(h)
+        h = h[item.mask[r0:r1].to(h.device).repeat(replicas, 1)]  # [replicas * n, H], real tokens
         lo, hi = item.offsets[r0], item.offsets[r1]
         n = hi - lo
-        values = item.values[lo:hi].to(self.loaded.device)
-        indices = item.indices[lo:hi].to(self.loaded.device)
+        values, indices = item.values[lo:hi].to(h.device), item.indices[lo:hi].to(h.device)
         kl = torch.empty(h.shape[0], dtype=torch.float64, device=h.device)
         step = self._token_chunk()
         for s in range(0, h.shape[0], step):

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from banpick_cli.calibrate.checkpoint import texts_digest
 from banpick_cli.calibrate.common import open_for_update, provenance
 from banpick_cli.calibrate.kl import TOP_TOKENS, KLEngine, LayerPlan, RouteVariant
 from banpick_cli.calibrate.profile_stage import load_domain_text
-from banpick_cli.calibrate.scan_state import LayerCheckpoint, previous_output, run_identity, texts_digest
+from banpick_cli.calibrate.scan_state import LayerCheckpoint, previous_output, run_identity
 from banpick_cli.errors import BadSetting, Interrupted
 from banpick_cli.models.loading import LoadedModel, load_model
 from banpick_cli.paths import DEMO_MODEL_NAME

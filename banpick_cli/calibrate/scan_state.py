@@ -11,30 +11,19 @@ final tensors are written only when every layer is done, and the partial entries
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from banpick_cli.calibrate.checkpoint import digest
 from banpick_cli.profile.format import RoutingProfile, read_profile, write_profile
-
-
-def texts_digest(texts: Sequence[str]) -> str:
-    """Returns "sha256:<hex>" of the calibration texts, in order (length-prefixed, so splits differ)."""
-    digest = hashlib.sha256()
-    for text in texts:
-        raw = text.encode("utf-8", "surrogatepass")
-        digest.update(len(raw).to_bytes(8, "little"))
-        digest.update(raw)
-    return "sha256:" + digest.hexdigest()
 
 
 def run_identity(**parts: Any) -> str:
     """Returns "sha256:<hex>" of everything that decides a scan's numbers (JSON, keys sorted)."""
-    text = json.dumps(parts, sort_keys=True, default=str, separators=(",", ":"))
-    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+    return digest(parts)
 
 
 def mask_digest(mask: torch.Tensor) -> str:

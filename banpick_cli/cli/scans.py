@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Optional
 
 import typer
 
@@ -23,26 +22,6 @@ TopTokensOpt = typer.Option(1000, "--top-tokens", help="KL over the unmodified m
 CacheOpt = typer.Option(2048, "--hidden-cache-mb", help="Memory for stored hidden states; beyond it later layers' inputs are recomputed.")
 OutOpt = typer.Option(None, "--out", "-o", help="Write the updated profile here instead of updating --profile.")
 RestartOpt = typer.Option(False, "--restart", help="Discard the finished layers of an interrupted run and scan from the start.")
-
-
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block SIGTERM (a scheduler's stop) is Ctrl-C: finished layers are saved, exit 3."""
-    import signal
-    import threading
-
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum, frame):
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _notes(notes: list[str]) -> None:
@@ -79,6 +58,7 @@ def kl_scan(
     as_json: bool = JsonOpt,
 ) -> None:
     """Prune each candidate expert of a domain and rank them by the top-1000 KL of the output (section 4.2)."""
+    from banpick_cli.calibrate.checkpoint import terminate_as_interrupt
     from banpick_cli.calibrate.kl_scan import KLScanSettings, run_kl_scan
 
     settings = KLScanSettings(
@@ -86,7 +66,7 @@ def kl_scan(
         seed=seed, candidates=candidates, top_tokens=top_tokens, prune=prune, stack=stack,
         hidden_cache_mb=hidden_cache_mb, key_factor=key_factor, key_top=key_top, key_min_kl=key_min_kl,
     )
-    with _sigterm_as_interrupt(), progress_bar(show_progress and not as_json, "kl-scan") as progress:
+    with terminate_as_interrupt(), progress_bar(show_progress and not as_json, "kl-scan") as progress:
         result = run_kl_scan(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
                              restart=restart, progress=progress)
     ranked = result.ranked()
@@ -151,6 +131,7 @@ def layer_sensitivity(
     as_json: bool = JsonOpt,
 ) -> None:
     """Measure each MoE layer's sensitivity (K_base -> K_min, top-1000 KL) and the token ratios R that Ban needs."""
+    from banpick_cli.calibrate.checkpoint import terminate_as_interrupt
     from banpick_cli.calibrate.layer_sensitivity import LayerSensitivitySettings, run_layer_sensitivity
 
     settings = LayerSensitivitySettings(
@@ -158,7 +139,7 @@ def layer_sensitivity(
         seed=seed, k_min=k_min, lam=lam, beta=beta, ratio_k_num=ratio_k_num, ratio_percentile=ratio_percentile,
         ratio_scope=ratio_scope, ratio_bins=ratio_bins, top_tokens=top_tokens, hidden_cache_mb=hidden_cache_mb,
     )
-    with _sigterm_as_interrupt(), progress_bar(show_progress and not as_json, "layer-sensitivity") as progress:
+    with terminate_as_interrupt(), progress_bar(show_progress and not as_json, "layer-sensitivity") as progress:
         result = run_layer_sensitivity(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
                                        restart=restart, progress=progress)
     layers = result.profile.model.moe_layers

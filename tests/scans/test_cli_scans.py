@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import banpick_cli.cli.scans  # noqa: F401  (registers the commands on the app)
 from banpick_cli.cli.base import app
-from banpick_cli.profile import read_profile
+from banpick_cli.profile import read_profile, write_profile
 from conftest import TEXTS
 
 runner = CliRunner()
@@ -85,8 +85,6 @@ def test_bad_input_is_one_line_and_leaves_the_profile(tiny_models, data_file, pr
                           "--candidates must be", profile_copy, before)
     prof = read_profile(profile_copy)
     prof.tensors["domain/math/candidates"][:] = False
-    from banpick_cli.profile import write_profile
-
     write_profile(prof, profile_copy)
     before = profile_copy.read_bytes()
     _assert_clean_failure(_run("kl-scan", "--profile", profile_copy, "--domain", "math", *common),
