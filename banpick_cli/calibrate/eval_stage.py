@@ -148,7 +148,7 @@ def run_eval(
     from banpick_cli.runtime import build_plan
 
     start = time.perf_counter()
-    task_sets = [load_task_set(spec, limit=settings.limit, offset=settings.offset) for spec in settings.tasks]
+    task_sets = _distinct([load_task_set(spec, limit=settings.limit, offset=settings.offset) for spec in settings.tasks])
     if profile is None and any(m in NEEDS_PROFILE for m in settings.methods):
         needing = [m for m in settings.methods if m in NEEDS_PROFILE]
         raise ProfileError(f"method(s) {', '.join(needing)} need a routing profile: pass --profile "
@@ -206,6 +206,22 @@ def _time_again(settings: EvalSettings, loaded: LoadedModel, prof, rows, task_se
             median = statistics.median(rate[name])
             run.seconds = run.tokens / median if median > 0 else run.seconds
         result.extra["timing_passes"] = settings.repeats
+
+
+def _distinct(task_sets: list[TaskSet]) -> list[TaskSet]:
+    """Returns the task sets with distinct names: files of the same name get their folder's ("math/tasks")."""
+    import dataclasses
+
+    names = [t.name for t in task_sets]
+    out = []
+    for i, t in enumerate(task_sets):
+        if names.count(t.name) > 1:
+            folder = Path(t.source).parent.name if Path(t.source).exists() else ""
+            t = dataclasses.replace(t, name=f"{folder}/{t.name}" if folder else f"{t.name}#{i + 1}")
+        out.append(t)
+    if len({t.name for t in out}) < len(out):
+        raise BadSetting("--task: the same task set is given twice")
+    return out
 
 
 def _domains(settings: EvalSettings, method: str, task_sets: list[TaskSet]) -> list[str | None]:

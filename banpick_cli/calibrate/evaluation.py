@@ -21,6 +21,7 @@ from banpick_cli.tasks.task import Task
 SAMPLING = ("greedy", "model-card")
 MC_SCORING = ("generate", "loglik")
 CHAT = ("auto", "on", "off")
+CLOCKS = ("wall", "cpu")  # cpu: this process's CPU time, steady when other jobs share the CPU
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class EvalOptions:
     mc_scoring: str = "generate"
     chat: str = "auto"
     code_timeout_s: float = 5.0
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -46,6 +48,8 @@ class EvalOptions:
             raise BadSetting(f"--mc-scoring must be one of {', '.join(MC_SCORING)}, got '{self.mc_scoring}'")
         if self.chat not in CHAT:
             raise BadSetting(f"--chat must be one of {', '.join(CHAT)}, got '{self.chat}'")
+        if self.clock not in CLOCKS:
+            raise BadSetting(f"--clock must be one of {', '.join(CLOCKS)}, got '{self.clock}'")
         if self.code_timeout_s <= 0:
             raise BadSetting(f"--code-timeout must be > 0 seconds, got {self.code_timeout_s}")
 
@@ -57,7 +61,7 @@ class TaskRun:
     task_set: str
     outcomes: list[TaskOutcome]
     tokens: int  # generated tokens (generation) or tokens scored (log-likelihood)
-    seconds: float  # model time only: generate / forward calls
+    seconds: float  # model time only (generate / forward calls), by the options' clock
 
     @property
     def correct(self) -> int:
@@ -127,6 +131,13 @@ def sampling_for(loaded: LoadedModel, options: EvalOptions) -> Sampling:
     return model_card_sampling(loaded.model, options.seed)
 
 
+def clock_of(options: EvalOptions):
+    """Returns the timer of `options.clock`: wall time, or this process's CPU time."""
+    import time
+
+    return time.process_time if options.clock == "cpu" else time.perf_counter
+
+
 def run_tasks(
     loaded: LoadedModel, task_set: TaskSet, options: EvalOptions, *, tasks: Sequence[Task] | None = None,
     progress: ProgressFn = silent,
@@ -138,7 +149,8 @@ def run_tasks(
         return _run_loglik(loaded, task_set.name, chosen, options, progress)
     prompts = [render_prompt(tok, t.prompt, options.chat) for t in chosen]
     gen = generate(loaded.model, tok, prompts, max_new_tokens=options.max_new_tokens or task_set.max_new_tokens,
-                   batch_size=options.batch_size, sampling=sampling_for(loaded, options), progress=progress)
+                   batch_size=options.batch_size, sampling=sampling_for(loaded, options), progress=progress,
+                   clock=clock_of(options))
     outcomes = score_tasks(chosen, gen.texts, code_timeout_s=options.code_timeout_s)
     return TaskRun(task_set.name, outcomes, gen.tokens, gen.seconds)
 
@@ -147,7 +159,8 @@ def _run_loglik(loaded: LoadedModel, name: str, tasks: list[Task], options: Eval
     from banpick_cli.tasks.loglik import best_option, option_logprobs
 
     rendered = [Task(**{**t.__dict__, "prompt": render_prompt(loaded.tokenizer, t.prompt, options.chat)}) for t in tasks]
-    scored = option_logprobs(loaded.model, loaded.tokenizer, rendered, batch_size=options.batch_size, progress=progress)
+    scored = option_logprobs(loaded.model, loaded.tokenizer, rendered, batch_size=options.batch_size, progress=progress,
+                             clock=clock_of(options))
     outcomes = []
     for task, logprobs in zip(tasks, scored.logprobs):
         letter = best_option(logprobs)

@@ -19,15 +19,16 @@ MaxNewOpt = typer.Option(None, "--max-new-tokens", help="Generation limit (defau
 McOpt = typer.Option("generate", "--mc-scoring", help="Multiple choice: generate (extract the letter) or loglik (most probable option).")
 ChatOpt = typer.Option("auto", "--chat", help="Wrap prompts in the tokenizer's chat template: auto (when it has one), on, off.")
 CodeTimeoutOpt = typer.Option(5.0, "--code-timeout", help="Seconds each code task's tests may run in the sandbox.")
+ClockOpt = typer.Option("wall", "--clock", help="Time generation by wall clock, or by this process's CPU time (cpu: steady on a shared CPU; not for GPUs).")
 LimitOpt = typer.Option(None, "--limit", help="Use at most N tasks.")
 OffsetOpt = typer.Option(0, "--offset", help="Skip the first N tasks (e.g. probe on one half, eval on the other).")
 
 
-def _options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout):
+def _options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout, clock="wall"):
     from banpick_cli.calibrate.evaluation import EvalOptions
 
     return EvalOptions(batch_size=batch_size, sampling=sampling, seed=seed, max_new_tokens=max_new_tokens,
-                       mc_scoring=mc_scoring, chat=chat, code_timeout_s=code_timeout)
+                       mc_scoring=mc_scoring, chat=chat, code_timeout_s=code_timeout, clock=clock)
 
 
 def _floats(text: Optional[str], flag: str) -> tuple[float, ...]:
@@ -147,6 +148,7 @@ def evaluate(
     mc_scoring: str = McOpt,
     chat: str = ChatOpt,
     code_timeout: float = CodeTimeoutOpt,
+    clock: str = ClockOpt,
     repeats: int = typer.Option(1, "--repeats", help="Timing passes, interleaved over methods; tokens/s is each method's median."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the table as JSON to this file."),
     device: str = DeviceOpt,
@@ -164,7 +166,7 @@ def evaluate(
         taus=_floats(tau, "--tau"), strategy=strategy, range_factor=range_factor, limit=limit, offset=offset,
         calib_data=calib_data, calib_samples=calib_samples, odp_protect=odp_protect,
         rice_markers=_names(rice_markers or ""), rice_factor=rice_factor, rice_top=rice_top, repeats=repeats,
-        options=_options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout),
+        options=_options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout, clock),
     )
     with progress_bar(show_progress and not as_json, "eval") as progress:
         report = run_eval(settings, model=model, profile=profile, device=device, dtype=dtype, progress=progress)

@@ -38,7 +38,7 @@ def continuations(task: Task, target: str = "letter") -> list[str]:
 
 def option_logprobs(
     model, tokenizer, tasks: Sequence[Task], *, target: str = "letter", batch_size: int = 16,
-    progress: ProgressFn = silent,
+    progress: ProgressFn = silent, clock=time.perf_counter,
 ) -> Scored:
     """Returns the summed log-probability of every option's continuation for every task."""
     import torch
@@ -65,11 +65,11 @@ def option_logprobs(
         for r, row in enumerate(rows):  # right padding: positions stay those of an unpadded run
             ids[r, : len(row)] = torch.tensor(row)
             mask[r, : len(row)] = 1
-        began = time.perf_counter()
+        began = clock()
         with torch.no_grad():
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
-        seconds += time.perf_counter() - began
+        seconds += clock() - began
         tokens += int(mask.sum())
         for r, (_, ctx, cont) in enumerate(chunk):
             # the token at position p is predicted by the logits at p - 1

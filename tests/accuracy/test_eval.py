@@ -130,3 +130,16 @@ def test_cli_eval_json(tiny_models, tmp_path):
     assert data["rows"][1]["avg_topk"] == 3.0 and math.isfinite(data["rows"][1]["speedup"])
     bad = CliRunner().invoke(app, ["eval", "--model", model, "--task", str(path), "--method", "ban"])
     assert bad.exit_code == 1 and "need a routing profile" in bad.output
+
+
+def test_same_file_names_get_their_folder_and_cpu_clock(loaded, tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first, second = save_tasks(tmp_path / "a", mc_tasks(2)), save_tasks(tmp_path / "b", mc_tasks(3))
+    settings = EvalSettings(tasks=(str(first), str(second)), options=EvalOptions(mc_scoring="loglik", clock="cpu"))
+    report = run_eval(settings, loaded=loaded)
+    assert [t.name for t in report.task_sets] == ["a/tasks", "b/tasks"]
+    assert {n: len(r.outcomes) for n, r in report.baseline.runs.items()} == {"a/tasks": 2, "b/tasks": 3}
+    assert report.baseline.seconds > 0
+    with pytest.raises(BadSetting, match="--clock"):
+        EvalOptions(clock="sundial")
