@@ -125,6 +125,7 @@ class EvalReport:
         return {
             "model": self.model, "profile": self.profile, "device": self.device, "wall_s": round(self.wall_s, 2),
             "tasks": {t.name: {"source": t.source, "n": len(t.tasks), "domain": t.domain} for t in self.task_sets},
+            "task_order": [t.name for t in self.task_sets],  # JSON output sorts keys; this keeps --task's order
             "rows": rows, "settings": settings, "notes": self.notes,
         }
 

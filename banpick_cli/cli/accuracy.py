@@ -183,7 +183,7 @@ def evaluate(
 
 def eval_table(data: dict):
     """Returns the Rich table of an eval report (its `to_dict()`): accuracy (delta vs baseline) per task set."""
-    names = list(data["tasks"])
+    names = data.get("task_order") or list(data["tasks"])
     rows = []
     for i, row in enumerate(data["rows"]):
         cells = [row["label"], f"{row['avg_topk']:.2f}"]
