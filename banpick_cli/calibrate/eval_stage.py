@@ -171,10 +171,11 @@ def run_eval(
         run_tasks(loaded, task_sets[0], settings.options, tasks=task_sets[0].tasks[: settings.options.batch_size])
     results = []
     for label, method, overrides, session in rows:
-        with session() as extra:
+        with session() as state:  # per-row state: ODP's key-token hooks; nothing for the others
             run = run_method(loaded, prof, method, task_sets, settings.options, label=label, domain=settings.domain,
-                             overrides={**overrides, **extra.get("overrides", {})}, progress=progress)
-            run.extra.update(extra.get("report", {}) if not callable(extra.get("report")) else extra["report"]())
+                             overrides={**overrides, **state.get("overrides", {})}, progress=progress)
+            if "report" in state:
+                run.extra.update(state["report"]())
         results.append(run)
     if settings.repeats > 1:
         _time_again(settings, loaded, prof, rows, task_sets, results)
@@ -197,9 +198,9 @@ def _time_again(settings: EvalSettings, loaded: LoadedModel, prof, rows, task_se
     rates: list[dict[str, list[float]]] = [{name: [run.tokens_per_s] for name, run in r.runs.items()} for r in results]
     for _ in range(settings.repeats - 1):
         for i, (label, method, overrides, session) in enumerate(rows):
-            with session() as extra:
+            with session() as state:
                 again = run_method(loaded, prof, method, task_sets, settings.options, label=label,
-                                   domain=settings.domain, overrides={**overrides, **extra.get("overrides", {})})
+                                   domain=settings.domain, overrides={**overrides, **state.get("overrides", {})})
             for name, run in again.runs.items():
                 rates[i][name].append(run.tokens_per_s)
     for result, rate in zip(results, rates):
@@ -238,7 +239,7 @@ def _domains(settings: EvalSettings, method: str, task_sets: list[TaskSet]) -> l
 
 def _expand(settings: EvalSettings, loaded: LoadedModel, profile, task_sets: list[TaskSet], notes: list[str]):
     """Returns [(label, method, overrides, session)], baseline first; a session sets up per-row state."""
-    from contextlib import contextmanager, nullcontext
+    from contextlib import nullcontext
 
     def plain():
         return nullcontext({})

@@ -80,10 +80,6 @@ class FailureProbeSettings:
         if self.max_key < 0:
             raise BadSetting(f"--max-key must be >= 0, got {self.max_key}")
 
-    @property
-    def needs_kl(self) -> bool:
-        return self.kl_quantile > 0 or self.probe_top > 0
-
 
 @dataclass
 class FailureProbeResult:

@@ -96,6 +96,12 @@ def test_bad_input_is_named(loaded, tmp_path):
     with pytest.raises(ProfileError, match="run `banpick kl-scan --domain math` first"):
         run_eval(EvalSettings(tasks=(str(path),), methods=("pick",)), profile=tmp_path / "empty.safetensors",
                  loaded=loaded)
+    from banpick_cli.profile.format import new_profile, write_profile
+
+    write_profile(new_profile(loaded.identity, loaded.fingerprint), tmp_path / "nothing.safetensors")
+    with pytest.raises(ProfileError, match="run `banpick layer-sensitivity` first"):
+        run_eval(EvalSettings(tasks=(str(path),), methods=("ban",)), profile=tmp_path / "nothing.safetensors",
+                 loaded=loaded)
     with pytest.raises(BadSetting, match="--method: unknown magic"):
         EvalSettings(tasks=("x",), methods=("magic",))
     with pytest.raises(BadSetting, match="--tau must be in"):
