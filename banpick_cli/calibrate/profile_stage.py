@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -161,8 +162,9 @@ def run_profile(
     out = Path(out)
     dist = init_from_env()
     try:
-        if options.device_map and dist.active:
-            raise BadSetting("--device-map spreads one model over all GPUs; under torchrun each rank takes one GPU, so drop one of the two")
+        if options.device_map and dist.active and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise BadSetting("--device-map spreads one model over all of a machine's GPUs: under torchrun use it with "
+                             "--nproc-per-node 1 (one rank per machine), or drop it and let each rank take one GPU")
         if dist.is_main:
             ensure_writable(out)
         domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
