@@ -75,7 +75,8 @@ def _model_table(profile: RoutingProfile) -> str:
          + (f", scaling {m.routed_scaling_factor:g}" if m.routed_scaling_factor != 1 else "")),
         ("domains", ", ".join(profile.domains()) or "none"),
         ("tensors", ", ".join(sorted(profile.tensors))),
-        ("settings", f"<pre>{escape(json.dumps(profile.settings, indent=1, sort_keys=True))}</pre>"),
+        ("settings", f"<details><summary>{escape(', '.join(sorted(profile.settings)) or 'none')}</summary>"
+                     f"<pre>{escape(json.dumps(profile.settings, indent=1, sort_keys=True))}</pre></details>"),
     ]
     body = "".join(f"<tr><th>{escape(k)}</th><td>{v if k == 'settings' else escape(v)}</td></tr>" for k, v in rows)
     return f"<table>{body}</table>"

@@ -113,3 +113,11 @@ def test_report_command(tmp_path):
     assert "skipped:" in result.output and "layer-sensitivity" in result.output
     bad = runner.invoke(app, ["report", str(path), "--out", str(tmp_path / "r"), "--layers", "seven"])
     assert bad.exit_code == 1 and "--layers" in bad.output
+
+
+def test_help_names_the_new_commands_and_flags():
+    for args, names in ((["report", "--help"], ["--out", "--layers", "--all-layers"]),
+                        (["import-usage", "--help"], ["--from", "--model", "--domain", "--replicas"]),
+                        (["profile", "--help"], ["--device-map", "--sequential", "--checkpoint-every"])):
+        result = runner.invoke(app, args, terminal_width=200)
+        assert result.exit_code == 0 and all(n in result.output for n in names), args
