@@ -27,7 +27,8 @@ from banpick_cli.models.loading import LoadedModel
 from banpick_cli.progress import ProgressEvent, ProgressFn, silent
 
 TOP_TOKENS = 1000  # appendix B
-LOGITS_BUDGET = 1 << 25  # LM-head outputs (floats) materialised at once: 128 MiB in float32
+# LM-head outputs (floats) materialised at once: 8 MiB in float32 on a CPU (stays in cache), 512 MiB on a GPU.
+LOGITS_BUDGET = {"cpu": 1 << 21, "cuda": 1 << 27}
 
 # Routes one MoE layer for a variant: router logits [T, E] -> (weights [T, W], indices [T, W]),
 # what the experts use instead of the router's choice; index == num_experts is "no expert".
@@ -52,13 +53,17 @@ def top_targets(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     return values, indices.int()
 
 
-def topk_kl(values: torch.Tensor, indices: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def target_log_probs(values: torch.Tensor) -> torch.Tensor:
+    """Returns log p' [N, k] (float64): p restricted to its top-k set and renormalised, from its top-k logits."""
+    return torch.log_softmax(values.double(), dim=-1)
+
+
+def topk_kl(log_p: torch.Tensor, indices: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """Returns D_KL(p' || q') per row [N] (float64, natural log): appendix B's top-k KL.
 
-    p' = p restricted to its top-k set and renormalised = softmax of `values` [N, k] (ids `indices`);
-    q' = q restricted to the same set and renormalised = softmax of `logits` [N, V] gathered there.
+    `log_p` [N, k] is log p' (`target_log_probs`) on the token ids `indices` [N, k]; q' is the modified
+    model's `logits` [N, V] restricted to the same ids and renormalised (a softmax over them).
     """
-    log_p = torch.log_softmax(values.double(), dim=-1)
     log_q = torch.log_softmax(logits.gather(1, indices.long()).double(), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
@@ -86,7 +91,9 @@ class _Stored:
 class KLEngine:
     """Top-k KL of one-layer routing variants against the unmodified model, on one calibration set.
 
-    `stack` variants of a layer share one forward (rows = stack x batch_size). On a GPU out-of-memory
+    `stack` variants of a layer share one forward (rows = stack x batch_size); 0 picks 8 on a GPU, where
+    bigger forwards amortise kernel launches, and 2 on a CPU, where they fall out of cache (measured in
+    docs/benchmarks.md). On a GPU out-of-memory
     the engine halves the variants per forward, then the texts, and goes on; `notes` says so.
     Hidden states are parked on the CPU when the model is on a GPU; `hidden_cache_mb` caps them.
     """
@@ -99,7 +106,7 @@ class KLEngine:
         seq_len: int,
         batch_size: int = 8,
         top_tokens: int = TOP_TOKENS,
-        stack: int = 8,
+        stack: int = 0,
         hidden_cache_mb: int = 2048,
         progress: ProgressFn = silent,
     ):
@@ -107,7 +114,7 @@ class KLEngine:
         self.texts = list(texts)
         self.seq_len = seq_len
         self.batch_size = batch_size
-        self.stack = stack
+        self.stack = stack or (8 if loaded.device.type == "cuda" else 2)
         self.row_limit: int | None = None  # texts per forward, set only after an out-of-memory
         self.hidden_cache_mb = hidden_cache_mb
         self.progress = progress
@@ -315,19 +322,21 @@ class KLEngine:
         finally:
             hooks.overrides = {}
         h = self.norm(h)
-        h = h[item.mask[r0:r1].to(h.device).repeat(replicas, 1)]  # [replicas * n, H], real tokens
+        mask = item.mask[r0:r1].to(h.device)
         lo, hi = item.offsets[r0], item.offsets[r1]
-        n = hi - lo
-        values, indices = item.values[lo:hi].to(h.device), item.indices[lo:hi].to(h.device)
-        kl = torch.empty(h.shape[0], dtype=torch.float64, device=h.device)
-        step = self._token_chunk()
-        for s in range(0, h.shape[0], step):
-            target = torch.arange(s, min(s + step, h.shape[0]), device=h.device) % n
-            kl[s : s + step] = topk_kl(values[target], indices[target], self.head(h[s : s + step]))
-        return kl.view(replicas, n).sum(dim=1).cpu()
+        # Each replica is held against the same targets: p' once, never repeated per replica.
+        log_p = target_log_probs(item.values[lo:hi].to(h.device))
+        indices = item.indices[lo:hi].to(h.device)
+        rows, step = r1 - r0, self._token_chunk()
+        sums = torch.zeros(replicas, dtype=torch.float64, device=h.device)
+        for v in range(replicas):
+            real = h[v * rows : (v + 1) * rows][mask]  # [n, H]: this replica's real tokens
+            for s in range(0, real.shape[0], step):
+                sums[v] += topk_kl(log_p[s : s + step], indices[s : s + step], self.head(real[s : s + step])).sum()
+        return sums.cpu()
 
     def _token_chunk(self) -> int:
-        return max(1, LOGITS_BUDGET // self.vocab)
+        return max(1, LOGITS_BUDGET.get(self.loaded.device.type, LOGITS_BUDGET["cpu"]) // self.vocab)
 
     def _free(self, note: str) -> None:
         if note not in self.notes:
@@ -393,10 +402,11 @@ def naive_kl(
             mask = batch.attention_mask.bool()
             inputs = dict(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
             values, indices = top_targets(model(**inputs).logits[mask], k)
+            log_p = target_log_probs(values)
             for plan in plans:
                 for v, variant in enumerate(plan.variants):
                     hooks.overrides = {plan.position: lambda position, logits, w, i, f=variant: f(logits)}
-                    sums[plan.position][v] += topk_kl(values, indices, model(**inputs).logits[mask]).sum().cpu()
+                    sums[plan.position][v] += topk_kl(log_p, indices, model(**inputs).logits[mask]).sum().cpu()
                     hooks.overrides = {}
             tokens += batch.tokens
     return {position: s / max(tokens, 1) for position, s in sums.items()}

@@ -95,7 +95,7 @@ class KLScanSettings:
     candidates: str = "mask"  # "mask" (the profile's candidates) | "top-N" (N most used per layer) | "all"
     top_tokens: int = TOP_TOKENS
     prune: str = "refill"  # reading 26; "drop": K_base - 1 for tokens that chose the expert
-    stack: int = 8  # candidates of one layer per forward
+    stack: int = 0  # candidates of one layer per forward; 0: 8 on a GPU, 2 on a CPU
     hidden_cache_mb: int = 2048
     key_factor: float = 2.0
     key_top: int = 2
@@ -104,7 +104,7 @@ class KLScanSettings:
     def __post_init__(self) -> None:
         for flag, value, low in (("--samples", self.samples, 1), ("--seq-len", self.seq_len, 2),
                                  ("--batch-size", self.batch_size, 1), ("--top-tokens", self.top_tokens, 1),
-                                 ("--stack", self.stack, 1), ("--hidden-cache-mb", self.hidden_cache_mb, 0)):
+                                 ("--stack", self.stack, 0), ("--hidden-cache-mb", self.hidden_cache_mb, 0)):
             if value < low:
                 raise BadSetting(f"{flag} must be >= {low}, got {value}")
         if self.prune not in PRUNE_MODES:

@@ -44,7 +44,7 @@ def kl_scan(
     candidates: str = typer.Option("mask", "--candidates", help="'mask': the profile's candidates; 'top-N': the N most used experts per layer; 'all'."),
     top_tokens: int = TopTokensOpt,
     prune: str = typer.Option("refill", "--prune", help="'refill': the expert's score is removed before top-k, the next expert fills in (K stays); 'drop': tokens that chose it run K-1."),
-    stack: int = typer.Option(8, "--stack", help="Candidates of one layer stacked into one forward."),
+    stack: int = typer.Option(0, "--stack", help="Candidates of one layer stacked into one forward (0: 8 on a GPU, 2 on a CPU)."),
     hidden_cache_mb: int = CacheOpt,
     key_factor: float = typer.Option(2.0, "--key-factor", help="Key expert: KL >= this times the median KL of the layer's other candidates."),
     key_top: int = typer.Option(2, "--key-top", help="At most this many key experts per layer (0: no cap)."),

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from banpick_cli.calibrate import kl as kl_module
-from banpick_cli.calibrate.kl import KLEngine, LayerPlan, naive_kl, top_targets, topk_kl
+from banpick_cli.calibrate.kl import KLEngine, LayerPlan, naive_kl, target_log_probs, top_targets, topk_kl
 from banpick_cli.calibrate.kl_scan import prune_variant
 from banpick_cli.calibrate.layer_sensitivity import k_min_variant
 from conftest import TEXTS, sharpened
@@ -19,7 +19,8 @@ def test_topk_kl_is_appendix_b_by_hand():
     torch.manual_seed(0)
     zp, zq = torch.randn(3, 40) * 3, torch.randn(3, 40) * 3
     values, indices = top_targets(zp, 10)
-    got = topk_kl(values, indices, zq)
+    log_p = target_log_probs(values)
+    got = topk_kl(log_p, indices, zq)
     p, q = zp.double().softmax(-1), zq.double().softmax(-1)
     for row in range(3):
         top = torch.argsort(p[row], descending=True)[:10]
@@ -27,10 +28,11 @@ def test_topk_kl_is_appendix_b_by_hand():
         q1 = q[row, top] / q[row, top].sum()
         assert got[row].item() == pytest.approx(float((p1 * (p1 / q1).log()).sum()), rel=1e-6)
     # k = vocabulary: the plain KL; q's normaliser never matters; identical models give 0.
-    full = topk_kl(*top_targets(zp, 40), zq)
+    all_values, all_indices = top_targets(zp, 40)
+    full = topk_kl(target_log_probs(all_values), all_indices, zq)
     assert torch.allclose(full, (p * (p.log() - q.log())).sum(-1), rtol=1e-6)
-    assert torch.allclose(topk_kl(values, indices, zq.double() + 7.0), got, rtol=1e-9)
-    assert torch.all(topk_kl(values, indices, zp).abs() < 1e-12)
+    assert torch.allclose(topk_kl(log_p, indices, zq.double() + 7.0), got, rtol=1e-9)
+    assert torch.all(topk_kl(log_p, indices, zp).abs() < 1e-12)
 
 
 def _plans(loaded, experts=(0,)):
@@ -59,7 +61,7 @@ def test_stacking_chunking_and_recomputed_inputs_change_nothing(tiny_models, mon
     loaded = sharpened(tiny_models["olmoe"])  # three MoE layers
     plans = _plans(loaded, experts=(0, 1, 2))
     reference = KLEngine(loaded, TEXTS, stack=1, **RUN).run(plans)
-    monkeypatch.setattr(kl_module, "LOGITS_BUDGET", 320 * 7)  # seven tokens of LM-head output at a time
+    monkeypatch.setitem(kl_module.LOGITS_BUDGET, "cpu", 320 * 7)  # seven tokens of LM-head output at a time
     engine = KLEngine(loaded, TEXTS, stack=4, hidden_cache_mb=0, **RUN)  # only the first layer's input is stored
     other = engine.run(plans)
     assert any("recomputed" in note for note in engine.notes)
