@@ -42,6 +42,9 @@ def test_choice_letter_extraction(text, letter):
 
 def test_choice_text_fallback_and_scoring():
     assert extract_choice(" paris", ("Rome", "Paris", "Oslo", "Lima")) == "B"
+    assert extract_choice(" carrot.", ("car", "bus", "carrot", "pea")) == "C"  # not "car"
+    assert extract_choice(" a piece of cake.", ("a piece", "a piece of cake", "x", "y")) == "B"
+    assert extract_choice(" cars", ("car", "bus", "train", "boat")) is None
     assert score_mc(" B", "B", ("a", "b", "c", "d")) == (True, "B")
     assert score_mc(" C", "B", ("a", "b", "c", "d")) == (False, "C")
 
