@@ -68,7 +68,8 @@ def extract_choice(text: str, choices: tuple[str, ...] | None = None) -> str | N
     """Returns the option letter a completion commits to, or None.
 
     The first standalone capital letter among the options wins ("B", " B.", "(B)", "The answer is B");
-    if there is none, an option's text at the start of the completion counts as its letter.
+    if there is none, an option's whole text at the start of the completion counts as its letter
+    (the demo model answers multiple choice with the option's text).
     """
     letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(choices) if choices else 4]
     # An explicit "answer is (B)" / "Answer: B" wins over a stray capital earlier in the text.
@@ -79,10 +80,11 @@ def extract_choice(text: str, choices: tuple[str, ...] | None = None) -> str | N
     if found:
         return found.group(1)
     if choices:
+        # whole option text only ("car" is not "carrot"); the longest wins ("a piece of cake" over "a piece")
         head = text.strip().lower()
-        matches = [letters[i] for i, c in enumerate(choices) if head.startswith(c.lower())]
-        if len(matches) == 1:
-            return matches[0]
+        matches = [i for i, c in enumerate(choices) if re.match(re.escape(c.strip().lower()) + r"(?![a-z0-9])", head)]
+        if matches:
+            return letters[max(matches, key=lambda i: len(choices[i].strip()))]
     return None
 
 
