@@ -127,6 +127,7 @@ class KLEngine:
             self.notes.append(f"--top-tokens {top_tokens} is larger than the vocabulary ({self.vocab}); using {self.vocab}")
         self.park = torch.device("cpu") if loaded.device.type == "cuda" else loaded.device
         self._tokens: int | None = None
+        self.variant_tokens = 0  # tokens run through modified layers so far (for tokens/s)
 
     @property
     def tokens(self) -> int:
@@ -278,7 +279,7 @@ class KLEngine:
         n = len(plan.variants)
         sums = torch.zeros(n, dtype=torch.float64)
         total = n * sum(item.rows for item in stored)
-        done = tokens = 0
+        done = 0
         for item in stored:
             rows = self.row_limit or item.rows
             queue = [(v, min(v + self.stack, n), r, min(r + rows, item.rows))
@@ -292,8 +293,8 @@ class KLEngine:
                     continue
                 sums[v0:v1] += part
                 done += (v1 - v0) * (r1 - r0)
-                tokens += (v1 - v0) * (item.offsets[r1] - item.offsets[r0])
-                self.progress(ProgressEvent("candidates", done, total, tokens, note=f"L{start}"))
+                self.variant_tokens += (v1 - v0) * (item.offsets[r1] - item.offsets[r0])
+                self.progress(ProgressEvent("candidates", done, total, self.variant_tokens, note=f"L{start}"))
         return sums / max(sum(item.tokens for item in stored), 1)
 
     def _halve(self, v0: int, v1: int, r0: int, r1: int, start: int) -> list[tuple[int, int, int, int]]:

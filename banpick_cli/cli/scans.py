@@ -20,8 +20,17 @@ BatchOpt = typer.Option(8, "--batch-size", help="Texts per forward (halved autom
 SeedOpt = typer.Option(0, "--seed", help="Shuffle seed for choosing texts (the same as `profile` picks the same texts).")
 TopTokensOpt = typer.Option(1000, "--top-tokens", help="KL over the unmodified model's N most probable tokens (appendix B); clamped to the vocabulary.")
 CacheOpt = typer.Option(2048, "--hidden-cache-mb", help="Memory for stored hidden states; beyond it later layers' inputs are recomputed.")
-OutOpt = typer.Option(None, "--out", "-o", help="Write the updated profile here instead of updating --profile.")
+OutOpt = typer.Option(None, "--out", "-o", help="Write the updated profile here instead of updating --profile (alone: the profile to update).")
 RestartOpt = typer.Option(False, "--restart", help="Discard the finished layers of an interrupted run and scan from the start.")
+
+
+def _profile_path(profile: Optional[Path], out: Optional[Path]) -> Path:
+    """Returns the profile to read: --profile, else --out (updated in place, as `profile -o` does)."""
+    if profile is None and out is None:
+        from banpick_cli.errors import BadSetting
+
+        raise BadSetting("give the profile with --profile (or --out to update it in place)")
+    return profile or out
 
 
 def _notes(notes: list[str]) -> None:
@@ -32,7 +41,7 @@ def _notes(notes: list[str]) -> None:
 @app.command("kl-scan")
 @handle_errors
 def kl_scan(
-    profile: Path = typer.Option(..., "--profile", "-p", help="Profile holding the domain's usage counts and candidates (from `profile`)."),
+    profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="Profile holding the domain's usage counts and candidates (from `profile`); default: --out, updated in place."),
     domain: str = typer.Option(..., "--domain", "-d", help="Domain whose candidates to scan."),
     model: str = ModelOpt,
     data: Optional[str] = DataOpt,
@@ -61,6 +70,7 @@ def kl_scan(
     from banpick_cli.calibrate.checkpoint import terminate_as_interrupt
     from banpick_cli.calibrate.kl_scan import KLScanSettings, run_kl_scan
 
+    profile = _profile_path(profile, out)
     settings = KLScanSettings(
         domain=domain, data=data, text_field=text_field, samples=samples, seq_len=seq_len, batch_size=batch_size,
         seed=seed, candidates=candidates, top_tokens=top_tokens, prune=prune, stack=stack,
@@ -105,7 +115,7 @@ def kl_scan(
 @app.command("layer-sensitivity")
 @handle_errors
 def layer_sensitivity(
-    profile: Path = typer.Option(..., "--profile", "-p", help="Profile to update (created if missing)."),
+    profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="Profile to update (created if missing); default: --out."),
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain whose calibration text to use (default: the profile's only domain)."),
     model: str = ModelOpt,
     data: Optional[str] = DataOpt,
@@ -134,6 +144,7 @@ def layer_sensitivity(
     from banpick_cli.calibrate.checkpoint import terminate_as_interrupt
     from banpick_cli.calibrate.layer_sensitivity import LayerSensitivitySettings, run_layer_sensitivity
 
+    profile = _profile_path(profile, out)
     settings = LayerSensitivitySettings(
         domain=domain, data=data, text_field=text_field, samples=samples, seq_len=seq_len, batch_size=batch_size,
         seed=seed, k_min=k_min, lam=lam, beta=beta, ratio_k_num=ratio_k_num, ratio_percentile=ratio_percentile,

@@ -56,7 +56,7 @@ def test_kl_scan_and_layer_sensitivity_end_to_end(tiny_models, data_file, profil
     summary = json.loads(result.stdout)
     assert summary["ban"]["k_min"] == 2 and summary["ban"]["lambda"] == 0.7 and len(summary["layers"]) == 2
     assert read_profile(profile_copy).has("ban/ratio_hist")
-    result = _run("layer-sensitivity", "--profile", profile_copy, "--k-min", 2, *common)
+    result = _run("layer-sensitivity", "-o", profile_copy, "--k-min", 2, *common)  # -o alone: update in place
     assert result.exit_code == 0 and "W spread" in result.stdout and "R min" in result.stdout
 
 
@@ -83,6 +83,7 @@ def test_bad_input_is_one_line_and_leaves_the_profile(tiny_models, data_file, pr
                           "run `banpick profile --domain code` first", profile_copy, before)
     _assert_clean_failure(_run("kl-scan", "--profile", profile_copy, "--domain", "math", "--candidates", "some", *common),
                           "--candidates must be", profile_copy, before)
+    _assert_clean_failure(_run("kl-scan", "--domain", "math", *common), "give the profile with --profile", profile_copy, before)
     prof = read_profile(profile_copy)
     prof.tensors["domain/math/candidates"][:] = False
     write_profile(prof, profile_copy)
