@@ -93,9 +93,9 @@ class KLEngine:
 
     `stack` variants of a layer share one forward (rows = stack x batch_size); 0 picks 8 on a GPU, where
     bigger forwards amortise kernel launches, and 2 on a CPU, where they fall out of cache (measured in
-    docs/benchmarks.md). On a GPU out-of-memory
-    the engine halves the variants per forward, then the texts, and goes on; `notes` says so.
-    Hidden states are parked on the CPU when the model is on a GPU; `hidden_cache_mb` caps them.
+    docs/benchmarks.md). On a GPU out-of-memory the engine halves the variants per forward, then the
+    texts, and goes on; `notes` says so. Hidden states are parked on the CPU when the model is on a GPU;
+    `hidden_cache_mb` caps them.
     """
 
     def __init__(
