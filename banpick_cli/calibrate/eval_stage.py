@@ -3,7 +3,9 @@
 The table has the shape of the paper's Tables 2 and 3: one row per method (a swept hyperparameter
 gives one row per value: Ban at each lambda, Dynamic at each tau), Avg-TopK, accuracy per task set,
 tokens/s and the speed ratio against the baseline measured in the same process, on the same device,
-right before (tokens per second of model time, so answers of different lengths compare fairly).
+right before. The speed ratio is per position the model computed (prompt and generated positions,
+padding and rows that already ended included), so a method whose answers run longer is not counted
+slower for that; `time_ratio` in the JSON is the paper's total-time ratio.
 """
 
 from __future__ import annotations
@@ -98,9 +100,13 @@ class EvalReport:
         return self.rows[0]
 
     def speedup(self, row: MethodRun) -> float:
-        """Returns row tokens/s over baseline tokens/s (same run, same device)."""
-        base = self.baseline.tokens_per_s
-        return row.tokens_per_s / base if base > 0 else 0.0
+        """Returns the row's positions/s over the baseline's (same run, same device)."""
+        base = self.baseline.positions_per_s
+        return row.positions_per_s / base if base > 0 else 0.0
+
+    def time_ratio(self, row: MethodRun) -> float:
+        """Returns baseline time over the row's time (the paper's speedup; confounded by answer length)."""
+        return self.baseline.seconds / row.seconds if row.seconds > 0 else 0.0
 
     def to_dict(self) -> dict[str, Any]:
         """Returns the table as JSON-friendly data (what `--json` prints)."""
@@ -119,7 +125,8 @@ class EvalReport:
             rows.append({
                 "label": row.label, "method": row.method, "params": row.params, "avg_topk": round(row.avg_topk, 3),
                 "tokens": row.tokens, "seconds": round(row.seconds, 3), "tokens_per_s": round(row.tokens_per_s, 1),
-                "speedup": round(self.speedup(row), 3), "results": results, **({"extra": row.extra} if row.extra else {}),
+                "positions": row.positions, "positions_per_s": round(row.positions_per_s, 1),
+                "speedup": round(self.speedup(row), 3), "time_ratio": round(self.time_ratio(row), 3), "results": results, **({"extra": row.extra} if row.extra else {}),
             })
         settings = asdict(self.settings)
         return {
@@ -193,20 +200,20 @@ def run_eval(
 def _time_again(settings: EvalSettings, loaded: LoadedModel, prof, rows, task_sets: list[TaskSet],
                 results: list[MethodRun]) -> None:
     """Reruns every method settings.repeats - 1 more times, round-robin, and keeps each run's median
-    tokens/s (as its seconds): background load then falls on every method alike. Accuracy stays the
-    first pass's."""
-    rates: list[dict[str, list[float]]] = [{name: [run.tokens_per_s] for name, run in r.runs.items()} for r in results]
+    positions/s (as its seconds): background load then falls on every method alike. Accuracy stays the
+    first pass's (greedy decoding gives the same answers every pass)."""
+    rates: list[dict[str, list[float]]] = [{name: [run.positions_per_s] for name, run in r.runs.items()} for r in results]
     for _ in range(settings.repeats - 1):
         for i, (label, method, overrides, session) in enumerate(rows):
             with session() as state:
                 again = run_method(loaded, prof, method, task_sets, settings.options, label=label,
                                    domain=settings.domain, overrides={**overrides, **state.get("overrides", {})})
             for name, run in again.runs.items():
-                rates[i][name].append(run.tokens_per_s)
+                rates[i][name].append(run.positions_per_s)
     for result, rate in zip(results, rates):
         for name, run in result.runs.items():
             median = statistics.median(rate[name])
-            run.seconds = run.tokens / median if median > 0 else run.seconds
+            run.seconds = run.positions / median if median > 0 else run.seconds
         result.extra["timing_passes"] = settings.repeats
 
 

@@ -62,6 +62,7 @@ class TaskRun:
     outcomes: list[TaskOutcome]
     tokens: int  # generated tokens (generation) or tokens scored (log-likelihood)
     seconds: float  # model time only (generate / forward calls), by the options' clock
+    positions: int = 0  # positions the model computed (padding and finished rows included)
 
     @property
     def correct(self) -> int:
@@ -78,6 +79,10 @@ class TaskRun:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def positions_per_s(self) -> float:
+        return self.positions / self.seconds if self.seconds > 0 else 0.0
 
     def no_answers(self) -> bool:
         """Returns whether no task was answered in the expected form (a format problem, not 0%)."""
@@ -112,6 +117,14 @@ class MethodRun:
     @property
     def tokens_per_s(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def positions(self) -> int:
+        return sum(r.positions for r in self.runs.values())
+
+    @property
+    def positions_per_s(self) -> float:
+        return self.positions / self.seconds if self.seconds > 0 else 0.0
 
 
 def render_prompt(tokenizer, prompt: str, chat: str) -> str:
@@ -152,7 +165,7 @@ def run_tasks(
                    batch_size=options.batch_size, sampling=sampling_for(loaded, options), progress=progress,
                    clock=clock_of(options))
     outcomes = score_tasks(chosen, gen.texts, code_timeout_s=options.code_timeout_s)
-    return TaskRun(task_set.name, outcomes, gen.tokens, gen.seconds)
+    return TaskRun(task_set.name, outcomes, gen.tokens, gen.seconds, gen.positions)
 
 
 def _run_loglik(loaded: LoadedModel, name: str, tasks: list[Task], options: EvalOptions, progress: ProgressFn) -> TaskRun:
@@ -166,7 +179,7 @@ def _run_loglik(loaded: LoadedModel, name: str, tasks: list[Task], options: Eval
         letter = best_option(logprobs)
         outcomes.append(TaskOutcome(task.id, task.domain, task.kind, letter == task.answer.strip().upper(), letter,
                                     " ".join(f"{x:.3f}" for x in logprobs), True))
-    return TaskRun(name, outcomes, scored.tokens, scored.seconds)
+    return TaskRun(name, outcomes, scored.tokens, scored.seconds, scored.positions)
 
 
 def run_method(

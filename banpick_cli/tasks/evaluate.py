@@ -35,6 +35,9 @@ class Generation:
     texts: list[str]
     new_tokens: list[int]  # generated tokens per prompt, up to and including its end-of-sequence token
     seconds: float  # wall time of the generate calls alone (tokenising and decoding excluded)
+    # positions the model computed: batch x (padded prompt + steps) per call, rows that already ended
+    # included. Throughput per position compares routings even when their answers differ in length.
+    positions: int = 0
 
     @property
     def tokens(self) -> int:
@@ -101,7 +104,7 @@ def generate(
     device = next(model.parameters()).device
     eos = tokenizer.eos_token_id
     stop = set(eos if isinstance(eos, list) else [eos]) - {None}
-    seconds, done_tokens = 0.0, 0
+    seconds, done_tokens, positions = 0.0, 0, 0
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation appends on the right, so prompts must end flush
     if sampling.do_sample:
@@ -119,6 +122,7 @@ def generate(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             seconds += clock() - began
+            positions += out.shape[0] * out.shape[1]
             new = out[:, enc["input_ids"].shape[1]:].cpu()
             for row, (i, text) in enumerate(zip(batch, tokenizer.batch_decode(new, skip_special_tokens=True))):
                 outputs[i] = text
@@ -127,7 +131,7 @@ def generate(
             progress(ProgressEvent("generate", min(start + batch_size, len(order)), len(order), done_tokens))
     finally:
         tokenizer.padding_side = side
-    return Generation(outputs, counts, seconds)
+    return Generation(outputs, counts, seconds, positions)
 
 
 def _generated_length(ids: list[int], stop: set[int]) -> int:

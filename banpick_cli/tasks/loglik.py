@@ -24,8 +24,9 @@ class Scored:
     """Log-probabilities of each task's options, and what computing them cost."""
 
     logprobs: list[list[float]]  # per task, per option
-    tokens: int  # tokens run through the model
+    tokens: int  # real tokens run through the model
     seconds: float
+    positions: int = 0  # positions computed, padding included
 
 
 def continuations(task: Task, target: str = "letter") -> list[str]:
@@ -55,7 +56,7 @@ def option_logprobs(
     device = next(model.parameters()).device
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     scores: list[float] = []
-    tokens, seconds = 0, 0.0
+    tokens, seconds, computed = 0, 0.0, 0
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start:start + batch_size]
         rows = [ctx + cont for _, ctx, cont in chunk]
@@ -71,6 +72,7 @@ def option_logprobs(
         logp = torch.log_softmax(logits.float(), dim=-1).cpu()
         seconds += clock() - began
         tokens += int(mask.sum())
+        computed += ids.numel()
         for r, (_, ctx, cont) in enumerate(chunk):
             # the token at position p is predicted by the logits at p - 1
             positions = torch.arange(len(ctx) - 1, len(ctx) + len(cont) - 1)
@@ -79,7 +81,7 @@ def option_logprobs(
     out: list[list[float]] = [[] for _ in tasks]
     for (t, _, _), score in zip(pairs, scores):
         out[t].append(score)
-    return Scored(out, tokens, seconds)
+    return Scored(out, tokens, seconds, computed)
 
 
 def best_option(logprobs: list[float]) -> str:

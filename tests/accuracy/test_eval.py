@@ -114,6 +114,8 @@ def test_no_answer_in_format_is_not_zero_percent(loaded, tmp_path):
     options = EvalOptions(batch_size=4, max_new_tokens=1)
     run = run_tasks(loaded, load_task_set(str(path)), options)
     assert run.tokens == sum(1 for _ in run.outcomes)  # one new token each
+    longest = max(len(loaded.tokenizer(t.prompt).input_ids) for t in tasks)
+    assert run.positions == 3 * (longest + 1)  # one left-padded batch of 3, one step
     if any(o.answered for o in run.outcomes):
         pytest.skip("the tiny model happened to write a digit")
     with pytest.raises(DataError, match="answered none of the 3 tasks"):
