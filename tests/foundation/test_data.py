@@ -72,6 +72,12 @@ def test_errors(tmp_path, monkeypatch):
         load_calibration_text(get_domain("math"), str(tmp_path / "missing.jsonl"), samples=3, seed=0)
     with pytest.raises(DataError, match="unknown domain"):
         get_domain("astrology")
+    # Offline mode is read at import time, so set it where the libraries look (no 25 s of retries).
+    import datasets
+    import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     with pytest.raises(DataError, match="cannot load dataset 'allenai/math_qa' from the hub.*--data"):
         load_calibration_text(get_domain("math"), None, samples=3, seed=0)
