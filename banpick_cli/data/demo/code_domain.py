@@ -136,6 +136,23 @@ INT_STEPS = (  # (operator, "then ..." phrase, first-step phrase)
 )
 
 
+def _three_steps(rng: random.Random) -> dict:
+    steps = [rng.choice(INT_STEPS) for _ in range(3)]
+    ks = [rng.randint(2, 9) for _ in range(3)]
+    expr = "x"
+    for (op, _, _), k in zip(steps, ks):
+        expr = f"({expr} {op} {k})"
+    docs = [steps[0][2].format(k=ks[0])] + [step[1].format(k=k) for step, k in zip(steps[1:], ks[1:])]
+    return {"expr": expr[1:-1], "doc": f"{docs[0]}, {docs[1]}, then {docs[2]}"}
+
+
+def _map_filter(rng: random.Random) -> dict:
+    (op, _, _), k1, k2 = rng.choice(INT_STEPS), rng.randint(2, 9), rng.randint(3, 12)
+    verb = {"+": "plus", "-": "minus", "*": "times"}[op]
+    return {"body": f"[x {op} {k1} for x in xs if x > {k2}]",
+            "doc": f"Return each number in xs that is greater than {k2}, {verb} {k1}."}
+
+
 def _filter_agg(rng: random.Random) -> dict:
     agg, agg_doc = rng.choice((("sum", "the sum of"), ("len", "how many of")))
     test, test_doc = rng.choice((("x > {k}", "greater than {k}"), ("x < {k}", "less than {k}"),
@@ -162,10 +179,37 @@ COMPOSED = (
     Family("filter_agg", "xs", R + "{body}", ("Return {doc}.",), ("select_total", "filtered", "pick"), _filter_agg),
     Family("str_pipeline", "s", R + "{expr}", ("Return {doc}.",), ("reshape", "format_word", "style"),
            _string_steps),
+    Family("int_pipeline3", "x", R + "{expr}", ("{doc}.",), ("three_steps", "chain", "pipeline"), _three_steps),
+    Family("map_filter", "xs", R + "{body}", ("{doc}",), ("select_map", "filter_map", "pick"), _map_filter),
 )
-FAMILY_BY_FORM = {f.form: f for f in FAMILIES + COMPOSED}
-# Task-set weights: every simple family once, each two-step family as often as twelve simple ones.
-TASK_WEIGHTS = {**{f.form: 1.0 for f in FAMILIES}, **{f.form: 12.0 for f in COMPOSED}}
+
+
+def _example(lo: int, hi: int, op: str) -> Callable[[random.Random], dict]:
+    def draw(rng: random.Random) -> dict:
+        k, a = rng.randint(lo, hi), rng.randint(1, 12)
+        out = {"+": a + k, "-": a - k, "*": a * k}[op]
+        xs = [rng.randint(0, 9) for _ in range(2)]
+        return {"k": k, "a": a, "out": out, "xs": xs, "ys": [x + k for x in xs]}
+    return draw
+
+
+# The constant is only shown through an example, so writing the body takes arithmetic, not copying.
+BY_EXAMPLE = (
+    Family("add_k_example", "x", R + "x + {k}", ("Return x plus a fixed number, so that {a} becomes {out}.",),
+           ("add_const", "shift"), _example(1, 9, "+")),
+    Family("sub_k_example", "x", R + "x - {k}", ("Return x minus a fixed number, so that {a} becomes {out}.",),
+           ("sub_const", "lower_by"), _example(1, 9, "-")),
+    Family("mul_k_example", "x", R + "x * {k}", ("Return x times a fixed number, so that {a} becomes {out}.",),
+           ("scale", "mul_const"), _example(2, 9, "*")),
+    Family("add_each_example", "xs", R + "[x + {k} for x in xs]",
+           ("Add a fixed number to each element of xs, so that {xs} becomes {ys}.",), ("shift_all", "add_all"),
+           _example(1, 9, "+")),
+)
+FAMILY_BY_FORM = {f.form: f for f in FAMILIES + COMPOSED + BY_EXAMPLE}
+# Task-set (and training-example) weights: every simple family once, each composed family four times
+# and each by-example family ten times: about a quarter composed, two fifths by example.
+TASK_WEIGHTS = {**{f.form: 1.0 for f in FAMILIES}, **{f.form: 4.0 for f in COMPOSED},
+                **{f.form: 10.0 for f in BY_EXAMPLE}}
 
 
 def _inputs(rng: random.Random, arg: str) -> tuple:
@@ -234,7 +278,7 @@ class CodeDomain:
     def calib_doc(self, rng: random.Random) -> CalibDoc:
         style = rng.random()
         if style < 0.75:
-            fns = [make_function(rng, rng.choice(FAMILIES + COMPOSED)) for _ in range(rng.randint(1, 3))]
+            fns = [make_function(rng, rng.choice(FAMILIES + COMPOSED + BY_EXAMPLE)) for _ in range(rng.randint(1, 3))]
             parts = [fn.header + fn.body + ("\n" + fn.tests if rng.random() < 0.5 else "") for fn in fns]
             text = ("# " + rng.choice(("helpers", "utilities", "small functions", "examples")) + "\n\n"
                     if rng.random() < 0.3 else "") + "\n\n".join(parts)
