@@ -1,6 +1,7 @@
 """Baseline accuracy of the demo model on its held-out tasks, per domain, at several router top-k.
 
     .venv/bin/python tools/eval_demo.py [--model-dir DIR] [--data-dir DIR] [--top-k 8 7 1] [--limit N] [--json]
+                                        [--update-card]
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from banpick_cli.demo.card import update_baseline  # noqa: E402
 from banpick_cli.demo.evaluate import BASELINE_KS, run_baseline  # noqa: E402
 from banpick_cli.paths import DEMO_DATA_DIR, DEMO_MODEL_DIR  # noqa: E402
 
@@ -23,9 +25,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=int, nargs="+", default=list(BASELINE_KS))
     parser.add_argument("--limit", type=int, default=None, help="first N tasks of each domain")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--update-card", action="store_true",
+                        help="write the result into train_report.json and README.md next to the checkpoint")
     args = parser.parse_args(argv)
 
     result = run_baseline(args.model_dir, args.data_dir, ks=tuple(args.top_k), limit=args.limit)
+    if args.update_card:
+        print(f"updated {update_baseline(args.model_dir, result)}")
     if args.json:
         print(json.dumps(result, indent=1))
         return 0

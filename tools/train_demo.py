@@ -1,6 +1,6 @@
 """Regenerates the demo data (artifacts/data/) and the demo model (artifacts/demo-moe/) from seeds.
 
-    .venv/bin/python tools/train_demo.py [--steps N] [--model-dir DIR] [--data-dir DIR] [--no-eval]
+    .venv/bin/python tools/train_demo.py [--steps N] [--threads N] [--model-dir DIR] [--data-dir DIR] [--no-eval]
 
 Prints a summary; writes train_report.json and the model card (README.md) next to the checkpoint.
 """
@@ -28,10 +28,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", type=Path, default=DEMO_MODEL_DIR)
     parser.add_argument("--data-dir", type=Path, default=DEMO_DATA_DIR)
     parser.add_argument("--steps", type=int, default=TrainConfig.steps)
+    parser.add_argument("--threads", type=int, default=TrainConfig.threads,
+                        help="torch CPU threads (the result differs in the last bits between thread counts)")
     parser.add_argument("--no-eval", action="store_true", help="skip the baseline accuracy (and the model card)")
+    parser.add_argument("--eval-limit", type=int, default=None, help="first N tasks per domain (a quick check)")
     args = parser.parse_args(argv)
 
-    config = TrainConfig(steps=args.steps)
+    config = TrainConfig(steps=args.steps, threads=args.threads)
     written = write_demo_data(args.data_dir, config.data_seed)
     print(f"data: {', '.join(str(p) for files in written.values() for p in files.values())}")
     started = time.perf_counter()
@@ -46,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                      indent=1))
     if args.no_eval:
         return 0
-    baseline = run_baseline(args.model_dir, args.data_dir)
+    baseline = run_baseline(args.model_dir, args.data_dir, limit=args.eval_limit, threads=args.threads)
     write_artifacts(args.model_dir, report, baseline)
     for key, scores in baseline.items():
         if key.startswith("top-"):

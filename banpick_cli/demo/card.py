@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+from banpick_cli.paths import REPO_ROOT
+
 ROUTING_HEADING = "## Routing phenomena"
 ROUTING_TODO = (f"{ROUTING_HEADING}\n\nTODO: measured with banpick's own commands "
                 "(usage, KL scans, layer sensitivity) — filled in by hand.\n")
@@ -39,12 +41,15 @@ def render_model_card(report: dict, baseline: dict, model_config, *, previous: P
     "by_form" ({domain: {form: [correct, total]}}) and "command" (how the numbers were produced).
     """
     c, cfg = report["config"], model_config
-    domains = list(baseline["top-8"])
+    domains = list(baseline[_ks(baseline)[0]])
     mb = report["checkpoint_bytes"] / 1e6
+    k_base = cfg.num_experts_per_tok
+    head = "| router top-k | " + " | ".join(domains) + " | mean |\n|---|" + "---|" * (len(domains) + 1)
     rows = "\n".join(
-        f"| {d} | {report['eval_loss'][d]:.3f} | " + " | ".join(f"{100 * baseline[k][d]:.1f}%" for k in _ks(baseline))
-        + " |" for d in domains)
-    head = "| domain | eval loss (nats/token) | " + " | ".join(f"{k} accuracy" for k in _ks(baseline)) + " |"
+        f"| {key.removeprefix('top-')}{' (trained)' if key == f'top-{k_base}' else ''} | "
+        + " | ".join(f"{100 * baseline[key][d]:.1f}%" for d in domains)
+        + f" | {100 * sum(baseline[key].values()) / len(domains):.1f}% |" for key in _ks(baseline))
+    losses = ", ".join(f"{d} {report['eval_loss'][d]:.3f}" for d in domains)
     forms = "\n".join(
         f"- **{d}**: " + ", ".join(f"{form} {r}/{t}" for form, (r, t) in baseline["by_form"][d].items())
         for d in domains)
@@ -79,33 +84,48 @@ Load it offline: `AutoModelForCausalLM.from_pretrained("artifacts/demo-moe")`, `
   those task prompts excluded. Training mixes calibration-style text with task-formatted examples
   ({100 * c['task_fraction']:.0f}% of documents); each step has {c['batch_size'] // len(domains)} rows of {c['seq_len']} tokens per domain.
 - {report['steps']} steps, {report['tokens']:,} tokens, AdamW (lr {c['lr']}, warmup {c['warmup_steps']}, cosine to {c['min_lr_ratio']}x), seed {c['train_seed']}.
-- Wall time {report['wall_s'] / 60:.1f} min on {c['threads']} CPU threads (torch CPU; a shared machine, so timings are noisy).
+- Wall time {report['wall_s'] / 60:.1f} min with {c['threads']} torch CPU thread{'' if c['threads'] == 1 else 's'} on a shared 2-core machine
+  (timings are noisy there; two OpenMP threads competing with other processes ran slower than one).
 - Final training loss {report['final_train_loss']:.3f} nats/token (language-model part, last {c['log_every']} steps).
+  Loss on each domain's `calib.jsonl` after training (nats/token): {losses}.
 
 ## Baseline accuracy
 
 Greedy decoding, every held-out task of each domain; math by final number, code by running the task's unit tests
-in a sandbox, general by the first option letter. "top-k" sets every router to select k experts.
+in a sandbox, general by the option the completion names (the model answers with an option's text, which the
+scorer maps to its letter; a stated letter would count too). "top-k" sets every router to select k experts
+(`gate.top_k`) for the whole run, prompt and answer.
 
 {head}
-|---|---|{'---|' * len(_ks(baseline))}
 {rows}
 
 Reproduce: `{baseline['command']}`
 
-Per form (correct/total) at top-8:
+Per form (correct/total) at top-{k_base}:
 {forms}
 
 {routing}
 ## Limitations
 
 Synthetic data only; the model has memorised a small world and a few templates. Accuracy numbers are on
-150 tasks per domain, so one task is 0.7 points.
+150 tasks per domain, so one task is 0.7 points. The data files are reproduced byte for byte from the seed
+(`tests/demo/test_demo_generators.py`); training is deterministic for one torch build, CPU and thread count
+(checked on a tiny configuration in `tests/demo/test_demo_train.py`), and differs in the last bits otherwise.
 """
 
 
 def _ks(baseline: dict) -> list[str]:
     return [k for k in baseline if k.startswith("top-")]
+
+
+def update_baseline(model_dir: str | Path, baseline: dict) -> Path:
+    """Replaces the baseline in a checkpoint's `train_report.json` and rewrites its card; returns the card's path."""
+    from banpick_cli.demo.train import TrainReport
+
+    record = json.loads((Path(model_dir) / "train_report.json").read_text(encoding="utf-8"))
+    record.pop("baseline", None)
+    record["loss_curve"] = [tuple(point) for point in record["loss_curve"]]
+    return write_artifacts(model_dir, TrainReport(**record), baseline)
 
 
 def write_artifacts(model_dir: str | Path, report, baseline: dict) -> Path:
@@ -114,6 +134,9 @@ def write_artifacts(model_dir: str | Path, report, baseline: dict) -> Path:
 
     model_dir = Path(model_dir)
     record = {**asdict(report), "baseline": baseline}
+    out = Path(report.out_dir).resolve()
+    if out.is_relative_to(REPO_ROOT):  # a shipped report names its folder the same on every clone
+        record["out_dir"] = str(out.relative_to(REPO_ROOT))
     (model_dir / "train_report.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
     card = model_dir / "README.md"
     text = render_model_card(record, baseline, AutoConfig.from_pretrained(model_dir), previous=card)

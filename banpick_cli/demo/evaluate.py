@@ -10,8 +10,8 @@ from banpick_cli.paths import DEMO_DATA_DIR
 from banpick_cli.progress import ProgressFn, silent
 from banpick_cli.tasks import TaskOutcome, accuracy, evaluate_tasks, load_tasks
 
-# Long enough for each domain's reference completion with room to spare (the longest math one is ~30 tokens).
-MAX_NEW_TOKENS = {"math": 48, "code": 64, "general": 4}
+# Room for each domain's longest reference completion (math ~60 tokens, code ~40, general ~8) and more.
+MAX_NEW_TOKENS = {"math": 80, "code": 64, "general": 12}
 
 
 @dataclass(frozen=True)
@@ -52,13 +52,13 @@ def set_top_k(model, top_k: int) -> int:
     return previous
 
 
-BASELINE_KS = (8, 7, 1)
+BASELINE_KS = (8, 7, 6, 5, 4, 3, 2, 1)
 EVAL_COMMAND = ".venv/bin/python tools/eval_demo.py"
 
 
 def run_baseline(
     model_dir: str | Path, data_dir: str | Path = DEMO_DATA_DIR, *, ks: tuple[int, ...] = BASELINE_KS,
-    limit: int | None = None, threads: int = 2, progress: ProgressFn = silent,
+    limit: int | None = None, threads: int = 1, progress: ProgressFn = silent,
 ) -> dict:
     """Returns accuracy per domain at each router top-k, plus per-form counts at the model's own k.
 

@@ -31,7 +31,7 @@ class TrainConfig:
     vocab_size: int = 3000  # upper bound; BPE stops earlier when the corpus has fewer distinct words
     router_aux_loss_coef: float = 0.01
     # optimisation
-    steps: int = 2000
+    steps: int = 1200
     seq_len: int = 128
     batch_size: int = 30  # sequences per step, split evenly over the domains
     lr: float = 3e-3
@@ -40,7 +40,9 @@ class TrainConfig:
     weight_decay: float = 0.01
     task_fraction: float = 0.5  # share of training documents that are task-formatted examples
     tokenizer_docs: int = 4000  # training documents per domain the tokenizer learns from
-    threads: int = 2
+    # One thread: on a shared 2-core machine two OpenMP threads spin against other processes and ran
+    # 2.5-7x slower per step than one; on an idle machine two are about twice as fast (then pass 2).
+    threads: int = 1
     log_every: int = 25
 
     def __post_init__(self) -> None:
@@ -48,6 +50,10 @@ class TrainConfig:
             value = getattr(self, f.name)
             if isinstance(value, (int, float)) and value < 0:
                 raise BadSetting(f"train config: {f.name} must be >= 0, got {value}")
+        for name in ("steps", "seq_len", "batch_size", "log_every", "threads", "num_layers", "num_heads",
+                     "num_kv_heads", "num_experts", "top_k"):
+            if getattr(self, name) < 1:
+                raise BadSetting(f"train config: {name} must be >= 1, got {getattr(self, name)}")
         if self.top_k > self.num_experts:
             raise BadSetting(f"train config: top_k ({self.top_k}) exceeds num_experts ({self.num_experts})")
         if self.batch_size % len(DOMAINS):
@@ -164,8 +170,8 @@ def train_demo_model(config: TrainConfig, out_dir: str | Path, progress: Progres
 
     model = Qwen3MoeForCausalLM(model_config(config, tokenizer))
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    decay = [p for p in model.parameters() if p.ndim >= 2]  # matrices; norms go without weight decay
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                    {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.95))
     packers = {d: _Packer(streams[d], tokenizer, config.seq_len) for d in DOMAINS}
