@@ -95,7 +95,8 @@ class KLEngine:
     bigger forwards amortise kernel launches, and 2 on a CPU, where they fall out of cache (measured in
     docs/benchmarks.md). On a GPU out-of-memory the engine halves the variants per forward, then the
     texts, and goes on; `notes` says so. Hidden states are parked on the CPU when the model is on a GPU;
-    `hidden_cache_mb` caps them.
+    `hidden_cache_mb` caps them. Texts are batched longest first (`sort_by_length`), so the padding
+    that every variant's replay pays again stays small.
     """
 
     def __init__(
@@ -108,10 +109,13 @@ class KLEngine:
         top_tokens: int = TOP_TOKENS,
         stack: int = 0,
         hidden_cache_mb: int = 2048,
+        sort_by_length: bool = True,
         progress: ProgressFn = silent,
     ):
         self.loaded = loaded
-        self.texts = list(texts)
+        # Batches of texts of similar length waste little on padding, and every replay of every variant
+        # pays for the padding again; the mean over tokens does not depend on the order.
+        self.texts = _longest_first(loaded.tokenizer, list(texts), seq_len) if sort_by_length else list(texts)
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.stack = stack or (8 if loaded.device.type == "cuda" else 2)
@@ -344,6 +348,12 @@ class KLEngine:
             self.notes.append(note)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+
+
+def _longest_first(tokenizer, texts: list[str], seq_len: int) -> list[str]:
+    """Returns the texts ordered by token count (after truncation), longest first, ties in given order."""
+    lengths = [min(len(ids), seq_len) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
+    return [texts[i] for i in sorted(range(len(texts)), key=lambda i: -lengths[i])]
 
 
 def _per_replica(variants: Sequence[RouteVariant]):
