@@ -130,8 +130,7 @@ class RoutingHooks:
 
     def install(self) -> "RoutingHooks":
         for layer in self.layers:
-            self._handles.append(layer.router.register_forward_hook(self._make_hook(layer.position)))
-            self._make_sentinels_safe(layer.block.experts)
+            self._handles.append(layer.router.register_forward_hook(self._make_hook(layer)))
         return self
 
     def remove(self) -> None:
@@ -147,8 +146,10 @@ class RoutingHooks:
         # from_pretrained) handle index == num_experts only on their expert-parallel path; otherwise
         # the kernel leaves those output rows uninitialised and weight 0 * NaN poisons the token.
         # That path only masks sentinel rows (integrations/moe.py), and grouped_mm then skips them
-        # at no compute. The eager loop skips them regardless. Restored by `remove`.
-        if hasattr(experts, "_is_expert_parallel"):
+        # at no compute. The eager loop skips them regardless. Restored by `remove`. Set lazily, on
+        # the first override of a layer: the masking costs ~25% of a CPU forward, which pure
+        # observers (profile) should not pay.
+        if hasattr(experts, "_is_expert_parallel") and all(e is not experts for e, _ in self._saved_flags):
             self._saved_flags.append((experts, experts._is_expert_parallel))
             experts._is_expert_parallel = True
 
@@ -158,11 +159,14 @@ class RoutingHooks:
     def __exit__(self, *exc: object) -> None:
         self.remove()
 
-    def _make_hook(self, position: int):
+    def _make_hook(self, layer: MoELayer):
+        position = layer.position
+
         def hook(module: nn.Module, args: tuple, output: tuple) -> tuple | None:
             logits, weights, indices = output
             override = self.overrides.get(position)
             if override is not None:
+                self._make_sentinels_safe(layer.block.experts)
                 weights, indices = override(position, logits, weights, indices)
             for observe in self.observers:
                 observe(position, logits, weights, indices)
