@@ -172,7 +172,7 @@ def _string_steps(rng: random.Random) -> dict:
     return {"expr": first.format(k=k) + then.format(k2=k2), "doc": f"{first_doc.format(k=k)}, {then_doc.format(k2=k2)}"}
 
 
-# Two-step functions: the same pieces as above, combined; held-out combinations of constants are new.
+# Two- and three-step functions: the same pieces as above, combined; held-out combinations of constants are new.
 COMPOSED = (
     Family("int_pipeline", "x", R + "{expr}", ("{doc1}, then {doc2}.", "{doc1} and then {doc2}."),
            ("{name1}_then", "pipeline", "two_steps"), _two_steps),
@@ -207,7 +207,7 @@ BY_EXAMPLE = (
 )
 FAMILY_BY_FORM = {f.form: f for f in FAMILIES + COMPOSED + BY_EXAMPLE}
 # Task-set (and training-example) weights: every simple family once, each composed family four times
-# and each by-example family ten times: about a quarter composed, two fifths by example.
+# and each by-example family ten times: about a fifth of the tasks composed, two fifths by example.
 TASK_WEIGHTS = {**{f.form: 1.0 for f in FAMILIES}, **{f.form: 4.0 for f in COMPOSED},
                 **{f.form: 10.0 for f in BY_EXAMPLE}}
 
