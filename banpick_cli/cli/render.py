@@ -14,8 +14,9 @@ from rich.table import Table
 
 from banpick_cli.errors import EXIT_INTERRUPTED, BanpickError
 
-console = Console()
-err_console = Console(stderr=True)
+# Logs and pipes (CI) get 120 columns instead of Rich's 80, so the usage tables do not wrap.
+console = Console() if sys.stdout.isatty() else Console(width=120)
+err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=True, width=120)
 
 
 def handle_errors(func: Callable) -> Callable:
