@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class FailureProbeSettings:
     offset: int = 0
     strategy: str = "C"
     range_factor: float = 2.0
+    candidates: str = "mask"  # as kl-scan's: "mask" (the profile's candidates), "top-N" (most used per layer), "all"
     probe_top: int = 0  # probe only each layer's N candidates of largest KL (0: every candidate)
     min_fixed: int = 1
     kl_quantile: float = 0.5
@@ -69,6 +71,8 @@ class FailureProbeSettings:
             raise BadSetting(f"--strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
         if not (self.range_factor > 0 and math.isfinite(self.range_factor)):
             raise BadSetting(f"--range-factor must be > 0, got {self.range_factor}")
+        if self.candidates not in ("mask", "all") and not re.fullmatch(r"top-[1-9][0-9]*", self.candidates):
+            raise BadSetting(f"--candidates must be 'mask', 'all' or 'top-N' (N >= 1), got {self.candidates!r}")
         if self.probe_top < 0:
             raise BadSetting(f"--probe-top must be >= 0, got {self.probe_top}")
         if self.min_fixed < 1:
@@ -113,7 +117,10 @@ def accuracy_gain(fixed: torch.Tensor, failures: int) -> torch.Tensor:
 
 def probe_candidates(profile: RoutingProfile, settings: FailureProbeSettings) -> list[tuple[int, int]]:
     """Returns the (moe layer, expert) pairs to probe, layer by layer, in expert order."""
-    candidates = profile.get(f"domain/{settings.domain}/candidates")
+    from banpick_cli.calibrate.kl_scan import KLScanSettings, scanned_experts
+
+    # The same choice of experts as kl-scan's --candidates, from the same function.
+    candidates = scanned_experts(profile, KLScanSettings(domain=settings.domain, candidates=settings.candidates))
     if settings.probe_top:
         kl = profile.get(f"domain/{settings.domain}/kl")
         ranked = torch.where(candidates & ~kl.isnan(), kl, torch.full_like(kl, float("-inf")))

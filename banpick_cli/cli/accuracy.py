@@ -57,6 +57,7 @@ def failure_probe(
     offset: int = OffsetOpt,
     strategy: str = typer.Option("C", "--strategy", help="Pick strategy used to force each candidate in, and stored for Pick: C, D, A, B or E."),
     range_factor: float = typer.Option(2.0, "--range-factor", help="C/D range: a key expert enters if ranked within range-factor x k (top-2k)."),
+    candidates: str = typer.Option("mask", "--candidates", help="Experts to probe: 'mask' (the profile's candidates), 'top-N' (N most used per layer), 'all'."),
     probe_top: int = typer.Option(0, "--probe-top", help="Probe only each layer's N candidates of largest KL (0: every candidate)."),
     min_fixed: int = typer.Option(1, "--min-fixed", help="Key only if forcing it turns at least this many failures right."),
     kl_quantile: float = typer.Option(0.5, "--kl-quantile", help="Key only if its KL is at least this quantile of the probed candidates' KL (0: ignore KL)."),
@@ -79,7 +80,7 @@ def failure_probe(
 
     settings = FailureProbeSettings(
         domain=domain, task=task, limit=limit, offset=offset, strategy=strategy, range_factor=range_factor,
-        probe_top=probe_top, min_fixed=min_fixed, kl_quantile=kl_quantile, max_per_layer=max_per_layer,
+        candidates=candidates, probe_top=probe_top, min_fixed=min_fixed, kl_quantile=kl_quantile, max_per_layer=max_per_layer,
         max_key=max_key, options=_options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout),
     )
     with progress_bar(show_progress and not as_json, "failure-probe") as progress:

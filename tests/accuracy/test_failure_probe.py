@@ -159,3 +159,19 @@ def test_empty_failure_set_and_missing_stages(loaded, tmp_path, tiny_models):
                                  "--domain", "math", "--task", str(task_path), "--kl-quantile", "0",
                                  "--mc-scoring", "loglik", "--no-progress"])
     assert result.exit_code == 1 and "failure set is empty" in result.output
+
+
+def test_candidates_choice(loaded, tmp_path):
+    from banpick_cli.calibrate.failure_probe import probe_candidates
+
+    path, mask = _profile(loaded, tmp_path)
+    prof = read_profile(path)
+    pairs = lambda c, **kw: probe_candidates(prof, FailureProbeSettings(domain="math", task="x", candidates=c, **kw))
+    assert pairs("mask") == [tuple(x) for x in mask.nonzero().tolist()]
+    assert len(pairs("all")) == 2 * 8
+    counts = prof.get("domain/math/expert_counts")
+    assert pairs("top-1") == [(m, int(counts[m].argmax())) for m in range(2)]
+    # --probe-top 1: each layer's largest-KL candidate; the hand-set KL grows with the expert id
+    assert pairs("all", probe_top=1) == [(0, 7), (1, 7)]
+    with pytest.raises(BadSetting, match="--candidates"):
+        FailureProbeSettings(domain="math", task="x", candidates="some")
