@@ -35,10 +35,11 @@ class KeyExpertRule:
     """Which scanned candidates kl-scan proposes as key experts: those whose KL stands out.
 
     An expert is key when its KL is (1) at least `factor` times the median KL of the other scanned
-    candidates of its layer (of all scanned candidates when it is its layer's only one), (2) at least
-    the median KL of all scanned candidates of the model, so a layer where every candidate is
-    negligible proposes none, (3) at least `min_kl` and above 0; at most `top` per layer, largest KL
-    first (0: no cap). Medians of an even count are the mean of the two middle values.
+    candidates of its layer (of all the model's other scanned candidates when it is its layer's only
+    one; a model with a single candidate proposes none), (2) at least the median KL of all scanned
+    candidates of the model, so a layer where every candidate is negligible proposes none, (3) at least
+    `min_kl` and above 0; at most `top` per layer, largest KL first (0: no cap). Medians of an even
+    count are the mean of the two middle values.
     """
 
     factor: float = 2.0
@@ -65,9 +66,14 @@ class KeyExpertRule:
             chosen = []
             for e in experts:
                 others = kl[layer, [o for o in experts if o != e]]
-                reference = _median(others) if others.numel() else overall
+                if not others.numel():  # alone in its layer: held against every other candidate
+                    elsewhere = scanned.clone()
+                    elsewhere[layer, e] = False
+                    others = kl[elsewhere]
+                if not others.numel():
+                    continue
                 value = float(kl[layer, e])
-                if value > 0 and value >= self.factor * reference and value >= overall and value >= self.min_kl:
+                if value > 0 and value >= self.factor * _median(others) and value >= overall and value >= self.min_kl:
                     chosen.append((value, e))
             chosen.sort(reverse=True)
             for _, e in chosen[: self.top or None]:

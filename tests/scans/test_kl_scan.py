@@ -32,10 +32,11 @@ def _copy(profiled, family, tmp_path, name="p.safetensors"):
 
 
 def test_key_expert_rule_by_hand():
-    kl = torch.tensor([[0.1, 0.5, NAN, 0.12], [0.2, NAN, NAN, NAN], [0.01, 0.011, NAN, NAN]])
+    kl = torch.tensor([[0.1, 0.5, NAN, 0.12], [0.15, NAN, NAN, NAN], [0.01, 0.011, NAN, NAN]])
     # Overall median of the six: (0.1 + 0.12) / 2 = 0.11.
     # L0: E1 = 0.5 >= 2 x median(0.1, 0.12) = 0.22 -> key; E0, E3 are below twice their others' median.
-    # L1: a lone candidate is held against the overall median: 0.2 < 2 x 0.11. L2: 0.011 < 2 x 0.01.
+    # L1: a lone candidate is held against the other five, median 0.1: 0.15 < 2 x 0.1 (but >= 1.5 x 0.1).
+    # L2: 0.011 < 2 x 0.01.
     assert KeyExpertRule().choose(kl).nonzero().tolist() == [[0, 1]]
     assert KeyExpertRule(factor=1.5).choose(kl).nonzero().tolist() == [[0, 1], [1, 0]]
     # L2's 0.011 passes 1.05 x 0.01 but not the overall median: a layer of negligible KLs proposes none.
@@ -45,6 +46,7 @@ def test_key_expert_rule_by_hand():
     assert KeyExpertRule(top=1).choose(two).nonzero().tolist() == [[0, 0]]
     assert KeyExpertRule(top=0).choose(two).nonzero().tolist() == [[0, 0], [0, 1]]
     assert not KeyExpertRule().choose(torch.full((2, 3), NAN)).any()
+    assert not KeyExpertRule(factor=1.0).choose(torch.tensor([[NAN, 0.3], [NAN, NAN]])).any()  # nothing to stand out from
 
 
 def test_settings_reject_bad_values(data_file):
