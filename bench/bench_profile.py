@@ -3,11 +3,12 @@
 Three timings on the same tokenised batches, best of --repeat:
   plain     model(input_ids) as a user would run it: decoder + LM head (logits)
   decoder   the decoder alone (no LM head), no hooks
-  profile   what `banpick profile` runs: decoder + router hooks + on-device bincount
+  profile   what `banpick profile` runs per batch: decoder + router hooks + on-device bincount
 Counting overhead = profile / decoder - 1 (target < 5%); profile / plain < 1 means skipping the LM head
 more than pays for the counting.
 
     .venv/bin/python bench/bench_profile.py [--model demo] [--samples 128] [--seq-len 128] [--batch-size 8]
+        [--threads 1 --clock cpu]   # on a shared CPU: count CPU time of one thread
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 def main() -> None:
     from banpick_cli.calibrate.batches import batches
-    from banpick_cli.calibrate.usage import count_usage
+    from banpick_cli.calibrate.usage import UsageCounter
+    from banpick_cli.models import RoutingHooks
     from banpick_cli.data import get_domain, load_calibration_text
     from banpick_cli.models.loading import load_model
 
@@ -33,7 +35,13 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="cpu: this process's CPU time, steady on a shared machine (use with --threads 1)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     loaded = load_model(args.model, device=args.device)
     texts = load_calibration_text(get_domain(args.domain), "embedded" if args.model == "demo" else None,
@@ -55,8 +63,14 @@ def main() -> None:
         for b in data:
             decoder(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
 
+    @torch.inference_mode()
     def profile() -> None:
-        count_usage(loaded, texts, seq_len=args.seq_len, batch_size=args.batch_size)
+        # What count_usage runs per batch, on the same pre-tokenised batches as the other two.
+        counter = UsageCounter(len(loaded.layers), loaded.routing.num_experts, loaded.device)
+        with RoutingHooks(loaded.layers, loaded.routing.num_experts, observers=[counter]):
+            for b in data:
+                counter.mask = b.attention_mask.reshape(-1).bool()
+                decoder(input_ids=b.input_ids, attention_mask=b.attention_mask, use_cache=False)
 
     tokens = sum(b.tokens for b in data)
     runs = (("plain", plain), ("decoder", decoder_only), ("profile", profile))
@@ -66,11 +80,13 @@ def main() -> None:
     results = {name: [] for name, _ in runs}
     for _ in range(args.repeat):
         for name, fn in runs:
-            results[name].append(_once(fn, sync))
+            results[name].append(_once(fn, sync, clock))
     t = {name: min(values) for name, values in results.items()}
     report = {
         "model": args.model,
         "device": str(loaded.device),
+        "clock": args.clock,
+        "threads": torch.get_num_threads(),
         "tokens": tokens,
         "plain_tok_s": round(tokens / t["plain"]),
         "decoder_tok_s": round(tokens / t["decoder"]),
@@ -81,12 +97,12 @@ def main() -> None:
     print(json.dumps(report, indent=2))
 
 
-def _once(fn, sync) -> float:
+def _once(fn, sync, clock) -> float:
     sync()
-    start = time.perf_counter()
+    start = clock()
     fn()
     sync()
-    return time.perf_counter() - start
+    return clock() - start
 
 
 if __name__ == "__main__":

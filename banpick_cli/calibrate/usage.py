@@ -29,16 +29,35 @@ class UsageCounter:
         self.num_experts = num_experts
         self.counts = torch.zeros(num_layers, num_experts + 1, dtype=torch.int64, device=device)
         self.tokens = torch.zeros(num_layers, dtype=torch.int64, device=device)
-        self.mask: torch.Tensor | None = None  # bool [flattened tokens]: real (non-padding) positions
+        self._mask: torch.Tensor | None = None
+        self._real: torch.Tensor | None = None
+        self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """bool [flattened tokens]: the real (non-padding) positions of the batch being run."""
+        return self._mask
+
+    @mask.setter
+    def mask(self, value: torch.Tensor | None) -> None:
+        # Set once per batch; the real-token count and per-device copies are reused by every layer.
+        self._mask = value
+        self._real = None if value is None else value.sum()
+        self._on_device = {} if value is None else {value.device: value[:, None]}
 
     def __call__(self, position: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
-        # With --device-map the layers live on several GPUs: mask and sums follow the router's device.
-        mask = None if self.mask is None else self.mask.to(indices.device, non_blocking=True)
-        chosen = indices if mask is None else indices[mask]
-        # The extra bin collects "no expert" slots (index == num_experts) so they are never counted.
+        if self._mask is None:
+            chosen, real = indices, indices.shape[0]
+        else:
+            # With --device-map the layers live on several GPUs: the mask follows the router's device.
+            mask = self._on_device.get(indices.device)
+            if mask is None:
+                mask = self._on_device[indices.device] = self._mask.to(indices.device)[:, None]
+            # Padding goes to the extra "no expert" bin: no boolean indexing, no host sync.
+            chosen, real = torch.where(mask, indices, self.num_experts), self._real
         found = torch.bincount(chosen.reshape(-1), minlength=self.num_experts + 1)
         self.counts[position] += found.to(self.counts.device, non_blocking=True)
-        self.tokens[position] += chosen.shape[0]
+        self.tokens[position] += real if isinstance(real, int) else real.to(self.tokens.device)
 
     def result(self, samples: int) -> UsageCounts:
         counts = self.counts[:, : self.num_experts].cpu()
