@@ -90,24 +90,15 @@ def _from_source(source: Source, samples: int, seed: int, text_field: str | None
             f"cannot load dataset '{source.dataset}' from the hub ({reason}); pass a local file with --data FILE, or --data embedded"
         ) from None
     render = _renderer(source.template, text_field, table.column_names, label)
-    if source.streaming:
-        stream = table.shuffle(seed=seed, buffer_size=1000)
-        texts = []
-        for row in stream:
-            text = render(row)
-            if text:
-                texts.append(text)
-            if len(texts) >= samples:
-                break
-    else:
-        rows = table.shuffle(seed=seed) if len(table) else table
-        texts = []
-        for row in rows:
-            text = render(row)
-            if text:
-                texts.append(text)
-            if len(texts) >= samples:
-                break
+    # A streamed split shuffles within a buffer; a downloaded one is shuffled whole.
+    rows = table.shuffle(seed=seed, buffer_size=1000) if source.streaming else table.shuffle(seed=seed) if len(table) else table
+    texts = []
+    for row in rows:
+        text = render(row)
+        if text:
+            texts.append(text)
+        if len(texts) >= samples:
+            break
     if not texts:
         raise DataError(f"no text found in {label}")
     return CalibrationText(texts, label, split)

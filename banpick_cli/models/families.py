@@ -39,20 +39,11 @@ class Qwen2MoeAdapter(Qwen3MoeAdapter):
 
 
 @register
-class OlmoeAdapter(MoEAdapter):
-    """OLMoE: softmax router, top-8 of 64, no renormalisation by default."""
+class OlmoeAdapter(Qwen3MoeAdapter):
+    """OLMoE: the same router as Qwen3-MoE (top-8 of 64), not renormalised by default."""
 
     model_types = ("olmoe",)
     family = "OLMoE"
-
-    def routing_config(self, config: Any) -> RoutingConfig:
-        return RoutingConfig(
-            num_experts=config.num_experts,
-            top_k=config.num_experts_per_tok,
-            scoring="softmax",
-            renormalize=bool(config.norm_topk_prob),
-            weights_in_logits_dtype=True,
-        )
 
 
 @register
