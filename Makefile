@@ -6,7 +6,7 @@ BANPICK := $(VENV)/bin/banpick
 STAMP := $(VENV)/.installed
 OUT ?= build/demo
 
-.PHONY: setup demo test demo-model bench docs clean
+.PHONY: setup demo test test-engines demo-model bench docs clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+# tests/engines/ against real vLLM and SGLang from PyPI, one cached virtualenv each under .cache/engines/
+# (several GB the first time). VLLM_VERSION= / SGLANG_VERSION= (empty skips one); not part of `make test`.
+test-engines:
+	bash tools/engines/run.sh
 
 demo-model: setup
 	$(PY) tools/train_demo.py
