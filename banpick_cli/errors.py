@@ -42,3 +42,7 @@ class Interrupted(BanpickError):
     """A stage stopped early; what finished is saved and a rerun resumes."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class SandboxUnavailable(BanpickError):
+    """The system refuses the namespaces that isolate model-written code, and unsafe runs were not allowed."""
