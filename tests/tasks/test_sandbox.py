@@ -72,6 +72,16 @@ def test_verdicts_and_cleanup(isolated):
     assert not _sandbox_dirs() - before  # none of ours left (others may come and go meanwhile)
 
 
+def test_concurrent_runs_from_threads(isolated):
+    # The scorer runs programs from a thread pool.
+    from concurrent.futures import ThreadPoolExecutor
+
+    programs = [f"import sys\nsys.exit({i % 3})\n" for i in range(6)]
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        codes = [r.returncode for r in pool.map(run_python, programs)]
+    assert codes == [0, 1, 2, 0, 1, 2]
+
+
 def test_time_memory_and_output_limits(isolated):
     start = time.monotonic()
     assert run_python("while True:\n    pass\n", timeout_s=1).status == "timeout"
