@@ -388,7 +388,7 @@ def _run_unsafe(source: str, *, timeout_s: float, memory_mb: int) -> SandboxResu
                 proc = subprocess.Popen(
                     [sys.executable, "-I", "-B", "main.py"], cwd=tmp, stdin=subprocess.DEVNULL, stdout=stdout,
                     stderr=stderr, env=_ENV, start_new_session=True,
-                    preexec_fn=lambda: _limits(memory_mb, max(1, int(timeout_s) + 1)),
+                    preexec_fn=lambda: _limits(memory_mb, max(1, int(timeout_s) + 1)),  # noqa: PLW1509 (opt-in path)
                 )
             except OSError as err:
                 return SandboxResult("failed", None, f"sandbox: cannot start the program: {err}")
@@ -429,7 +429,7 @@ def _limits(memory_mb: int, cpu_s: int) -> None:
 
 def _temp_file(data: bytes = b""):
     # Unlinked at once: the program can truncate its output but not delete it, and nothing stays in /tmp.
-    f = tempfile.TemporaryFile()
+    f = tempfile.TemporaryFile()  # noqa: SIM115 (the caller closes it)
     if data:
         f.write(data)
         f.seek(0)
@@ -473,7 +473,9 @@ def unsafe_allowed(allow_unsafe: bool = False) -> bool:
     return allow_unsafe or os.environ.get(ALLOW_UNSAFE_ENV, "") == "1"
 
 
-def run_python(source: str, *, timeout_s: float = 5.0, memory_mb: int = 512, allow_unsafe: bool = False) -> SandboxResult:
+def run_python(
+    source: str, *, timeout_s: float = 5.0, memory_mb: int = 512, allow_unsafe: bool = False,
+) -> SandboxResult:
     """Returns how `source` ended when run as a script in a fresh, isolated and limited interpreter.
 
     Isolated wherever the kernel allows it. Elsewhere raises `SandboxUnavailable`, unless `allow_unsafe`
@@ -490,6 +492,8 @@ def run_python(source: str, *, timeout_s: float = 5.0, memory_mb: int = 512, all
     return _run_unsafe(source, timeout_s=timeout_s, memory_mb=memory_mb)
 
 
-def run_tests(program: str, *, timeout_s: float = 5.0, memory_mb: int = 512, allow_unsafe: bool = False) -> SandboxResult:
+def run_tests(
+    program: str, *, timeout_s: float = 5.0, memory_mb: int = 512, allow_unsafe: bool = False,
+) -> SandboxResult:
     """Returns the result of running a program whose asserts are its unit tests (exit 0 means all passed)."""
     return run_python(program, timeout_s=timeout_s, memory_mb=memory_mb, allow_unsafe=allow_unsafe)
