@@ -25,7 +25,8 @@ from banpick_cli.runtime.engine import (
 )
 
 logger = logging.getLogger("banpick")
-SUPPORTED = ((0, 23), (0, 27))
+# Versions whose loader, MoE runner and router seams tests/engines/ has run (docs/runtimes.md).
+SUPPORTED = ((0, 33), (0, 34))
 _MARK = "_banpick_wrapped"
 _armed = False
 
@@ -63,8 +64,11 @@ def install(model: torch.nn.Module, *, engine: str = "vLLM", enforce_eager: bool
         raise EngineUnsupported(f"{engine}: no MoE layer with a router object found (module with `.router` and "
                                 "`.layer_name`): this vLLM version or model is not supported")
     for index, runner in runners.items():
-        quant = getattr(getattr(runner, "routed_experts", None), "quant_method", None)
-        if getattr(quant, "is_monolithic", False):
+        quant, monolithic = _kernel_kind(runner)
+        if monolithic is None:
+            raise EngineUnsupported(f"{engine} layer {index}: cannot tell whether its MoE kernel ({type(quant).__name__}) "
+                                    "calls the router (no quant_method.is_monolithic): unsupported vLLM version or backend")
+        if monolithic:
             raise EngineUnsupported(f"{engine} layer {index}: a monolithic MoE kernel ({type(quant).__name__}) routes "
                                     "inside the kernel and never calls the router; serve with a modular backend "
                                     "(e.g. --moe-backend triton)")
@@ -109,6 +113,24 @@ def _after_load(load_model):
 
     setattr(wrapped, _MARK, True)
     return wrapped
+
+
+def _kernel_kind(runner: Any) -> tuple[Any, bool | None]:
+    """Returns (quant method, whether its kernel is monolithic), or (.., None) when vLLM does not say.
+
+    The quant method sits on `runner.routed_experts` since the MoERunner split (0.26+) and on the
+    FusedMoE module itself before it. `is_monolithic` is a property that asks the chosen experts
+    kernel class; it raises AttributeError when no kernel was chosen, which must not read as "no".
+    """
+    for owner in (getattr(runner, "routed_experts", None), runner):
+        quant = getattr(owner, "quant_method", None) if owner is not None else None
+        if quant is None:
+            continue
+        try:
+            return quant, bool(quant.is_monolithic)
+        except AttributeError:
+            return quant, None
+    return None, None
 
 
 def _moe_runners(model: torch.nn.Module) -> dict[int, Any]:
