@@ -21,8 +21,8 @@ import torch
 
 
 def main() -> None:
-    from banpick_cli.calibrate.batches import batches
-    from banpick_cli.calibrate.usage import UsageCounter
+    from banpick_cli.passes.batches import batches
+    from banpick_cli.passes.usage import UsageCounter
     from banpick_cli.models import RoutingHooks
     from banpick_cli.data import get_domain, load_calibration_text
     from banpick_cli.models.loading import load_model

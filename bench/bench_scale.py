@@ -50,8 +50,8 @@ def demo_shaped(folder: Path) -> Path:
 
 RUN = """
 import json, resource, sys, time
-from banpick_cli.calibrate.profile_stage import ProfileSettings, run_profile
-from banpick_cli.calibrate.usage_pass import RunOptions
+from banpick_cli.stages.profile import ProfileSettings, run_profile
+from banpick_cli.passes.usage_pass import RunOptions
 args = json.loads(sys.argv[1])
 settings = ProfileSettings(domain="math", data=args["data"], samples=args["samples"], seq_len=args["seq_len"], batch_size=args["batch_size"])
 start, cpu = time.perf_counter(), time.process_time()
@@ -95,7 +95,7 @@ def main() -> None:
     if model == "demo-shaped" or (model == "demo" and not (REPO / "artifacts" / "demo-moe" / "config.json").exists()):
         model = str(demo_shaped(work / "demo-shaped"))
     # The demo's math calibration text, generated from its seed (the same text `make demo-model` ships).
-    from banpick_cli.data.demo import calib_texts
+    from banpick_cli.demo.corpus import calib_texts
 
     data = work / "math.jsonl"
     data.write_text("".join(json.dumps({"text": t}) + "\n" for t in calib_texts("math", 0, frozenset(), n=cli.samples)))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from banpick_cli.data.demo import write_demo_data  # noqa: E402
+from banpick_cli.demo.corpus import write_demo_data  # noqa: E402
 from banpick_cli.demo.card import write_artifacts  # noqa: E402
 from banpick_cli.demo.evaluate import run_baseline  # noqa: E402
 from banpick_cli.demo.train import TrainConfig, train_demo_model  # noqa: E402

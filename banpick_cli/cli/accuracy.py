@@ -25,7 +25,7 @@ OffsetOpt = typer.Option(0, "--offset", help="Skip the first N tasks (e.g. probe
 
 
 def _options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout, clock="wall"):
-    from banpick_cli.calibrate.evaluation import EvalOptions
+    from banpick_cli.evaluation.harness import EvalOptions
 
     return EvalOptions(batch_size=batch_size, sampling=sampling, seed=seed, max_new_tokens=max_new_tokens,
                        mc_scoring=mc_scoring, chat=chat, code_timeout_s=code_timeout, clock=clock)
@@ -76,7 +76,7 @@ def failure_probe(
     as_json: bool = JsonOpt,
 ) -> None:
     """Find the failure set, measure each candidate expert's accuracy gain on it, choose the key experts."""
-    from banpick_cli.calibrate.failure_probe import FailureProbeSettings, run_failure_probe
+    from banpick_cli.stages.failure_probe import FailureProbeSettings, run_failure_probe
 
     settings = FailureProbeSettings(
         domain=domain, task=task, limit=limit, offset=offset, strategy=strategy, range_factor=range_factor,
@@ -99,7 +99,7 @@ def failure_probe(
     if as_json:
         print_json(summary)
         return
-    kl = result.profile.tensors.get(f"domain/{result.domain}/kl")
+    kl = result.profile.domain(result.domain).find("kl")
     rows = sorted(probed, key=lambda me: (-int(result.fixed[me[0], me[1]]), me))
     console.print(table(
         f"failure-probe '{result.domain}' on {result.task_set}: {len(result.failure_set)} failures of {result.tasks} tasks "
@@ -160,7 +160,7 @@ def evaluate(
     """Accuracy, Avg-TopK, tokens/s and speed ratio of routing methods on task sets (the paper's Tables 2-3)."""
     import json
 
-    from banpick_cli.calibrate.eval_stage import EvalSettings, run_eval
+    from banpick_cli.stages.eval import EvalSettings, run_eval
 
     settings = EvalSettings(
         tasks=_names(task), methods=_names(method), domain=domain, lambdas=_floats(lam, "--lambda"), k_min=k_min,

@@ -44,9 +44,9 @@ def profile(
 
     Runs data-parallel under `torchrun --nproc-per-node N` (rank 0 writes the profile).
     """
-    from banpick_cli.calibrate.checkpoint import terminate_as_interrupt
-    from banpick_cli.calibrate.profile_stage import ProfileSettings, run_profile
-    from banpick_cli.calibrate.usage_pass import RunOptions
+    from banpick_cli.passes.resume import terminate_as_interrupt
+    from banpick_cli.stages.profile import ProfileSettings, run_profile
+    from banpick_cli.passes.usage_pass import RunOptions
 
     settings = ProfileSettings(
         domain=domain, data=data, text_field=text_field, samples=samples, seq_len=seq_len,
@@ -66,7 +66,7 @@ def profile(
         "tokens": result.usage.tokens,
         "wall_s": round(result.wall_s, 3),
         "tokens_per_s": round(result.tokens_per_s, 1),
-        "candidates": int(result.profile.get(f"domain/{result.domain}/candidates").sum()),
+        "candidates": int(result.profile.domain(result.domain).candidates.sum()),
         "dropped_stale": result.dropped,
         "resumed_batches": result.resumed_batches,
         "world_size": result.world,
@@ -123,7 +123,7 @@ def inspect(
     m = prof.model
     console.print(
         f"[bold]{path}[/]: {m.name_or_path} ({m.architecture}), {len(m.moe_layers)} MoE layers x {m.num_experts} experts, "
-        f"top-{m.k_base} {m.scoring}{' renormalised' if m.renormalize else ''}; fingerprint {prof.fingerprint[:19]}…; "
+        f"top-{m.k_base} {m.router.scoring}{' renormalised' if m.router.renormalize else ''}; fingerprint {prof.fingerprint[:19]}…; "
         f"banpick {prof.banpick_version}, {prof.created_utc}"
     )
     stage_rows = [[key, rec.get("dataset", ""), rec.get("samples", ""), rec.get("tokens", ""), rec.get("wall_s", "")] for key, rec in sorted(prof.provenance.items())]

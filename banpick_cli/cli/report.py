@@ -60,7 +60,7 @@ def import_usage(
     as_json: bool = JsonOpt,
 ) -> None:
     """Build a domain's usage profile from what SGLang or vLLM recorded while serving (docs/import.md)."""
-    from banpick_cli.calibrate.serving import ImportSettings, run_import
+    from banpick_cli.stages.import_usage import ImportSettings, run_import
 
     settings = ImportSettings(engine=engine, domain=domain, files=tuple(str(f) for f in files), replicas=replicas,
                               candidate_ratio=candidate_ratio, candidate_top=candidate_top)
@@ -74,7 +74,7 @@ def import_usage(
         "sequences": usage.sequences,
         "tokens": int(usage.token_counts[0]),
         "tokens_exact": usage.tokens_exact,
-        "candidates": int(result.profile.get(f"domain/{domain}/candidates").sum()),
+        "candidates": int(result.profile.domain(domain).candidates.sum()),
         "notes": usage.notes,
         "dropped_stale": result.dropped,
     }

@@ -67,8 +67,8 @@ def kl_scan(
     as_json: bool = JsonOpt,
 ) -> None:
     """Prune each candidate expert of a domain and rank them by the top-1000 KL of the output (section 4.2)."""
-    from banpick_cli.calibrate.checkpoint import terminate_as_interrupt
-    from banpick_cli.calibrate.kl_scan import KLScanSettings, run_kl_scan
+    from banpick_cli.passes.resume import terminate_as_interrupt
+    from banpick_cli.stages.kl_scan import KLScanSettings, run_kl_scan
 
     profile = _profile_path(profile, out)
     settings = KLScanSettings(
@@ -141,8 +141,8 @@ def layer_sensitivity(
     as_json: bool = JsonOpt,
 ) -> None:
     """Measure each MoE layer's sensitivity (K_base -> K_min, top-1000 KL) and the token ratios R that Ban needs."""
-    from banpick_cli.calibrate.checkpoint import terminate_as_interrupt
-    from banpick_cli.calibrate.layer_sensitivity import LayerSensitivitySettings, run_layer_sensitivity
+    from banpick_cli.passes.resume import terminate_as_interrupt
+    from banpick_cli.stages.layer_sensitivity import LayerSensitivitySettings, run_layer_sensitivity
 
     profile = _profile_path(profile, out)
     settings = LayerSensitivitySettings(
@@ -185,7 +185,7 @@ def layer_sensitivity(
         f"W spread: max/min {float(w.max() / w.min()) if float(w.min()) > 0 else float('inf'):.1f}x "
         f"(most sensitive L{layers[int(w.argmax())]}, least L{layers[int(w.argmin())]}); "
         f"R over all layers [{ban['ratio_min_global']:.3f}, {ban['ratio_max_global']:.3f}] (top-{ban['ratio_k_num']}/top-{ban['k_base']}); "
-        f"{result.tokens:,} tokens, {result.wall_s:.1f}s; lambda {ban['lambda']}, beta {ban['beta']} -> {result.path}"
+        f"{result.tokens:,} tokens, {result.wall_s:.1f}s; lambda {ban['lam']}, beta {ban['beta']} -> {result.path}"
     )
 
 

@@ -20,9 +20,9 @@ class LayerUsage:
 
 def domain_usage(profile: RoutingProfile, domain: str, top: int = 5) -> list[LayerUsage]:
     """Returns, per MoE layer, the `top` most used experts of a domain and its candidates."""
-    counts = profile.get(f"domain/{domain}/expert_counts")
-    tokens = profile.get(f"domain/{domain}/token_counts")
-    cands = profile.get(f"domain/{domain}/candidates")
+    counts = profile.domain(domain).expert_counts
+    tokens = profile.domain(domain).token_counts
+    cands = profile.domain(domain).candidates
     freq, ratio = usage_frequency(counts, tokens), usage_ratio(counts, tokens)
     rows = []
     for pos, layer_index in enumerate(profile.model.moe_layers):
@@ -42,12 +42,12 @@ def profile_summary(profile: RoutingProfile) -> dict:
     """Returns a JSON-ready summary of a profile: identity, domains, stages present."""
     domains = {}
     for name in profile.domains():
-        counts = profile.get(f"domain/{name}/expert_counts")
-        tokens = profile.get(f"domain/{name}/token_counts")
+        counts = profile.domain(name).expert_counts
+        tokens = profile.domain(name).token_counts
         ratio = usage_ratio(counts, tokens)
         domains[name] = {
             "tokens": int(tokens[0]) if len(tokens) else 0,
-            "candidates": int(profile.get(f"domain/{name}/candidates").sum()),
+            "candidates": int(profile.domain(name).candidates.sum()),
             "max_over_mean_per_layer": [round(float(r), 3) for r in ratio.max(dim=-1).values],
             "stages": sorted(k.split("/")[2] for k in profile.tensors if k.startswith(f"domain/{name}/")),
         }

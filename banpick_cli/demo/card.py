@@ -79,7 +79,7 @@ Load it offline: `AutoModelForCausalLM.from_pretrained("artifacts/demo-moe")`, `
 ## Training
 
 - Command: `.venv/bin/python tools/train_demo.py` (regenerates `artifacts/data/` and this folder from seeds).
-- Data: `banpick_cli.data.demo`, seed {c['data_seed']}. Each domain's held-out tasks (`artifacts/data/<domain>/tasks.jsonl`)
+- Data: `banpick_cli.demo.corpus`, seed {c['data_seed']}. Each domain's held-out tasks (`artifacts/data/<domain>/tasks.jsonl`)
   are drawn first; calibration text (`calib.jsonl`) and every training document are drawn from the same generators with
   those task prompts excluded. Training mixes calibration-style text with task-formatted examples
   ({100 * c['task_fraction']:.0f}% of documents); each step has {c['batch_size'] // len(domains)} rows of {c['seq_len']} tokens per domain.

@@ -5,13 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from banpick_cli.data.demo import DOMAINS
+from banpick_cli.demo.corpus import DOMAINS
 from banpick_cli.paths import DEMO_DATA_DIR
 from banpick_cli.progress import ProgressFn, silent
-from banpick_cli.tasks import TaskOutcome, accuracy, evaluate_tasks, load_tasks
+from banpick_cli.evaluation.generate import TaskOutcome, accuracy, evaluate_tasks
+from banpick_cli.tasks.registry import REGISTRY
+from banpick_cli.tasks.task import load_tasks
 
-# Room for each domain's longest reference completion (math ~60 tokens, code ~40, general ~8) and more.
-MAX_NEW_TOKENS = {"math": 80, "code": 64, "general": 12}
+# The demo's answer lengths live with its task sets in the task registry.
+MAX_NEW_TOKENS = {domain: REGISTRY[domain].max_new_tokens for domain in ("math", "code", "general")}
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from banpick_cli.data.demo import DEFAULT_SEED, DOMAINS, build_demo_corpus, training_documents
+from banpick_cli.demo.corpus import DEFAULT_SEED, DOMAINS, build_demo_corpus, training_documents
 from banpick_cli.errors import BadSetting
 from banpick_cli.progress import ProgressEvent, ProgressFn, silent
 

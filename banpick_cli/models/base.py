@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -17,22 +17,6 @@ RouteFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.
 # An observer sees the final (weights, indices) the experts receive, after any override.
 ObserveFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    """How the model's own router turns logits into (weights, indices); also the profile's identity."""
-
-    num_experts: int
-    top_k: int
-    scoring: str  # "softmax" | "sigmoid"
-    renormalize: bool
-    routed_scaling_factor: float = 1.0
-    topk_method: str = "greedy"  # "greedy" | "group_limited_greedy" | "noaux_tc"
-    n_group: int = 1
-    topk_group: int = 1
-    shared_experts: bool = False
-    # Qwen2/Qwen3-MoE and OLMoE cast routing weights back to the logits' dtype; the others keep float32.
-    weights_in_logits_dtype: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,7 +42,8 @@ class MoEAdapter:
     family: str = ""
 
     # --- what differs per family -------------------------------------------------------------
-    def routing_config(self, config: Any) -> RoutingConfig:
+    def routing_config(self, config: Any) -> RouterSpec:
+        """Returns the family's router rule from a transformers config (no per-layer tensors)."""
         raise NotImplementedError
 
     # --- shared ------------------------------------------------------------------------------
@@ -87,21 +72,10 @@ class MoEAdapter:
             found.append(MoELayer(len(found), index, mlp, router))
         return found
 
-    def router_spec(self, layer: MoELayer, routing: RoutingConfig) -> RouterSpec:
+    def router_spec(self, layer: MoELayer, routing: RouterSpec) -> RouterSpec:
         """Returns the routing core's description of this layer's router (its own rule, exactly)."""
         bias = getattr(layer.router, "e_score_correction_bias", None)
-        return RouterSpec(
-            num_experts=routing.num_experts,
-            top_k=routing.top_k,
-            scoring=routing.scoring,
-            renormalize=routing.renormalize,
-            routed_scaling_factor=routing.routed_scaling_factor,
-            topk_method=routing.topk_method,
-            n_group=routing.n_group,
-            topk_group=routing.topk_group,
-            correction_bias=None if bias is None else bias.detach(),
-            weights_in_logits_dtype=routing.weights_in_logits_dtype,
-        )
+        return replace(routing, correction_bias=None if bias is None else bias.detach())
 
     def router_tensors(self, layer: MoELayer) -> dict[str, torch.Tensor]:
         """Returns the router parameters that decide routing (hashed into the fingerprint)."""

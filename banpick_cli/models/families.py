@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from banpick_cli.models.base import MoEAdapter, RoutingConfig
+from banpick_cli.models.base import MoEAdapter
+from banpick_cli.routing import RouterSpec
 from banpick_cli.models.registry import register
 
 
@@ -15,8 +16,8 @@ class Qwen3MoeAdapter(MoEAdapter):
     model_types = ("qwen3_moe",)
     family = "Qwen3-MoE"
 
-    def routing_config(self, config: Any) -> RoutingConfig:
-        return RoutingConfig(
+    def routing_config(self, config: Any) -> RouterSpec:
+        return RouterSpec(
             num_experts=config.num_experts,
             top_k=config.num_experts_per_tok,
             scoring="softmax",
@@ -25,17 +26,12 @@ class Qwen3MoeAdapter(MoEAdapter):
         )
 
 
-
 @register
 class Qwen2MoeAdapter(Qwen3MoeAdapter):
     """Qwen2-MoE: as Qwen3-MoE plus a sigmoid-gated shared expert that routing does not touch."""
 
     model_types = ("qwen2_moe",)
     family = "Qwen2-MoE"
-
-    def routing_config(self, config: Any) -> RoutingConfig:
-        base = super().routing_config(config)
-        return RoutingConfig(**{**base.__dict__, "shared_experts": True})
 
 
 @register
@@ -53,8 +49,8 @@ class MixtralAdapter(MoEAdapter):
     model_types = ("mixtral",)
     family = "Mixtral"
 
-    def routing_config(self, config: Any) -> RoutingConfig:
-        return RoutingConfig(
+    def routing_config(self, config: Any) -> RouterSpec:
+        return RouterSpec(
             num_experts=config.num_local_experts,
             top_k=config.num_experts_per_tok,
             scoring="softmax",
@@ -69,8 +65,8 @@ class DeepseekV2Adapter(MoEAdapter):
     model_types = ("deepseek_v2",)
     family = "DeepSeek-V2"
 
-    def routing_config(self, config: Any) -> RoutingConfig:
-        return RoutingConfig(
+    def routing_config(self, config: Any) -> RouterSpec:
+        return RouterSpec(
             num_experts=config.n_routed_experts,
             top_k=config.num_experts_per_tok,
             scoring="softmax",
@@ -79,9 +75,7 @@ class DeepseekV2Adapter(MoEAdapter):
             topk_method=config.topk_method,
             n_group=int(config.n_group or 1),
             topk_group=int(config.topk_group or 1),
-            shared_experts=bool(config.n_shared_experts),
         )
-
 
 
 @register
@@ -91,8 +85,8 @@ class DeepseekV3Adapter(DeepseekV2Adapter):
     model_types = ("deepseek_v3",)
     family = "DeepSeek-V3"
 
-    def routing_config(self, config: Any) -> RoutingConfig:
-        return RoutingConfig(
+    def routing_config(self, config: Any) -> RouterSpec:
+        return RouterSpec(
             num_experts=config.n_routed_experts,
             top_k=config.num_experts_per_tok,
             scoring="sigmoid",
@@ -101,5 +95,4 @@ class DeepseekV3Adapter(DeepseekV2Adapter):
             topk_method="noaux_tc",
             n_group=int(config.n_group or 1),
             topk_group=int(config.topk_group or 1),
-            shared_experts=bool(config.n_shared_experts),
         )

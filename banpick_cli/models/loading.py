@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,10 @@ import torch
 from torch import nn
 
 from banpick_cli.errors import BadSetting, ModelError
-from banpick_cli.models.base import MoEAdapter, MoELayer, RoutingConfig
+from banpick_cli.models.base import MoEAdapter, MoELayer
 from banpick_cli.models.registry import adapter_for
+from banpick_cli.profile.fingerprint import router_fingerprint
+from banpick_cli.profile.identity import ModelIdentity
 from banpick_cli.routing import RouterSpec
 from banpick_cli.paths import DEMO_MODEL_DIR, DEMO_MODEL_NAME
 
@@ -29,34 +30,6 @@ HUB_ALIASES = {
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a profile records about the model it was made for."""
-
-    name_or_path: str
-    architecture: str
-    model_type: str
-    num_layers: int
-    moe_layers: tuple[int, ...]
-    num_experts: int
-    k_base: int
-    renormalize: bool
-    scoring: str
-    routed_scaling_factor: float
-    topk_method: str
-    n_group: int
-    topk_group: int
-    vocab_size: int
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["moe_layers"] = list(self.moe_layers)
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "ModelIdentity":
-        fields = {**data, "moe_layers": tuple(int(i) for i in data["moe_layers"])}
-        return cls(**fields)
 
 
 @dataclass
@@ -67,7 +40,7 @@ class LoadedModel:
     tokenizer: Any
     adapter: MoEAdapter
     layers: list[MoELayer]
-    routing: RoutingConfig
+    routing: RouterSpec  # the model's own rule (per-layer tensors live in router_specs())
     identity: ModelIdentity
     fingerprint: str
     device: torch.device
@@ -174,7 +147,7 @@ def describe(model: nn.Module, tokenizer: Any, adapter: MoEAdapter, *, name_or_p
     return LoadedModel(model, tokenizer, adapter, layers, routing, identity, fingerprint(adapter, layers), device)
 
 
-def identify(model: nn.Module, adapter: MoEAdapter, *, name_or_path: str) -> tuple[list[MoELayer], RoutingConfig, ModelIdentity]:
+def identify(model: nn.Module, adapter: MoEAdapter, *, name_or_path: str) -> tuple[list[MoELayer], RouterSpec, ModelIdentity]:
     """Returns a model's MoE layers, routing rule and identity; works on a weightless (meta) model too."""
     layers = adapter.moe_layers(model)
     if not layers:
@@ -187,29 +160,13 @@ def identify(model: nn.Module, adapter: MoEAdapter, *, name_or_path: str) -> tup
         model_type=config.model_type,
         num_layers=len(adapter.decoder(model).layers),
         moe_layers=tuple(layer.layer_index for layer in layers),
-        num_experts=routing.num_experts,
-        k_base=routing.top_k,
-        renormalize=routing.renormalize,
-        scoring=routing.scoring,
-        routed_scaling_factor=routing.routed_scaling_factor,
-        topk_method=routing.topk_method,
-        n_group=routing.n_group,
-        topk_group=routing.topk_group,
         vocab_size=int(config.vocab_size),
+        router=routing,
     )
     return layers, routing, identity
 
 
 def fingerprint(adapter: MoEAdapter, layers: list[MoELayer]) -> str:
-    """Returns "sha256:<hex>" over every router's weights, rounded to bfloat16.
-
-    Rounding to bfloat16 first makes the hash the same whether the checkpoint is loaded in
-    float32 or bfloat16, while any retrained or different router changes it.
-    """
-    digest = hashlib.sha256()
-    for layer in layers:
-        for name, tensor in adapter.router_tensors(layer).items():
-            values = tensor.detach().to(torch.bfloat16).cpu().contiguous()
-            digest.update(f"{layer.layer_index}.{name}:{tuple(values.shape)};".encode())
-            digest.update(values.view(torch.int16).numpy().tobytes())
-    return "sha256:" + digest.hexdigest()
+    """Returns the profile-format fingerprint of the loaded routers (profile/fingerprint.py)."""
+    return router_fingerprint((layer.layer_index, name, tensor) for layer in layers
+                              for name, tensor in adapter.router_tensors(layer).items())

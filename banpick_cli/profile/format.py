@@ -18,7 +18,8 @@ import torch
 
 from banpick_cli import __version__
 from banpick_cli.errors import FingerprintMismatch, ProfileError
-from banpick_cli.models.loading import ModelIdentity
+from banpick_cli.profile.identity import ModelIdentity
+from banpick_cli.profile.views import BanView, DomainView, missing
 
 FORMAT_NAME = "banpick.routing_profile"
 SCHEMA_VERSION = 1
@@ -37,11 +38,9 @@ TENSOR_SCHEMA: dict[str, tuple[torch.dtype, tuple[str, ...], str]] = {
     r"ban/ratio_min": (torch.float32, (M,), "layer-sensitivity"),
     r"ban/ratio_max": (torch.float32, (M,), "layer-sensitivity"),
     r"ban/ratio_hist": (torch.int64, (M, ANY), "layer-sensitivity"),
-    # Finished layers of an interrupted scan (NaN rows: not done); removed when the scan completes.
-    r"partial/kl-scan/(?P<d>[^/]+)/kl": (torch.float32, (M, E), "kl-scan"),
-    r"partial/layer-sensitivity/layer_kl": (torch.float32, (M,), "layer-sensitivity"),
 }
 REQUIRED_PER_DOMAIN = ("expert_counts", "token_counts", "candidates")
+_OLD_PARTIAL = "partial/"
 
 
 @dataclass
@@ -68,21 +67,37 @@ class RoutingProfile:
         found = {m.group(1) for name in self.tensors if (m := re.fullmatch(r"domain/([^/]+)/expert_counts", name))}
         return sorted(found)
 
+    def domain(self, name: str) -> DomainView:
+        """Returns typed access to one domain's tensors and settings (it need not exist yet)."""
+        return DomainView(self, name)
+
+    @property
+    def ban(self) -> BanView:
+        """Returns typed access to Ban's tensors and settings."""
+        return BanView(self)
+
+    def key_domains(self) -> list[str]:
+        """Returns the domains that have key experts, sorted."""
+        found = {m.group(1) for name in self.tensors if (m := re.fullmatch(r"domain/([^/]+)/key_experts", name))}
+        return sorted(found)
+
     def has(self, name: str) -> bool:
         return name in self.tensors
 
     def get(self, name: str) -> torch.Tensor:
         """Returns a tensor, or raises a one-line error that names the stage to run first."""
         if name not in self.tensors:
-            stage = _schema_for(name)[2]
-            domain = re.match(r"domain/([^/]+)/", name)
-            hint = f" --domain {domain.group(1)}" if domain else ""
-            raise ProfileError(f"the profile has no '{name}': run `banpick {stage}{hint}` first")
+            raise missing(self, name)
         return self.tensors[name]
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         """Stores a tensor after checking its name, dtype and shape against the schema."""
         self.tensors[name] = _checked(name, tensor.detach().cpu().contiguous(), self.shape)
+
+
+def stage_of(name: str) -> str:
+    """Returns the command that writes a tensor."""
+    return _schema_for(name)[2]
 
 
 def _schema_for(name: str) -> tuple[torch.dtype, tuple[str, ...], str]:
@@ -207,7 +222,9 @@ def read_profile(path: str | os.PathLike, *, fingerprint: str | None = None) -> 
             banpick_version=metadata.get("banpick_version", ""),
         )
         with safe_open(str(path), framework="pt") as handle:
-            profile.tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+            # Scans before 0.1.1 kept an interrupted run's rows under partial/: resuming now uses a sidecar.
+            profile.tensors = {name: handle.get_tensor(name) for name in handle.keys() if not name.startswith(_OLD_PARTIAL)}
+        profile.settings = {k: v for k, v in profile.settings.items() if not k.startswith(_OLD_PARTIAL)}
     except ProfileError:
         raise
     except Exception as err:

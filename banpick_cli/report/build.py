@@ -111,27 +111,27 @@ def build_report(
     else:
         report.skipped.append(("candidates", "cross-domain overlap needs at least two domains in the profile"))
     for d in domains:
-        if prof.has(f"domain/{d}/kl"):
+        if prof.domain(d).has("kl"):
             plan.append(("pick", f"kl-{d}", f"KL per candidate, domain '{d}'",
                          "Top-1000 KL of the output when each candidate expert is pruned (paper figure 3, left axis); "
                          "key experts in red. Green diamonds: accuracy gain when forced in, where probed (right axis).",
                          lambda d=d: figures.kl_per_candidate(prof, d)))
         else:
             report.skipped.append(("pick", _missing(prof, f"domain/{d}/kl", f"KL per candidate for '{d}'")))
-        if prof.has(f"domain/{d}/accuracy_gain"):
+        if prof.domain(d).has("accuracy_gain"):
             plan.append(("pick", f"accuracy-gain-{d}", f"Accuracy gain per probed candidate, domain '{d}'",
                          "Accuracy gain on the failure set when each probed candidate is forced in (paper figure 3, "
                          "right axis); outlined bars are the chosen key experts.",
                          lambda d=d: figures.accuracy_gain(prof, d)))
         else:
             report.skipped.append(("pick", _missing(prof, f"domain/{d}/accuracy_gain", f"accuracy gain for '{d}'")))
-    if prof.has("ban/layer_kl"):
+    if prof.ban.has("layer_kl"):
         plan.append(("ban", "layer-sensitivity", "Layer sensitivity W_l",
                      "KL of the output when one layer alone drops from K_base to K_min experts (paper figure 5a).",
                      lambda: figures.layer_sensitivity(prof)))
     else:
         report.skipped.append(("ban", _missing(prof, "ban/layer_kl", "layer sensitivity (figure 5a)")))
-    if prof.has("ban/ratio_hist"):
+    if prof.ban.has("ratio_hist"):
         plan.append(("ban", "token-ratio", "Token ratio R per layer",
                      "Distribution of each token's ratio R of the top-K_min to the top-K_base routing weight, per layer, "
                      "on the calibration set (paper figure 5b, as a histogram per layer).",

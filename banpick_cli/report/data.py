@@ -8,15 +8,14 @@ import torch
 
 from banpick_cli.profile.format import RoutingProfile
 from banpick_cli.profile.stats import usage_frequency
-from banpick_cli.routing import ban_k
+from banpick_cli.routing import BETA, K_MIN, LAM, ban_k
 
 # Paper defaults (section 6.1), used when a profile stores no `ban` settings.
-BAN_DEFAULTS = {"k_min": 3, "lam": 0.7, "beta": 0.5}
 
 
 def frequency(profile: RoutingProfile, domain: str) -> torch.Tensor:
     """Returns the share of tokens that selected each expert. # [moe_layers, experts] float64"""
-    return usage_frequency(profile.get(f"domain/{domain}/expert_counts"), profile.get(f"domain/{domain}/token_counts"))
+    return usage_frequency(profile.domain(domain).expert_counts, profile.domain(domain).token_counts)
 
 
 def specialised_layers(profile: RoutingProfile, count: int = 3) -> list[int]:
@@ -49,7 +48,7 @@ class Overlap:
 def candidate_overlap(profile: RoutingProfile) -> Overlap:
     """Returns how the domains' candidate experts overlap (needs at least two domains)."""
     domains = profile.domains()
-    masks = torch.stack([profile.get(f"domain/{d}/candidates") for d in domains])  # [D, M, E] bool
+    masks = torch.stack([profile.domain(d).candidates for d in domains])  # [D, M, E] bool
     hits = masks.sum(0)  # [M, E]: in how many domains an expert is a candidate
     everywhere = (hits == len(domains)).sum(-1)
     some = ((hits >= 2) & (hits < len(domains))).sum(-1)
@@ -88,14 +87,13 @@ def scanned(profile: RoutingProfile, domain: str, part: str) -> list[ScannedExpe
 def ban_settings(profile: RoutingProfile) -> tuple[dict, bool]:
     """Returns Ban's knobs as layer-sensitivity stored them (k_min, lam, beta, ratio_k_num, ratio_scope), and
     whether they came from the profile (False: the paper's defaults)."""
-    stored = profile.settings.get("ban")
-    knobs = {**BAN_DEFAULTS, "ratio_k_num": None, "ratio_scope": "layer"}
-    for key, value in (stored or {}).items():
-        key = "lam" if key == "lambda" else key  # layer-sensitivity writes "lambda", the routing core says lam
+    stored = profile.ban.settings
+    knobs = {"k_min": K_MIN, "lam": LAM, "beta": BETA, "ratio_k_num": None, "ratio_scope": "layer"}
+    for key, value in stored.items():
         if key in knobs:
             knobs[key] = value
     knobs["ratio_k_num"] = knobs["ratio_k_num"] or knobs["k_min"]
-    return knobs, stored is not None
+    return knobs, bool(stored)
 
 
 @dataclass(frozen=True)
@@ -117,12 +115,12 @@ def ban_k_distribution(profile: RoutingProfile) -> BanK:
     The R range is per layer, or pooled over layers when layer-sensitivity stored ratio_scope "pooled"
     (as the runtime reads it).
     """
-    hist = profile.get("ban/ratio_hist")  # [M, bins]
-    sens = profile.get("ban/layer_sensitivity")
-    r_min, r_max = profile.get("ban/ratio_min").double(), profile.get("ban/ratio_max").double()
+    hist = profile.ban.ratio_hist  # [M, bins]
+    sens = profile.ban.layer_sensitivity
+    r_min, r_max = profile.ban.ratio_min.double(), profile.ban.ratio_max.double()
     knobs, stored = ban_settings(profile)
     if knobs["ratio_scope"] == "pooled":
-        recorded = profile.settings.get("ban", {})
+        recorded = profile.ban.settings
         r_min = torch.full_like(r_min, float(recorded.get("ratio_min_global", r_min.min())))
         r_max = torch.full_like(r_max, float(recorded.get("ratio_max_global", r_max.max())))
     k_base = profile.model.k_base

@@ -90,10 +90,10 @@ def _bars(ax, heights: list[float], colours: list[str], width: float = 0.85) -> 
 def usage_heatmap(profile: RoutingProfile, domain: str) -> Figure:
     """Expert usage frequency of one domain, every layer by every expert; candidates dotted."""
     freq = data.frequency(profile, domain).float() * 100  # [M, E] in %
-    cands = profile.get(f"domain/{domain}/candidates")
+    cands = profile.domain(domain).candidates
     m, e = freq.shape
     k = profile.model.k_base
-    tokens = int(profile.get(f"domain/{domain}/token_counts")[0])
+    tokens = int(profile.domain(domain).token_counts[0])
     fig = _figure(min(max(7.0, 3 + e * 0.07), 16.0), min(max(3.6, 1.8 + m * 0.26), 14.0))
     ax = fig.add_subplot()
     # A square-root scale: one expert at 60% would otherwise leave every other layer in the dark.
@@ -131,7 +131,7 @@ def usage_bars(profile: RoutingProfile, positions: list[int], *, title: str | No
         for c, d in enumerate(domains):
             ax = axes[r][c]
             values = freqs[d][pos]
-            cand = profile.get(f"domain/{d}/candidates")[pos]
+            cand = profile.domain(d).candidates[pos]
             _bars(ax, values.tolist(), [domain_colour(profile, d) if cand[x] else NEUTRAL for x in range(e)])
             ax.axhline(100 * k / e, color="#333", linestyle="--", linewidth=0.9)
             for x in values.argsort(descending=True)[:3].tolist():
@@ -208,7 +208,7 @@ def kl_per_candidate(profile: RoutingProfile, domain: str) -> Figure:
     """KL of the output when each scanned candidate is pruned; key experts red; gain on a second axis if probed."""
     items, dropped = _select(data.scanned(profile, domain, "kl"))
     gains = {}
-    if profile.has(f"domain/{domain}/accuracy_gain"):
+    if profile.domain(domain).has("accuracy_gain"):
         gains = {(g.position, g.expert): g.value for g in data.scanned(profile, domain, "accuracy_gain")}
     fig = _figure(min(max(7.0, 2.5 + len(items) * 0.3), 16.0), 4.6)
     ax = fig.add_subplot()
@@ -260,8 +260,8 @@ def accuracy_gain(profile: RoutingProfile, domain: str) -> Figure:
 # --- Ban (figure 5) -------------------------------------------------------------------------------
 def layer_sensitivity(profile: RoutingProfile) -> Figure:
     """W_l per layer (bars coloured by the normalised L'_l), most and least sensitive layers named."""
-    kl = profile.get("ban/layer_kl").float()
-    sens = profile.get("ban/layer_sensitivity").float() if profile.has("ban/layer_sensitivity") else None
+    kl = profile.ban.layer_kl.float()
+    sens = profile.ban.layer_sensitivity.float() if profile.ban.has("layer_sensitivity") else None
     labels = _layer_labels(profile)
     k_min = int(data.ban_settings(profile)[0]["k_min"])
     fig = _figure(min(max(7.5, 3 + len(labels) * 0.22), 18.0), 4.4)
@@ -287,9 +287,9 @@ def layer_sensitivity(profile: RoutingProfile) -> Figure:
 
 def token_ratio(profile: RoutingProfile) -> Figure:
     """Distribution of the token ratio R per layer (share of the layer's tokens per bin), R_min/R_max marked."""
-    hist = profile.get("ban/ratio_hist").double()
+    hist = profile.ban.ratio_hist.double()
     shares = hist / hist.sum(-1, keepdim=True).clamp(min=1)
-    r_min, r_max = profile.get("ban/ratio_min"), profile.get("ban/ratio_max")
+    r_min, r_max = profile.ban.ratio_min, profile.ban.ratio_max
     labels = _layer_labels(profile)
     m = len(labels)
     k_num = int(data.ban_settings(profile)[0]["ratio_k_num"])

@@ -66,13 +66,13 @@ def render_page(profile: RoutingProfile, report: "Report", *, source: str = "") 
 
 
 def _model_table(profile: RoutingProfile) -> str:
-    m = profile.model
+    m, r = profile.model, profile.model.router
     rows = [
         ("architecture", f"{m.architecture} ({m.model_type})"),
         ("layers", f"{m.num_layers} decoder layers, {len(m.moe_layers)} MoE (L{m.moe_layers[0]}-L{m.moe_layers[-1]})"),
-        ("experts", f"{m.num_experts} per layer, top-{m.k_base} {m.scoring}{', renormalised' if m.renormalize else ''}"),
-        ("routing", f"{m.topk_method}" + (f", {m.n_group} groups, top {m.topk_group}" if m.n_group > 1 else "")
-         + (f", scaling {m.routed_scaling_factor:g}" if m.routed_scaling_factor != 1 else "")),
+        ("experts", f"{m.num_experts} per layer, top-{m.k_base} {r.scoring}{', renormalised' if r.renormalize else ''}"),
+        ("routing", f"{r.topk_method}" + (f", {r.n_group} groups, top {r.topk_group}" if r.n_group > 1 else "")
+         + (f", scaling {r.routed_scaling_factor:g}" if r.routed_scaling_factor != 1 else "")),
         ("domains", ", ".join(profile.domains()) or "none"),
         ("tensors", ", ".join(sorted(profile.tensors))),
         ("settings", f"<details><summary>{escape(', '.join(sorted(profile.settings)) or 'none')}</summary>"

@@ -17,7 +17,7 @@ ambiguous rules, and the options that offer the alternatives: docs/routing.md.
                                   DES, ODP and RICE (appendix E)
 """
 
-from .ban import ban, ban_k, check_ban_params, token_ratio
+from .ban import BETA, K_MIN, LAM, ban, ban_k, check_ban_params, token_ratio
 from .banpick import ban_pick
 from .baselines import des, des_bounds, des_ratios, des_thresholds, dynamic, dynamic_k, odp, rice
 from .pick import STRATEGIES, pick
@@ -25,6 +25,9 @@ from .spec import RouterSpec, Routing
 from .topk import keep_top, probs, route, select_scores, weights_for
 
 __all__ = [
+    "BETA",
+    "K_MIN",
+    "LAM",
     "STRATEGIES",
     "RouterSpec",
     "Routing",

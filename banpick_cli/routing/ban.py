@@ -11,6 +11,9 @@ from .topk import check_k, keep_top_probs, probs, route_probs
 
 REWEIGHTS = ("model", "keep")  # reading 9, and its alternative
 
+# The paper's defaults (section 4.2): K_min = 3, lambda = 0.7, beta = 0.5. One home; everything reads these.
+K_MIN, LAM, BETA = 3, 0.7, 0.5
+
 
 def token_ratio(logits: torch.Tensor, spec: RouterSpec, k_num: int = 3, k_base: int | None = None) -> torch.Tensor:
     """Returns R [T] (float32): the weight of the top-k_num experts over that of the top-k_base.
@@ -39,9 +42,9 @@ def ban_k(
     r_min: float,
     r_max: float,
     k_base: int,
-    k_min: int = 3,
-    lam: float = 0.7,
-    beta: float = 0.5,
+    k_min: int = K_MIN,
+    lam: float = LAM,
+    beta: float = BETA,
     clip: bool = True,
 ) -> torch.Tensor:
     """Returns K [T] (long): floor(K_min + (K_base - K_min) * lam * S), clamped to [K_min, K_base].
@@ -75,9 +78,9 @@ def ban(
     r_min: float,
     r_max: float,
     *,
-    k_min: int = 3,
-    lam: float = 0.7,
-    beta: float = 0.5,
+    k_min: int = K_MIN,
+    lam: float = LAM,
+    beta: float = BETA,
     clip: bool = True,
     ratio_k_num: int | None = None,
     reweight: str = "model",

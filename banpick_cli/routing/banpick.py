@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .ban import ban_k, check_ban_params, ratio_of
+from .ban import BETA, K_MIN, LAM, ban_k, check_ban_params, ratio_of
 from .pick import check_positive, force
 from .spec import RouterSpec, Routing
 from .topk import check_mask, choice_scores, keep_top_probs, probs, route_probs, to_mask
@@ -20,9 +20,9 @@ def ban_pick(
     r_min: float,
     r_max: float,
     *,
-    k_min: int = 3,
-    lam: float = 0.7,
-    beta: float = 0.5,
+    k_min: int = K_MIN,
+    lam: float = LAM,
+    beta: float = BETA,
     clip: bool = True,
     ratio_k_num: int | None = None,
     range_factor: float = 2.0,

@@ -5,10 +5,22 @@
         model.generate(...)
     handle.stats()
 
-Engine plugins (vllm_plugin, sglang_plugin) import their engine lazily; this package does not.
+The names below load on first use, so that an engine plugin importing `banpick_cli.runtime.engine` pulls
+in neither the HF runtime nor transformers.
 """
 
-from banpick_cli.runtime.hf import RoutingHandle, RoutingStats, apply, remove
-from banpick_cli.runtime.plan import METHODS, RoutingPlan, build_plan
+from importlib import import_module
+from typing import Any
 
-__all__ = ["METHODS", "RoutingHandle", "RoutingPlan", "RoutingStats", "apply", "build_plan", "remove"]
+_LAZY = {
+    "RoutingHandle": "hf", "RoutingStats": "hf", "apply": "hf", "remove": "hf",
+    "METHODS": "methods", "RoutingPlan": "plan", "build_plan": "plan",
+}
+
+__all__ = sorted(_LAZY)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'banpick_cli.runtime' has no attribute {name!r}")
+    return getattr(import_module(f"banpick_cli.runtime.{_LAZY[name]}"), name)

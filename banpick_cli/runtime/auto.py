@@ -17,7 +17,8 @@ from banpick_cli.errors import BadSetting, ProfileError
 from banpick_cli.profile.format import RoutingProfile
 from banpick_cli.routing import RouterSpec
 
-from banpick_cli.runtime.plan import DOMAIN_METHODS, RoutingPlan, build_plan
+from banpick_cli.runtime.methods import DOMAIN_METHODS
+from banpick_cli.runtime.plan import RoutingPlan, build_plan
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,14 @@ def build_auto(profile: RoutingProfile, specs: list[RouterSpec], method: str, **
     if method not in DOMAIN_METHODS:
         raise BadSetting(f"domain 'auto' applies to methods that read key experts ({', '.join(DOMAIN_METHODS)}), not '{method}'")
     keyed = sorted({name.split("/")[1] for name in profile.tensors if name.endswith("/key_experts")})
-    domains = [d for d in keyed if f"domain/{d}/expert_counts" in profile.tensors]
+    domains = [d for d in keyed if profile.domain(d).has("expert_counts")]
     if not keyed:
         raise ProfileError("domain auto needs key experts of at least one domain: run `banpick kl-scan --domain <d>` first")
     if not domains:
         raise ProfileError(f"domain auto needs usage counts of the domains with key experts ({', '.join(keyed)}): "
                            "export without dropping them, or run `banpick profile --domain <d>`")
     plans = {d: build_plan(profile, specs, method, d, **overrides) for d in domains}
-    signatures = torch.stack([profile.get(f"domain/{d}/expert_counts").float() for d in domains])
+    signatures = torch.stack([profile.domain(d).expert_counts.float() for d in domains])
     return AutoPlan(method, tuple(domains), plans, signatures)
 
 

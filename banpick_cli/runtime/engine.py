@@ -13,21 +13,20 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass, field
-from types import SimpleNamespace
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
 
 from banpick_cli.errors import BanpickError, FingerprintMismatch
-from banpick_cli.models.base import MoEAdapter, MoELayer
-from banpick_cli.models.loading import fingerprint
+from banpick_cli.profile.fingerprint import router_fingerprint
 from banpick_cli.profile.format import RoutingProfile
 from banpick_cli.routing import Routing, route, weights_for
 
 from banpick_cli.runtime.bundle import load_bundle, sha256_of
 from banpick_cli.runtime.expect import expected_k, max_experts
-from banpick_cli.runtime.plan import RoutingPlan, build_plan, specs_from_identity
+from banpick_cli.runtime.methods import ENGINE_METHODS
+from banpick_cli.runtime.plan import RoutingPlan, build_plan
 
 logger = logging.getLogger("banpick")
 
@@ -35,7 +34,6 @@ ENV_PROFILE, ENV_METHOD, ENV_DOMAIN = "BANPICK_PROFILE", "BANPICK_METHOD", "BANP
 ENV_PARAMS, ENV_OVERFLOW = "BANPICK_PARAMS", "BANPICK_OVERFLOW"
 ENV_UNTESTED = "BANPICK_ALLOW_UNTESTED_ENGINE"
 ENV_ROUTE_ALL = "BANPICK_ROUTE_ALL"  # 1: every layer through the core, even unchanged ones (an equivalence test)
-ENGINE_METHODS = ("baseline", "ban", "pick", "banpick", "dynamic")
 OVERFLOWS = ("error", "truncate")
 # Decoder-layer index of a router gate or MoE module, in every engine's module names:
 # "model.layers.3.mlp.gate", "model.layers.3.block_sparse_moe.gate" (vLLM Mixtral).
@@ -107,9 +105,8 @@ def gate_modules(named_modules) -> dict[int, Any]:
 
 def engine_fingerprint(gates: dict[int, Any]) -> str:
     """Returns the profile-format fingerprint of an engine's router gates (the same hash HF loading gives)."""
-    layers = [MoELayer(position, index, None, SimpleNamespace(
-        weight=gates[index].weight, **_bias_attr(gates[index]))) for position, index in enumerate(sorted(gates))]
-    return fingerprint(MoEAdapter(), layers)
+    return router_fingerprint((index, name, tensor) for index in sorted(gates)
+                              for name, tensor in {"weight": gates[index].weight, **_bias_attr(gates[index])}.items())
 
 
 class EngineRouter:
@@ -147,7 +144,10 @@ class EngineRouter:
         if slots < ident.k_base:
             raise EngineUnsupported(f"the engine routes {slots} experts per token, fewer than the model's top-{ident.k_base}")
         biases = [getattr(gates[i], "e_score_correction_bias", None) for i in ident.moe_layers]
-        self.specs = specs_from_identity(profile, [None if b is None else b.detach() for b in biases])
+        # The engines keep routing weights in float32 (vLLM's fused_topk, SGLang's select_experts), whatever
+        # HF transformers does with them: route as the engine would, not as the HF model class.
+        self.specs = [replace(spec, weights_in_logits_dtype=False) for spec in
+                      profile.model.router_specs([None if b is None else b.detach() for b in biases])]
         _pin_key_experts(profile)
         self.plan: RoutingPlan = build_plan(profile, self.specs, method, domain, **params)
         self.needed = max_experts(self.plan)

@@ -94,7 +94,7 @@ def _ban(plan: RoutingPlan, profile: RoutingProfile | None) -> tuple[list[float]
     params = plan.ban_params or {}
     kw = {k: params[k] for k in ("k_min", "lam", "beta", "clip") if k in params}
     k_base = plan.k_base
-    hist = profile.tensors.get("ban/ratio_hist") if profile is not None else None
+    hist = profile.ban.find("ratio_hist") if profile is not None else None
     low, high = [], []
     for position, (sens, r_min, r_max) in enumerate(params["per_layer"]):
         if position not in plan.rules:  # K_min == K_base: nothing pruned

@@ -20,12 +20,12 @@ from banpick_cli.errors import BadSetting, BanpickError, ProfileError
 from banpick_cli.profile.format import RoutingProfile, new_profile, read_profile, write_profile
 
 from banpick_cli.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, PROFILE, sha256_of
-from banpick_cli.runtime.engine import ENGINE_METHODS
 from banpick_cli.runtime.expect import expected_k, max_experts
-from banpick_cli.runtime.plan import AUTO, DOMAIN_METHODS, RoutingPlan, build_plan, specs_from_identity
+from banpick_cli.runtime.methods import DOMAIN_METHODS, ENGINE_METHODS
+from banpick_cli.runtime.plan import AUTO, RoutingPlan, build_plan
 
 TARGETS = ("vllm", "sglang", "hf")
-BAN_TENSORS = ("ban/layer_sensitivity", "ban/ratio_min", "ban/ratio_max", "ban/ratio_hist")
+BAN_TENSORS = ("layer_sensitivity", "ratio_min", "ratio_max", "ratio_hist")  # what serving needs of Ban
 # The serving images the Dockerfile lines start from: the engine versions the plugins target.
 BASE_IMAGES = {"vllm": "vllm/vllm-openai:v0.26.0", "sglang": "lmsysorg/sglang:latest",
                "hf": "python:3.11-slim"}
@@ -68,12 +68,12 @@ def export_bundle(
         raise BadSetting(f"method '{method}' runs in the HF runtime only; --target {target} serves: {', '.join(ENGINE_METHODS)}")
     if domain == AUTO and target != "hf":
         raise BadSetting("--domain auto runs in the HF runtime only (it needs a per-request signature pass)")
-    specs = specs_from_identity(source)
+    specs = source.model.router_specs()
     plans = _plans(source, specs, method, domain, overrides)
     domains = sorted({p.domain for p in plans.values() if p.domain} | (_auto_domains(source) if domain == AUTO else set()))
     keep_usage = domain == AUTO or (method is None and target == "hf")
     runtime = _runtime_settings(source, plans, method, domain, overrides, target)
-    compact = _compact(source, domains if (method or domain) else _key_domains(source), keep_usage,
+    compact = _compact(source, domains if (method or domain) else source.key_domains(), keep_usage,
                        with_ban=any(p.method in ("ban", "banpick") for p in plans.values()), runtime=runtime)
     target_dir = Path(out)
     target_dir.mkdir(parents=True, exist_ok=True)
@@ -97,7 +97,7 @@ def _plans(profile: RoutingProfile, specs, method, domain, overrides) -> dict[st
     # Serve-time choice: every method the profile can serve, each domain with key experts.
     plans: dict[str, RoutingPlan] = {}
     for candidate in ("ban", "pick", "banpick"):
-        for d in (_key_domains(profile) if candidate in DOMAIN_METHODS else [None]):
+        for d in (profile.key_domains() if candidate in DOMAIN_METHODS else [None]):
             try:
                 plans[candidate if d is None else f"{candidate}/{d}"] = build_plan(profile, specs, candidate, d, **{
                     k: v for k, v in overrides.items()})
@@ -122,18 +122,19 @@ def _runtime_settings(profile, plans, method, domain, overrides, target) -> dict
 def _compact(source: RoutingProfile, domains, keep_usage: bool, *, with_ban: bool, runtime: dict) -> RoutingProfile:
     compact = new_profile(source.model, source.fingerprint)
     for d in domains:
-        compact.put(f"domain/{d}/key_experts", source.get(f"domain/{d}/key_experts"))
-        if keep_usage and f"domain/{d}/expert_counts" in source.tensors:
+        here, there = compact.domain(d), source.domain(d)
+        here.put("key_experts", there.key_experts)
+        if keep_usage and there.has("expert_counts"):
             for part in ("expert_counts", "token_counts", "candidates"):
-                compact.put(f"domain/{d}/{part}", source.get(f"domain/{d}/{part}"))
-        if f"pick/{d}" in source.settings:
-            compact.settings[f"pick/{d}"] = source.settings[f"pick/{d}"]
+                here.put(part, there.get(part))
+        if there.recorded_pick():
+            here.set_pick(there.recorded_pick())
     if with_ban:
-        for name in BAN_TENSORS:
-            if name in source.tensors:
-                compact.put(name, source.tensors[name])
-        if "ban" in source.settings:
-            compact.settings["ban"] = source.settings["ban"]
+        for part in BAN_TENSORS:
+            if source.ban.has(part):
+                compact.ban.put(part, source.ban.get(part))
+        if source.ban.settings:
+            compact.ban.set_settings(source.ban.settings)
     compact.settings["runtime"] = runtime
     compact.provenance = dict(source.provenance)
     return compact
@@ -172,12 +173,8 @@ def _write_snippets(out: Path, manifest: dict) -> list[Path]:
     return written
 
 
-def _key_domains(profile: RoutingProfile) -> list[str]:
-    return sorted({n.split("/")[1] for n in profile.tensors if n.endswith("/key_experts")})
-
-
 def _auto_domains(profile: RoutingProfile) -> set[str]:
-    return {d for d in _key_domains(profile) if f"domain/{d}/expert_counts" in profile.tensors}
+    return {d for d in profile.key_domains() if profile.domain(d).has("expert_counts")}
 
 
 def _jsonable(values: dict[str, Any]) -> dict[str, Any]:

@@ -7,7 +7,6 @@ method's hyperparameters, all calling the routing core. Layers the method leaves
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -16,23 +15,11 @@ import torch
 
 from banpick_cli.errors import BadSetting, ProfileError
 from banpick_cli.profile.format import RoutingProfile
-from banpick_cli.routing import RouterSpec, Routing, ban, ban_pick, des, dynamic, odp, pick, rice
+from banpick_cli.routing import RouterSpec, Routing, ban, ban_pick, pick, rice
+from banpick_cli.runtime.methods import Method, allowed_params, get_method
 
-METHODS = ("baseline", "pick", "ban", "banpick", "dynamic", "des", "odp", "rice")
-# Methods that read a domain's key experts; "auto" picks the domain per request (runtime/auto.py).
-DOMAIN_METHODS = ("pick", "banpick")
-AUTO = "auto"
+AUTO = "auto"  # a domain chosen per request (runtime/auto.py)
 RATIO_SCOPES = ("layer", "pooled")  # reading 4: R_min/R_max per layer, or over all layers
-
-_CORE: dict[str, Callable[..., Routing]] = {
-    "pick": pick, "ban": ban, "banpick": ban_pick, "dynamic": dynamic, "des": des, "odp": odp, "rice": rice,
-}
-# Arguments the plan fills itself from the profile, never a hyperparameter.
-_FROM_PROFILE = {"logits", "spec", "key_experts", "layer_sensitivity", "r_min", "r_max", "base"}
-# Hyperparameters a method cannot run without (no profile stage writes them yet: eval supplies them).
-_REQUIRED = {"dynamic": ("tau",), "des": ("thresholds",), "odp": ("thresholds", "key_tokens"),
-             "rice": ("cognitive_experts", "factor")}
-_EXTRA = {"ban": ("ratio_scope",), "banpick": ("ratio_scope",)}
 
 
 @dataclass(frozen=True)
@@ -94,20 +81,6 @@ class RoutingPlan:
         return out
 
 
-def specs_from_identity(profile: RoutingProfile, correction_bias: list[torch.Tensor | None] | None = None) -> list[RouterSpec]:
-    """Returns one RouterSpec per MoE layer from the profile's model description.
-
-    For engines, which have no transformers adapter: DeepSeek-V3's correction bias is per layer
-    and lives in the engine's router, so the caller passes it.
-    """
-    m = profile.model
-    biases = correction_bias or [None] * len(m.moe_layers)
-    return [
-        RouterSpec(m.num_experts, m.k_base, m.scoring, m.renormalize, m.routed_scaling_factor, m.topk_method,
-                   m.n_group, m.topk_group, bias)
-        for bias in biases
-    ]
-
 
 def build_plan(
     profile: RoutingProfile | None,
@@ -123,44 +96,36 @@ def build_plan(
     the stage to run when the profile lacks a tensor the method needs, BadSetting for an unknown
     method, hyperparameter or value. `domain="auto"` is not a plan: see `build_auto`.
     """
-    if method not in METHODS:
-        raise BadSetting(f"unknown method '{method}'; known: {', '.join(METHODS)}")
+    record = get_method(method)
     if domain == AUTO:
         raise BadSetting("domain 'auto' chooses a plan per request: call runtime.auto.build_auto")
     _check_overrides(method, overrides)
-    if method == "baseline":
-        return RoutingPlan("baseline", None, {}, tuple(specs))
-    if profile is None and method in ("pick", "ban", "banpick"):
+    if record.build == "none":
+        return RoutingPlan(method, None, {}, tuple(specs))
+    if profile is None and record.needs_profile:
         raise ProfileError(f"method '{method}' needs a routing profile")
     if profile is not None:
         _check_shape(profile, specs)
-    if method in DOMAIN_METHODS and not domain:
-        listed = _key_domains(profile)
+    if record.takes_domain and not domain:
+        listed = profile.key_domains()
         raise BadSetting(f"method '{method}' needs a domain (--domain); the profile has key experts for: "
                          f"{', '.join(listed) or 'none'}")
-    builder = {"pick": _pick, "ban": _ban, "banpick": _banpick, "rice": _rice}.get(method, _des_like)
-    return builder(profile, list(specs), method, domain if method in DOMAIN_METHODS else None, dict(overrides))
-
-
-def allowed_params(method: str) -> tuple[str, ...]:
-    """Returns the hyperparameter names `method` accepts as overrides."""
-    if method == "baseline":
-        return ()
-    names = [n for n in inspect.signature(_CORE[method]).parameters if n not in _FROM_PROFILE]
-    return tuple(names) + _EXTRA.get(method, ())
+    builder = _BUILDERS[record.build]
+    return builder(profile, list(specs), record, domain if record.takes_domain else None, dict(overrides))
 
 
 def key_experts(profile: RoutingProfile, domain: str) -> torch.Tensor:
     """Returns the domain's key experts (bool [M, E]) or raises naming the stage that writes them."""
-    return profile.get(f"domain/{domain}/key_experts")
+    return profile.domain(domain).key_experts
 
 
 # --- builders ----------------------------------------------------------------------------------
 
 
-def _pick(profile, specs, method, domain, overrides) -> RoutingPlan:
+def _pick(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
+    method = record.name
     key = key_experts(profile, domain)
-    params = {**_defaults("pick"), **_settings(profile, f"pick/{domain}", "pick"), **overrides}
+    params = {**record.defaults(), **_recorded(profile.domain(domain).recorded_pick(), record), **overrides}
     rules = {}
     for position, spec in enumerate(specs):
         layer_key = key[position]
@@ -170,8 +135,9 @@ def _pick(profile, specs, method, domain, overrides) -> RoutingPlan:
     return RoutingPlan(method, domain, _public(params), tuple(specs), rules, key_experts=key)
 
 
-def _ban(profile, specs, method, domain, overrides) -> RoutingPlan:
-    params, per_layer = _ban_setup(profile, "ban", overrides)
+def _ban(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
+    method = record.name
+    params, per_layer = _ban_setup(profile, record, overrides)
     rules = {
         position: _rule(position, spec, lambda x, s=spec, a=args: ban(x, s, *a, **params))
         for position, (spec, args) in enumerate(zip(specs, per_layer))
@@ -182,10 +148,11 @@ def _ban(profile, specs, method, domain, overrides) -> RoutingPlan:
                        ban_params=_ban_record(params, per_layer))
 
 
-def _banpick(profile, specs, method, domain, overrides) -> RoutingPlan:
+def _banpick(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
+    method = record.name
     key = key_experts(profile, domain)
-    pick_settings = {k: v for k, v in _settings(profile, f"pick/{domain}", "banpick").items() if k == "range_factor"}
-    params, per_layer = _ban_setup(profile, "banpick", {**pick_settings, **overrides})
+    pick_settings = {k: v for k, v in _recorded(profile.domain(domain).recorded_pick(), record).items() if k == "range_factor"}
+    params, per_layer = _ban_setup(profile, record, {**pick_settings, **overrides})
     rules = {
         position: _rule(position, spec, lambda x, s=spec, k=key[position], a=args: ban_pick(x, s, k, *a, **params),
                         key[position])
@@ -195,16 +162,17 @@ def _banpick(profile, specs, method, domain, overrides) -> RoutingPlan:
                        key_experts=key, ban_params=_ban_record(params, per_layer))
 
 
-def _des_like(profile, specs, method, domain, overrides) -> RoutingPlan:
-    params = {**_defaults(method), **overrides}
-    _require(method, params)
-    fn = _CORE[method]
+def _per_layer_rule(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
+    method = record.name
+    params = {**record.defaults(), **overrides}
+    _require(record, params)
+    fn = record.core
     rules = {}
     for position, spec in enumerate(specs):
         layer_params = dict(params)
         if "thresholds" in params:  # DES medians: [n] pooled, or [M, n] per layer (reading 22)
             layer_params["thresholds"] = _per_layer(params["thresholds"], position, len(specs), "thresholds")
-        if method == "odp":
+        if "key_tokens" in record.required:  # ODP: its key tokens change with every batch
             layer_params["key_tokens"] = _provider(params["key_tokens"])
             rules[position] = _rule(
                 position, spec, lambda x, s=spec, p=layer_params: fn(x, s, **{**p, "key_tokens": p["key_tokens"](x.shape[0])}),
@@ -214,9 +182,10 @@ def _des_like(profile, specs, method, domain, overrides) -> RoutingPlan:
     return RoutingPlan(method, None, _public(params), tuple(specs), rules)
 
 
-def _rice(profile, specs, method, domain, overrides) -> RoutingPlan:
-    params = {**_defaults("rice"), **overrides}
-    _require("rice", params)
+def _rice(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
+    method = record.name
+    params = {**record.defaults(), **overrides}
+    _require(record, params)
     cognitive = params["cognitive_experts"]
     rules = {}
     for position, spec in enumerate(specs):
@@ -231,15 +200,15 @@ def _rice(profile, specs, method, domain, overrides) -> RoutingPlan:
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _ban_setup(profile: RoutingProfile, method: str, overrides: dict) -> tuple[dict, list[tuple[float, float, float]]]:
-    sensitivity = profile.get("ban/layer_sensitivity")
-    r_min, r_max = profile.get("ban/ratio_min"), profile.get("ban/ratio_max")
-    params = {**_defaults(method), **_settings(profile, "ban", method), **overrides}
+def _ban_setup(profile: RoutingProfile, record: Method, overrides: dict) -> tuple[dict, list[tuple[float, float, float]]]:
+    sensitivity = profile.ban.layer_sensitivity
+    r_min, r_max = profile.ban.ratio_min, profile.ban.ratio_max
+    params = {**record.defaults(), **_recorded(profile.ban.settings, record), **overrides}
     scope = params.pop("ratio_scope", "layer")
     if scope not in RATIO_SCOPES:
         raise BadSetting(f"ratio_scope must be one of {RATIO_SCOPES}, got {scope!r}")
     if scope == "pooled":  # one range over every layer's tokens: layer-sensitivity records it (reading 4)
-        recorded = profile.settings.get("ban", {})
+        recorded = profile.ban.settings
         lo = recorded.get("ratio_min_global", float(r_min.min()))
         hi = recorded.get("ratio_max_global", float(r_max.max()))
         r_min, r_max = torch.full_like(r_min, float(lo)), torch.full_like(r_max, float(hi))
@@ -257,7 +226,7 @@ def _ban_record(params: dict, per_layer: list) -> dict:
 
 
 def _ratio_note(overrides: dict, profile: RoutingProfile) -> dict:
-    return {"ratio_scope": overrides.get("ratio_scope", profile.settings.get("ban", {}).get("ratio_scope", "layer"))}
+    return {"ratio_scope": overrides.get("ratio_scope", profile.ban.settings.get("ratio_scope", "layer"))}
 
 
 def _rule(position: int, spec: RouterSpec, fn: Callable[[torch.Tensor], Routing], key: torch.Tensor | None = None,
@@ -272,23 +241,12 @@ def _rule(position: int, spec: RouterSpec, fn: Callable[[torch.Tensor], Routing]
     return LayerRule(position, fn, width, key)
 
 
-def _defaults(method: str) -> dict[str, Any]:
-    """Returns the routing core's own defaults for a method's hyperparameters (one home: the core)."""
-    params = inspect.signature(_CORE[method]).parameters
-    return {n: p.default for n, p in params.items()
-            if n not in _FROM_PROFILE and p.default is not inspect.Parameter.empty and n != "key_tokens"}
 
-
-# Names a stage records under another spelling than the routing core's keyword.
-_SETTING_ALIASES = {"lambda": "lam"}
-
-
-def _settings(profile: RoutingProfile, key: str, method: str) -> dict[str, Any]:
+def _recorded(stored: dict[str, Any], record: Method) -> dict[str, Any]:
     """Returns the stage settings stored under `key` that `method` takes (layer-sensitivity records
     k_min, lambda, beta, ratio_k_num, ratio_scope; failure-probe strategy, range_factor)."""
-    allowed = set(allowed_params(method))
-    recorded = {_SETTING_ALIASES.get(k, k): v for k, v in profile.settings.get(key, {}).items()}
-    return {k: v for k, v in recorded.items() if k in allowed}
+    allowed = set(record.params())
+    return {k: v for k, v in stored.items() if k in allowed}
 
 
 def _check_overrides(method: str, overrides: dict) -> None:
@@ -299,10 +257,10 @@ def _check_overrides(method: str, overrides: dict) -> None:
         raise BadSetting(f"method '{method}' has no hyperparameter {', '.join(map(repr, unknown))}; it accepts: {accepts}")
 
 
-def _require(method: str, params: dict) -> None:
-    missing = [n for n in _REQUIRED.get(method, ()) if params.get(n) is None]
+def _require(record: Method, params: dict) -> None:
+    missing = [n for n in record.required if params.get(n) is None]
     if missing:
-        raise BadSetting(f"method '{method}' needs {', '.join(missing)} (pass {missing[0]}=... to apply)")
+        raise BadSetting(f"method '{record.name}' needs {', '.join(missing)} (pass {missing[0]}=... to apply)")
 
 
 def _per_layer(value: Any, position: int, layers: int, name: str) -> Any:
@@ -340,5 +298,5 @@ def _check_shape(profile: RoutingProfile, specs: list[RouterSpec]) -> None:
         )
 
 
-def _key_domains(profile: RoutingProfile) -> list[str]:
-    return sorted({name.split("/")[1] for name in profile.tensors if name.endswith("/key_experts")})
+
+_BUILDERS = {"pick": _pick, "ban": _ban, "banpick": _banpick, "per_layer": _per_layer_rule, "rice": _rice}

@@ -32,7 +32,7 @@ class TaskSource:
     name: str
     domain: str
     description: str
-    max_new_tokens: int | None  # None: the demo's own limit (banpick_cli.demo.evaluate.MAX_NEW_TOKENS)
+    max_new_tokens: int  # generation budget per answer
     hub_id: str | None = None
     config: str | None = None
     split: str = "test"
@@ -68,9 +68,11 @@ class TaskSet:
 REGISTRY: dict[str, TaskSource] = {
     source.name: source
     for source in [
-        TaskSource("math", "math", "demo model: embedded arithmetic word problems", None, embedded="math"),
-        TaskSource("code", "code", "demo model: embedded one-line Python functions", None, embedded="code"),
-        TaskSource("general", "general", "demo model: embedded 4-way multiple choice", None, embedded="general"),
+        # The demo's answer lengths: room for each domain's longest reference completion (math ~60
+        # tokens, code ~40, general ~8) and more; demo/evaluate.py measures the baseline with them.
+        TaskSource("math", "math", "demo model: embedded arithmetic word problems", 80, embedded="math"),
+        TaskSource("code", "code", "demo model: embedded one-line Python functions", 64, embedded="code"),
+        TaskSource("general", "general", "demo model: embedded 4-way multiple choice", 12, embedded="general"),
         TaskSource("gsm8k", "math", "GSM8K test (openai/gsm8k, main)", 512, "openai/gsm8k", "main", "test", hub.gsm8k),
         TaskSource("math500", "math", "MATH-500 (HuggingFaceH4/MATH-500)", 2048, "HuggingFaceH4/MATH-500", None,
                    "test", hub.math500),
@@ -112,7 +114,7 @@ def load_task_set(spec: str, *, limit: int | None = None, offset: int = 0) -> Ta
     if name in REGISTRY:
         source = REGISTRY[name]
         tasks, origin = _load_source(source, file or None, limit=limit, offset=offset)
-        return _task_set(name, tasks, origin, source.max_new_tokens or _demo_limit(name), offset, limit)
+        return _task_set(name, tasks, origin, source.max_new_tokens, offset, limit)
     path = Path(spec)
     if file or not (path.suffix == ".jsonl" or path.exists()):
         known = ", ".join(REGISTRY)
@@ -121,12 +123,6 @@ def load_task_set(spec: str, *, limit: int | None = None, offset: int = 0) -> Ta
     longest = {"math": 256, "code": 256, "mc": 16}
     return _task_set(path.stem, tasks, str(path), max(longest[t.kind] for t in tasks), offset, limit)
 
-
-def _demo_limit(domain: str) -> int:
-    # One home for the demo's answer lengths: the module that measures its baseline (README table).
-    from banpick_cli.demo.evaluate import MAX_NEW_TOKENS
-
-    return MAX_NEW_TOKENS[domain]
 
 
 def _task_set(name: str, tasks: list[Task], origin: str, max_new_tokens: int, offset: int, limit: int | None) -> TaskSet:

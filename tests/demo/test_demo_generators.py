@@ -5,9 +5,10 @@ from __future__ import annotations
 import itertools
 import json
 
-from banpick_cli.data.demo import DOMAINS, build_demo_corpus, task_objects, training_documents, write_demo_data
+from banpick_cli.demo.corpus import DOMAINS, build_demo_corpus, task_objects, training_documents, write_demo_data
 from banpick_cli.paths import DEMO_DATA_DIR
-from banpick_cli.tasks import load_tasks, score_tasks
+from banpick_cli.evaluation.generate import score_tasks
+from banpick_cli.tasks import load_tasks
 from banpick_cli.tasks.scoring import score_math, score_mc
 
 

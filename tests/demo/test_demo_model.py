@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from banpick_cli.data.demo import DOMAINS
+from banpick_cli.demo.corpus import DOMAINS
 from banpick_cli.demo.evaluate import evaluate_demo, set_top_k
 from banpick_cli.paths import DEMO_DATA_DIR, DEMO_MODEL_DIR
 

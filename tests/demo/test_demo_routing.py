@@ -9,9 +9,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from banpick_cli.calibrate.kl_scan import KLScanSettings, run_kl_scan
-from banpick_cli.calibrate.layer_sensitivity import LayerSensitivitySettings, run_layer_sensitivity
-from banpick_cli.calibrate.profile_stage import ProfileSettings, run_profile
+from banpick_cli.stages.kl_scan import KLScanSettings, run_kl_scan
+from banpick_cli.stages.layer_sensitivity import LayerSensitivitySettings, run_layer_sensitivity
+from banpick_cli.stages.profile import ProfileSettings, run_profile
 from banpick_cli.models.loading import load_model
 
 
@@ -33,5 +33,5 @@ def test_pruning_the_top_kl_expert_moves_the_output_10x_more_than_the_median_can
 
 
 def test_layer_sensitivity_spreads_at_least_3x(scanned):
-    w = scanned[1].profile.get("ban/layer_kl")
+    w = scanned[1].profile.ban.layer_kl
     assert torch.all(w > 0) and w.max() >= 3 * w.min()

@@ -6,7 +6,8 @@ import time
 
 import pytest
 
-from banpick_cli.tasks import Task, score_tasks
+from banpick_cli.evaluation.generate import score_tasks
+from banpick_cli.tasks import Task
 from banpick_cli.tasks.sandbox import run_python
 from banpick_cli.tasks.scoring import code_body, extract_choice, extract_math_answer, numbers_equal, score_math, score_mc
 

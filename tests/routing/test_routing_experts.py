@@ -56,4 +56,7 @@ def test_kernels_that_cannot_skip_sentinels_get_the_same_output_from_sentinel_fr
         reference = module(hidden, routing.indices[:, :2], routing.weights[:, :2])
         safe = routing.sentinel_free(E)
         out = module(hidden, safe.indices, safe.weights)
-    assert torch.equal(out, reference)
+    # The extra zero-weight slots change how the kernel groups rows into GEMMs (grouped_mm) or batches
+    # them (batched_mm); a different grouping may pick another blocked reduction (seen on AVX-512 CPUs),
+    # so equality holds to float32 rounding, not bit for bit. The zero weights themselves add exactly 0.
+    torch.testing.assert_close(out, reference, atol=1e-6, rtol=1e-5)

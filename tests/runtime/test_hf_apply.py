@@ -59,7 +59,7 @@ def test_ban_runs_the_core_k_per_token_and_stats_count_it(models, family):
     def check(position, logits, weights, indices):
         k = (indices < loaded.routing.num_experts).sum(-1)
         ratio = token_ratio(logits, specs[position], k_num=ban_settings["k_min"])
-        expected = ban_k(ratio, float(prof.get("ban/layer_sensitivity")[position]), 0.3, 0.9, specs[position].top_k,
+        expected = ban_k(ratio, float(prof.ban.layer_sensitivity[position]), 0.3, 0.9, specs[position].top_k,
                          k_min=1, lam=1.0, beta=0.5)
         assert torch.equal(k, expected)
         seen.append((position, int(k.sum())))

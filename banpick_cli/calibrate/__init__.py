@@ -1,1 +1,0 @@
-"""Calibration passes: usage counts, the shared KL engine, layer/token sensitivity, failure probe."""

@@ -1,0 +1,329 @@
+"""`banpick eval`: accuracy, Avg-TopK and speed of routing methods on task sets, in one run.
+
+The table has the shape of the paper's Tables 2 and 3: one row per method (a swept hyperparameter
+gives one row per value: Ban at each lambda, Dynamic at each tau), Avg-TopK, accuracy per task set,
+tokens/s and the speed ratio against the baseline measured in the same process, on the same device,
+right before. The speed ratio is per position the model computed (prompt and generated positions,
+padding and rows that already ended included), so a method whose answers run longer is not counted
+slower for that; `time_ratio` in the JSON is the paper's total-time ratio.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from banpick_cli.evaluation.harness import EvalOptions, MethodRun, require_answers, run_method, run_tasks
+from banpick_cli.errors import BadSetting, ProfileError
+from banpick_cli.models.loading import LoadedModel, load_model
+from banpick_cli.paths import DEMO_MODEL_NAME
+from banpick_cli.progress import ProgressFn, silent
+from banpick_cli.runtime.methods import DOMAIN_METHODS, METHODS, PROFILE_METHODS
+from banpick_cli.stages.common import check_ban_knobs
+from banpick_cli.tasks.registry import TaskSet, load_task_set
+
+PICK_STRATEGIES = ("A", "B", "C", "D", "E")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """Settings of one `eval` run; every list flag is a tuple here. Validated at construction."""
+
+    tasks: tuple[str, ...]
+    methods: tuple[str, ...] = ("baseline",)
+    domain: str | None = None
+    lambdas: tuple[float, ...] = ()  # empty: the profile's setting, else the routing core's default
+    k_min: int | None = None
+    taus: tuple[float, ...] = (0.7, 0.8, 0.9)  # appendix E.1: dynamic routing at each
+    strategy: str | None = None  # Pick: override the profile's strategy
+    range_factor: float | None = None
+    limit: int | None = None
+    offset: int = 0
+    calib_data: str | None = None  # DES medians / RICE nPMI: default the tasks' domains' calibration text
+    calib_samples: int = 64
+    odp_protect: float = 0.02
+    rice_markers: tuple[str, ...] = ()
+    rice_factor: float = 2.0
+    rice_top: int = 2
+    warmup: bool = True
+    repeats: int = 1  # timing passes; each method's tokens/s is the median (passes interleave the methods)
+    options: EvalOptions = field(default_factory=EvalOptions)
+
+    def __post_init__(self) -> None:
+        if not self.tasks:
+            raise BadSetting("--task: give at least one task set")
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise BadSetting(f"--method: unknown {', '.join(unknown) or '(none)'}; known: {', '.join(METHODS)}")
+        for lam in self.lambdas:
+            check_ban_knobs(lam=lam)
+        for tau in self.taus:
+            if not 0 < tau <= 1:
+                raise BadSetting(f"--tau must be in (0, 1], got {tau}")
+        if self.k_min is not None:
+            check_ban_knobs(k_min=self.k_min)
+        if self.strategy is not None and self.strategy not in PICK_STRATEGIES:
+            raise BadSetting(f"--strategy must be one of {', '.join(PICK_STRATEGIES)}, got '{self.strategy}'")
+        if self.range_factor is not None and self.range_factor <= 0:
+            raise BadSetting(f"--range-factor must be > 0, got {self.range_factor}")
+        if self.calib_samples < 1:
+            raise BadSetting(f"--calib-samples must be >= 1, got {self.calib_samples}")
+        if not 0 <= self.odp_protect <= 1:
+            raise BadSetting(f"--odp-protect must be in [0, 1], got {self.odp_protect}")
+        if self.rice_factor <= 0:
+            raise BadSetting(f"--rice-factor must be > 0, got {self.rice_factor}")
+        if self.rice_top < 1:
+            raise BadSetting(f"--rice-top must be >= 1, got {self.rice_top}")
+        if self.repeats < 1:
+            raise BadSetting(f"--repeats must be >= 1, got {self.repeats}")
+
+
+@dataclass
+class EvalReport:
+    """What an eval run produced: one row per method setting, the baseline first."""
+
+    model: str
+    profile: str | None
+    device: str
+    task_sets: list[TaskSet]
+    rows: list[MethodRun]
+    settings: EvalSettings
+    wall_s: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def baseline(self) -> MethodRun:
+        return self.rows[0]
+
+    def speedup(self, row: MethodRun) -> float:
+        """Returns the row's positions/s over the baseline's (same run, same device)."""
+        base = self.baseline.positions_per_s
+        return row.positions_per_s / base if base > 0 else 0.0
+
+    def time_ratio(self, row: MethodRun) -> float:
+        """Returns baseline time over the row's time (the paper's speedup; confounded by answer length)."""
+        return self.baseline.seconds / row.seconds if row.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Returns the table as JSON-friendly data (what `--json` prints)."""
+        base = self.baseline
+        rows = []
+        for row in self.rows:
+            results = {}
+            for name, run in row.runs.items():
+                base_run = base.runs[name]
+                results[name] = {
+                    "accuracy": round(100 * run.accuracy, 2), "correct": run.correct, "n": len(run.outcomes),
+                    "answered": run.answered, "no_answers": run.no_answers(),
+                    "delta": round(100 * (run.accuracy - base_run.accuracy), 2),
+                    "tokens": run.tokens, "seconds": round(run.seconds, 3),
+                }
+            rows.append({
+                "label": row.label, "method": row.method, "params": row.params, "avg_topk": round(row.avg_topk, 3),
+                "tokens": row.tokens, "seconds": round(row.seconds, 3), "tokens_per_s": round(row.tokens_per_s, 1),
+                "positions": row.positions, "positions_per_s": round(row.positions_per_s, 1),
+                "speedup": round(self.speedup(row), 3), "time_ratio": round(self.time_ratio(row), 3), "results": results, **({"extra": row.extra} if row.extra else {}),
+            })
+        settings = asdict(self.settings)
+        return {
+            "model": self.model, "profile": self.profile, "device": self.device, "wall_s": round(self.wall_s, 2),
+            "tasks": {t.name: {"source": t.source, "n": len(t.tasks), "domain": t.domain} for t in self.task_sets},
+            "task_order": [t.name for t in self.task_sets],  # JSON output sorts keys; this keeps --task's order
+            "rows": rows, "settings": settings, "notes": self.notes,
+        }
+
+
+def run_eval(
+    settings: EvalSettings,
+    *,
+    model: str = DEMO_MODEL_NAME,
+    profile: str | Path | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    loaded: LoadedModel | None = None,
+    progress: ProgressFn = silent,
+) -> EvalReport:
+    """Runs the baseline, then every requested method setting, on every task set; returns the table.
+
+    Task sets, the profile and every routing plan are checked before the first generation, so a
+    missing tensor is reported (naming the stage that writes it) before any long run.
+    """
+    from banpick_cli.profile.format import new_profile, read_profile
+    from banpick_cli.runtime import build_plan
+
+    start = time.perf_counter()
+    task_sets = _distinct([load_task_set(spec, limit=settings.limit, offset=settings.offset) for spec in settings.tasks])
+    if profile is None and any(m in PROFILE_METHODS for m in settings.methods):
+        needing = [m for m in settings.methods if m in PROFILE_METHODS]
+        raise ProfileError(f"method(s) {', '.join(needing)} need a routing profile: pass --profile "
+                           "(made by `banpick profile`, `kl-scan`, `layer-sensitivity`, `failure-probe`)")
+    if loaded is None:
+        loaded = load_model(model, device=device, dtype=dtype)
+    # Methods that read no profile tensor (dynamic, DES, ODP, RICE) still go through the runtime's
+    # plan, which checks shapes against a profile: an empty one of this model stands in.
+    prof = (read_profile(profile, fingerprint=loaded.fingerprint) if profile is not None
+            else new_profile(loaded.identity, loaded.fingerprint))
+    notes: list[str] = []
+    rows = _expand(settings, loaded, prof, task_sets, notes)
+    specs = loaded.router_specs()
+    for label, method, overrides, _ in rows:  # pre-flight: every plan builds, or we stop here
+        for domain in _domains(settings, method, task_sets):
+            build_plan(prof, specs, method, domain, **{k: v for k, v in overrides.items() if k != "key_tokens"},
+                       **({"key_tokens": lambda n: None} if method == "odp" else {}))
+    if settings.warmup:  # the first generate call pays one-off costs; keep them out of the baseline's time
+        run_tasks(loaded, task_sets[0], settings.options, tasks=task_sets[0].tasks[: settings.options.batch_size])
+    results = []
+    for label, method, overrides, session in rows:
+        with session() as state:  # per-row state: ODP's key-token hooks; nothing for the others
+            run = run_method(loaded, prof, method, task_sets, settings.options, label=label, domain=settings.domain,
+                             overrides={**overrides, **state.get("overrides", {})}, progress=progress)
+            if "report" in state:
+                run.extra.update(state["report"]())
+        results.append(run)
+    if settings.repeats > 1:
+        _time_again(settings, loaded, prof, rows, task_sets, results)
+    for name, run in results[0].runs.items():
+        require_answers(run, "baseline")
+    for row in results[1:]:
+        for name, run in row.runs.items():
+            if run.no_answers():
+                notes.append(f"{row.label} on {name}: no task answered in the expected form (shown as n/a, not 0%)")
+    return EvalReport(loaded.identity.name_or_path if model == DEMO_MODEL_NAME else model,
+                      str(profile) if profile else None, str(loaded.device), task_sets, results, settings,
+                      time.perf_counter() - start, notes)
+
+
+def _time_again(settings: EvalSettings, loaded: LoadedModel, prof, rows, task_sets: list[TaskSet],
+                results: list[MethodRun]) -> None:
+    """Reruns every method settings.repeats - 1 more times, round-robin, and keeps each run's median
+    positions/s (as its seconds): background load then falls on every method alike. Accuracy stays the
+    first pass's (greedy decoding gives the same answers every pass)."""
+    rates: list[dict[str, list[float]]] = [{name: [run.positions_per_s] for name, run in r.runs.items()} for r in results]
+    for _ in range(settings.repeats - 1):
+        for i, (label, method, overrides, session) in enumerate(rows):
+            with session() as state:
+                again = run_method(loaded, prof, method, task_sets, settings.options, label=label,
+                                   domain=settings.domain, overrides={**overrides, **state.get("overrides", {})})
+            for name, run in again.runs.items():
+                rates[i][name].append(run.positions_per_s)
+    for result, rate in zip(results, rates):
+        for name, run in result.runs.items():
+            median = statistics.median(rate[name])
+            run.seconds = run.positions / median if median > 0 else run.seconds
+        result.extra["timing_passes"] = settings.repeats
+
+
+def _distinct(task_sets: list[TaskSet]) -> list[TaskSet]:
+    """Returns the task sets with distinct names: files of the same name get their folder's ("math/tasks")."""
+    import dataclasses
+
+    names = [t.name for t in task_sets]
+    out = []
+    for i, t in enumerate(task_sets):
+        if names.count(t.name) > 1:
+            folder = Path(t.source).parent.name if Path(t.source).exists() else ""
+            t = dataclasses.replace(t, name=f"{folder}/{t.name}" if folder else f"{t.name}#{i + 1}")
+        out.append(t)
+    if len({t.name for t in out}) < len(out):
+        raise BadSetting("--task: the same task set is given twice")
+    return out
+
+
+def _domains(settings: EvalSettings, method: str, task_sets: list[TaskSet]) -> list[str | None]:
+    if method not in DOMAIN_METHODS:
+        return [None]
+    if settings.domain:
+        return [settings.domain]
+    missing = [t.name for t in task_sets if t.domain is None]
+    if missing:
+        raise BadSetting(f"task(s) {', '.join(missing)} mix domains: pass --domain for method '{method}'")
+    return sorted({t.domain for t in task_sets})
+
+
+def _expand(settings: EvalSettings, loaded: LoadedModel, profile, task_sets: list[TaskSet], notes: list[str]):
+    """Returns [(label, method, overrides, session)], baseline first; a session sets up per-row state."""
+    from contextlib import nullcontext
+
+    def plain():
+        return nullcontext({})
+
+    rows: list[tuple[str, str, dict[str, Any], Any]] = [("baseline", "baseline", {}, plain)]
+    ban_common = {} if settings.k_min is None else {"k_min": settings.k_min}
+    pick_common = {k: v for k, v in (("strategy", settings.strategy), ("range_factor", settings.range_factor)) if v is not None}
+    calib: dict[str, Any] = {}
+    for method in dict.fromkeys(settings.methods):
+        if method == "baseline":
+            continue
+        if method == "pick":
+            label = "pick" + (f"({settings.strategy})" if settings.strategy else "")
+            rows.append((label, "pick", pick_common, plain))
+        elif method in ("ban", "banpick"):
+            name = "ban&pick" if method == "banpick" else "ban"
+            extra = {k: v for k, v in pick_common.items() if k == "range_factor"} if method == "banpick" else {}
+            for lam in settings.lambdas or (None,):
+                overrides = {**ban_common, **extra, **({} if lam is None else {"lam": lam})}
+                rows.append((name if lam is None else f"{name}(λ={lam:g})", method, overrides, plain))
+        elif method == "dynamic":
+            for tau in settings.taus:
+                rows.append((f"dynamic(τ={tau:g})", "dynamic", {"tau": tau}, plain))
+        elif method in ("des", "odp"):
+            if "des" not in calib:
+                calib["des"] = _des_thresholds(settings, loaded, task_sets)
+            thresholds = calib["des"]
+            if method == "des":
+                rows.append(("des", "des", {"thresholds": thresholds}, plain))
+            else:
+                rows.append((f"odp({settings.odp_protect:g})", "odp", {"thresholds": thresholds},
+                             _odp_session(loaded, settings.odp_protect)))
+        elif method == "rice":
+            from banpick_cli.passes.baseline_params import rice_cognitive_experts
+
+            experts, _ = rice_cognitive_experts(loaded, _calib_texts(settings, loaded, task_sets),
+                                                settings.rice_markers or None, top=settings.rice_top)
+            where = [(int(m), int(e)) for m, e in experts.nonzero().tolist()]
+            notes.append("rice cognitive experts (moe layer, expert): " + ", ".join(f"L{m}E{e}" for m, e in where))
+            rows.append((f"rice(x{settings.rice_factor:g})", "rice",
+                         {"cognitive_experts": experts, "factor": settings.rice_factor}, plain))
+    return rows
+
+
+def _odp_session(loaded: LoadedModel, protect: float):
+    from contextlib import contextmanager
+
+    from banpick_cli.passes.baseline_params import odp_session
+
+    @contextmanager
+    def session():
+        with odp_session(loaded, protect) as provider:
+            state = {"overrides": {"key_tokens": provider}}
+            state["report"] = lambda: {"odp_key_tokens": provider.protected, "odp_routed": provider.routed}
+            yield state
+
+    return session
+
+
+def _calib_texts(settings: EvalSettings, loaded: LoadedModel, task_sets: list[TaskSet]) -> list[str]:
+    """Returns calibration text for DES/RICE: --calib-data, else each task domain's own (embedded for the demo)."""
+    from banpick_cli.data import get_domain, load_calibration_text
+    from banpick_cli.errors import DataError
+
+    names = [settings.domain] if settings.domain else sorted({t.domain for t in task_sets if t.domain})
+    if not names:
+        raise DataError("DES/RICE need calibration text: pass --calib-data or --domain")
+    demo = loaded.identity.name_or_path == DEMO_MODEL_NAME
+    share = [settings.calib_samples // len(names) + (i < settings.calib_samples % len(names)) for i in range(len(names))]
+    texts: list[str] = []
+    for name, n in zip(names, share):
+        if n:
+            texts += load_calibration_text(get_domain(name), settings.calib_data, samples=n, seed=0,
+                                           use_embedded=demo).texts
+    return texts
+
+
+def _des_thresholds(settings: EvalSettings, loaded: LoadedModel, task_sets: list[TaskSet]):
+    from banpick_cli.passes.baseline_params import des_calibration
+
+    return des_calibration(loaded, _calib_texts(settings, loaded, task_sets), batch_size=settings.options.batch_size)

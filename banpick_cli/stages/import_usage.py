@@ -1,0 +1,385 @@
+"""Usage counts from what serving engines already record, so a team can profile production traffic.
+
+Two sources (formats, versions and how to record them: docs/import.md):
+
+- SGLang's expert distribution recorder (`python/sglang/srt/eplb/expert_distribution.py`): the `.pt`
+  files `/dump_expert_distribution_record` writes. Mode `stat` holds `logical_count`
+  [passes, layers, logical experts]; modes `per_pass`/`per_token` hold `records`, each with a
+  `global_physical_count` [layers, physical experts] and, per file, `last_physical_to_logical_map`.
+- vLLM's routed experts (`--enable-return-routed-experts`): arrays [tokens, layers, top_k] of expert ids,
+  as `CompletionOutput.routed_experts` (offline) or the OpenAI server's `prompt_routed_experts` and
+  `choices[i].routed_experts` fields, saved as .npy/.npz/.pt or JSON/JSONL responses.
+
+The layer axis of either may cover every decoder layer (dense layers hold zeros) or only the MoE layers;
+both are accepted. The model is not run: its identity comes from a weightless (meta) copy and its router
+fingerprint from the router tensors in its checkpoint files, so importing for a 235B model is cheap.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from banpick_cli.stages.common import command_line
+from banpick_cli.errors import BadSetting, DataError
+from banpick_cli.profile.fingerprint import router_fingerprint
+from banpick_cli.profile.identity import ModelIdentity
+from banpick_cli.profile.format import RoutingProfile, check_fingerprint, ensure_writable, new_profile, read_profile, write_profile
+from banpick_cli.profile.stats import CandidateRule
+
+ENGINES = ("sglang", "vllm")
+SGLANG_DEFAULT_BUFFER = 1000  # --expert-distribution-recorder-buffer-size: a circular buffer of forward passes
+
+
+@dataclass(frozen=True)
+class ImportSettings:
+    """Settings of one `import-usage` run; recorded verbatim in the profile's provenance."""
+
+    engine: str
+    domain: str
+    files: tuple[str, ...]
+    replicas: int = 1
+    candidate_ratio: float = 2.0
+    candidate_top: int = 0
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise BadSetting(f"--from must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.domain or ""):
+            raise BadSetting(f"--domain must be a name of letters, digits, '_', '-' or '.', got {self.domain!r}")
+        if not self.files:
+            raise BadSetting("give at least one dump file or folder")
+        if self.replicas < 1:
+            raise BadSetting(f"--replicas must be >= 1, got {self.replicas}")
+        self.rule  # validates the candidate knobs
+
+    @property
+    def rule(self) -> CandidateRule:
+        return CandidateRule(self.candidate_ratio, self.candidate_top)
+
+
+@dataclass
+class ImportedUsage:
+    """Counts read from dumps, already restricted to the model's MoE layers."""
+
+    expert_counts: torch.Tensor  # [moe_layers, experts] int64
+    token_counts: torch.Tensor  # [moe_layers] int64
+    sequences: int  # requests, records or forward passes read
+    tokens_exact: bool  # False: tokens were derived as counts / k_base (SGLang's stat mode)
+    files: list[str]
+    notes: list[str]
+
+
+@dataclass
+class ImportResult:
+    profile: RoutingProfile
+    path: Path
+    usage: ImportedUsage
+    dropped: list[str]
+    wall_s: float
+
+
+# --- the model, without running it ------------------------------------------------------------------
+def model_identity(name: str) -> tuple[ModelIdentity, str | None, Path | None]:
+    """Returns (identity, router fingerprint or None, resolved local dir or None) without loading weights.
+
+    The identity comes from a weightless (meta-device) model built from the config; the fingerprint
+    from the router tensors in the local checkpoint's safetensors files, hashed exactly as
+    `models.loading.fingerprint` hashes the loaded routers (None when the files are not local).
+    """
+    from transformers import AutoModelForCausalLM
+
+    from banpick_cli.models.loading import identify, load_config
+    from banpick_cli.models.registry import adapter_for
+
+    resolved, config = load_config(name)
+    adapter = adapter_for(config)
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config)
+    layers, _, identity = identify(meta, adapter, name_or_path=name)
+    local = Path(resolved) if Path(resolved).is_dir() else None
+    fingerprint = _checkpoint_fingerprint(local, adapter, layers) if local else None
+    return identity, fingerprint, local
+
+
+def _checkpoint_fingerprint(folder: Path, adapter, layers) -> str | None:
+    from safetensors import safe_open
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (folder / "model.safetensors").is_file():
+        with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+            weight_map = {key: "model.safetensors" for key in handle.keys()}
+    else:
+        return None
+    found = []
+    for layer in layers:
+        for name, meta in adapter.router_tensors(layer).items():
+            # Checkpoints keep the original module names (Mixtral's block_sparse_moe), not the loaded ones.
+            keys = [f"model.layers.{layer.layer_index}.{block}.gate.{name}" for block in ("mlp", "block_sparse_moe")]
+            key = next((k for k in keys if k in weight_map), None)
+            if key is None:
+                return None
+            with safe_open(str(folder / weight_map[key]), framework="pt") as handle:
+                values = handle.get_tensor(key).to(torch.bfloat16).contiguous()
+            if tuple(values.shape) != tuple(meta.shape):
+                return None
+            found.append((layer.layer_index, name, values))
+    return router_fingerprint(found)
+
+
+# --- reading dumps -------------------------------------------------------------------------------
+def _files(paths: Iterable[str], patterns: tuple[str, ...]) -> list[Path]:
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            inside = sorted({p for pattern in patterns for p in path.glob(pattern)})
+            if not inside:
+                raise DataError(f"{path}: no dump files ({', '.join(patterns)}) in this folder")
+            found += inside
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise DataError(f"dump not found: {path}")
+    return list(dict.fromkeys(found))  # a file named twice is read once
+
+
+def _layer_rows(identity: ModelIdentity, layers_in_dump: int, source: str) -> list[int]:
+    """Returns which rows of a dump's layer axis are the model's MoE layers, in order."""
+    if layers_in_dump == identity.num_layers:
+        return list(identity.moe_layers)
+    if layers_in_dump == len(identity.moe_layers):
+        return list(range(layers_in_dump))
+    raise DataError(f"{source}: {layers_in_dump} layers in the dump, but the model has {identity.num_layers} "
+                    f"decoder layers ({len(identity.moe_layers)} MoE); is it a dump of this model?")
+
+
+def _load_torch(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise DataError(f"{path}: not a readable torch file ({type(err).__name__}: {str(err)[:120]})") from None
+
+
+def read_sglang(paths: Iterable[str], identity: ModelIdentity, *, replicas: int = 1) -> ImportedUsage:
+    """Sums SGLang expert-distribution dumps (stat, per_pass or per_token mode) over the model's MoE layers."""
+    E = identity.num_experts
+    counts = torch.zeros(len(identity.moe_layers), E, dtype=torch.int64)
+    tokens = 0
+    tokens_exact = True
+    sequences = 0
+    notes: list[str] = []
+    files = _files(paths, ("*.pt",))
+    for path in files:
+        dump = _load_torch(path)
+        if not isinstance(dump, dict):
+            raise DataError(f"{path}: not an SGLang expert distribution dump (a dict was expected)")
+        if "logical_count" in dump:  # mode "stat": [passes, layers, logical experts], already summed over ranks
+            logical = torch.as_tensor(dump["logical_count"]).long()
+            if logical.dim() == 2:
+                logical = logical.unsqueeze(0)
+            passes = int((logical.sum(dim=(1, 2)) > 0).sum())
+            if passes == logical.shape[0] == SGLANG_DEFAULT_BUFFER:
+                notes.append(f"{path.name}: exactly {passes} passes, the recorder's default circular buffer; older "
+                             "passes may have been overwritten (record with --expert-distribution-recorder-buffer-size -1)")
+            sequences += passes
+            per_layer = logical.sum(0)
+            tokens_exact = False
+        elif "records" in dump:  # modes "per_pass"/"per_token": one record per forward pass
+            mapping = dump.get("last_physical_to_logical_map")
+            per_layer = None
+            for record in dump["records"]:
+                physical = torch.as_tensor(record["global_physical_count"]).long()
+                logical = _physical_to_logical(physical, mapping, E, path)
+                per_layer = logical if per_layer is None else per_layer + logical
+                sequences += 1
+                if "input_ids" in record:
+                    tokens += len(record["input_ids"])
+                else:
+                    tokens_exact = False
+            if per_layer is None:
+                notes.append(f"{path.name}: no records (was the recorder started?)")
+                continue
+        else:
+            raise DataError(f"{path}: an SGLang dump holds 'logical_count' (stat mode) or 'records' (per_pass, "
+                            f"per_token); this one has {sorted(dump)[:6]}")
+        if per_layer.shape[1] != E:
+            raise DataError(f"{path}: {per_layer.shape[1]} experts per layer in the dump, the model has {E} "
+                            "(record with --disable-shared-experts-fusion so shared experts stay out of the ids)")
+        counts += per_layer[_layer_rows(identity, per_layer.shape[0], str(path))]
+    token_counts = torch.full((len(identity.moe_layers),), tokens, dtype=torch.int64) if tokens_exact else None
+    return _finish(counts, token_counts, sequences, identity, replicas, files, notes)
+
+
+def _physical_to_logical(physical: torch.Tensor, mapping: Any, experts: int, path: Path) -> torch.Tensor:
+    """Folds EPLB's physical expert replicas back onto the logical experts they copy."""
+    if mapping is None or physical.shape[1] == experts and _is_identity(mapping, experts):
+        return physical
+    mapping = torch.as_tensor(mapping).long()
+    if mapping.shape != physical.shape:
+        raise DataError(f"{path}: physical-to-logical map has shape {list(mapping.shape)}, counts {list(physical.shape)}")
+    out = torch.zeros(physical.shape[0], experts, dtype=torch.int64)
+    return out.scatter_add_(1, mapping, physical)
+
+
+def _is_identity(mapping: Any, experts: int) -> bool:
+    mapping = torch.as_tensor(mapping)
+    return mapping.shape[-1] == experts and bool((mapping == torch.arange(experts)).all())
+
+
+def _vllm_arrays(path: Path) -> Iterator[Any]:
+    """Yields each routed-experts array ([tokens, layers, top_k]) a vLLM output file holds."""
+    suffix = "".join(path.suffixes[-2:]) if path.name.endswith(".json.gz") else path.suffix
+    if suffix == ".npy":
+        import numpy as np
+
+        array = np.load(path, allow_pickle=False)
+        yield from (array if array.ndim == 4 else [array])
+    elif suffix == ".npz":
+        import numpy as np
+
+        with np.load(path, allow_pickle=False) as archive:
+            for name in archive.files:
+                yield archive[name]
+    elif suffix in (".pt", ".pth"):
+        data = _load_torch(path)
+        items = data.values() if isinstance(data, dict) else data if isinstance(data, (list, tuple)) else [data]
+        yield from items
+    elif suffix in (".json", ".jsonl"):
+        text = path.read_text()
+        objects = [json.loads(line) for line in text.splitlines() if line.strip()] if suffix == ".jsonl" else [json.loads(text)]
+        for obj in objects:
+            yield from _from_response(obj, path)
+    else:
+        raise DataError(f"{path}: expected .npy, .npz, .pt, .json or .jsonl routed-experts output")
+
+
+def _from_response(obj: Any, path: Path) -> Iterator[Any]:
+    """Yields the routed-experts arrays of an OpenAI-style response (or a list of them, or a bare array)."""
+    if isinstance(obj, list) and obj and isinstance(obj[0], dict):
+        for item in obj:
+            yield from _from_response(item, path)
+        return
+    if isinstance(obj, list):
+        yield obj
+        return
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: a JSON object with 'routed_experts' or 'prompt_routed_experts' was expected")
+    found = False
+    if obj.get("prompt_routed_experts") is not None:
+        found = True
+        yield obj["prompt_routed_experts"]
+    if obj.get("routed_experts") is not None:
+        found = True
+        yield obj["routed_experts"]
+    for choice in obj.get("choices") or []:
+        if isinstance(choice, dict) and choice.get("routed_experts") is not None:
+            found = True
+            yield choice["routed_experts"]
+    if not found:
+        raise DataError(f"{path}: a response without routed experts (was the server started with --enable-return-routed-experts?)")
+
+
+def read_vllm(paths: Iterable[str], identity: ModelIdentity, *, replicas: int = 1) -> ImportedUsage:
+    """Counts expert ids in vLLM routed-experts arrays over the model's MoE layers (ids outside [0, E) skipped)."""
+    E, K = identity.num_experts, identity.k_base
+    counts = torch.zeros(len(identity.moe_layers), E + 1, dtype=torch.int64)
+    tokens = torch.zeros(len(identity.moe_layers), dtype=torch.int64)
+    sequences = 0
+    notes: list[str] = []
+    skipped = 0
+    files = _files(paths, ("*.npz", "*.npy", "*.pt", "*.jsonl", "*.json"))
+    for path in files:
+        for array in _vllm_arrays(path):
+            ids = torch.as_tensor(array).long()
+            if ids.numel() == 0:
+                continue
+            if ids.dim() != 3:
+                raise DataError(f"{path}: routed experts must be [tokens, layers, top_k], got shape {list(ids.shape)}")
+            if ids.shape[2] != K:
+                raise DataError(f"{path}: top-{ids.shape[2]} experts per token in the dump, the model routes top-{K}")
+            ids = ids[:, _layer_rows(identity, ids.shape[1], str(path))]  # [T, M, K]
+            valid = (ids >= 0) & (ids < E)
+            skipped += int((~valid).sum())
+            ids = torch.where(valid, ids, torch.full_like(ids, E))  # out-of-range ids go to a spare bin
+            per_layer = ids.permute(1, 0, 2).reshape(ids.shape[1], -1)  # [M, T*K]
+            counts += torch.zeros_like(counts).scatter_add_(1, per_layer, torch.ones_like(per_layer))
+            tokens += valid.any(-1).sum(0)
+            sequences += 1
+    if skipped:
+        notes.append(f"{skipped} expert ids outside [0, {E}) were skipped (padding or missing routes)")
+    if sequences == 0:
+        raise DataError("no routed experts found in the given files")
+    return _finish(counts[:, :E], tokens, sequences, identity, replicas, files, notes)
+
+
+def _finish(counts: torch.Tensor, tokens: torch.Tensor | None, sequences: int, identity: ModelIdentity, replicas: int,
+            files: list[Path], notes: list[str]) -> ImportedUsage:
+    """Divides out replicated ranks and fills in tokens per layer (counts / K_base when not recorded)."""
+    if replicas > 1:
+        if bool((counts % replicas).any()):
+            notes.append(f"counts are not all multiples of --replicas {replicas}; they were rounded down")
+        counts = counts // replicas
+        tokens = None if tokens is None else tokens // replicas
+    if int(counts.sum()) == 0:
+        raise DataError("the dumps hold no expert selections for this model's MoE layers")
+    exact = tokens is not None
+    if tokens is None:
+        # Every token selects K_base experts, so each layer's count over K_base is its tokens.
+        tokens = (counts.sum(-1) + identity.k_base // 2) // identity.k_base
+    return ImportedUsage(counts.long(), tokens.long(), sequences, exact, [str(f) for f in files], notes)
+
+
+# --- the stage -------------------------------------------------------------------------------------
+def run_import(settings: ImportSettings, *, model: str, out: str | Path) -> ImportResult:
+    """Reads serving dumps, counts usage of one domain, and writes (or updates) the profile at `out`."""
+    start = time.perf_counter()
+    out = Path(out)
+    ensure_writable(out)
+    identity, fingerprint, _ = model_identity(model)
+    if out.exists():
+        profile = read_profile(out)
+        if fingerprint is not None:
+            check_fingerprint(profile, fingerprint, path=out)
+        elif profile.model.to_dict() | {"name_or_path": ""} != identity.to_dict() | {"name_or_path": ""}:
+            raise BadSetting(f"{out} was made for {profile.model.name_or_path}, whose layout differs from {model}")
+    else:
+        if fingerprint is None:
+            from banpick_cli.models.loading import load_model
+
+            fingerprint = load_model(model, device="cpu").fingerprint  # not a local checkpoint: load it once
+        profile = new_profile(identity, fingerprint)
+    reader = read_sglang if settings.engine == "sglang" else read_vllm
+    usage = reader(settings.files, profile.model, replicas=settings.replicas)
+    name = settings.domain
+    dropped = profile.domain(name).store_usage(usage.expert_counts, usage.token_counts, settings.rule)
+    wall = time.perf_counter() - start
+    profile.provenance[f"profile/{name}"] = {
+        "stage": "import-usage",
+        "settings": asdict(settings),
+        "dataset": f"{settings.engine} dump: " + ", ".join(Path(f).name for f in usage.files[:5])
+                   + (f" (+{len(usage.files) - 5} more)" if len(usage.files) > 5 else ""),
+        "split": None,
+        "samples": usage.sequences,
+        "tokens": int(usage.token_counts[0]) if len(usage.token_counts) else 0,
+        "tokens_exact": usage.tokens_exact,
+        "seq_len": None,
+        "seed": None,
+        "notes": usage.notes,
+        "command": command_line(),
+        "wall_s": round(wall, 3),
+        "device": "none (read from serving dumps)",
+        "dtype": None,
+        "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+    write_profile(profile, out)
+    return ImportResult(profile, out, usage, dropped, wall)

@@ -1,0 +1,279 @@
+"""`banpick kl-scan`: prune each candidate expert of a domain and measure the top-1000 KL (section 4.2).
+
+"Prune" means the expert does not exist: its score is removed before top-k, so the router picks the
+next expert and K stays K_base (reading 26, `prune="refill"`); `prune="drop"` is the alternative, where
+tokens that chose the expert run K_base - 1 experts and the others are unchanged. The KL is appendix
+B's, averaged over every real token position of the calibration set (reading 25).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from banpick_cli.passes.resume import LayerCheckpoint, digest, mask_digest, previous_output, texts_digest
+from banpick_cli.stages.common import provenance
+from banpick_cli.passes.kl import TOP_TOKENS, KLEngine, LayerPlan, RouteVariant
+from banpick_cli.stages.profile import load_domain_text
+from banpick_cli.errors import BadSetting, Interrupted, ProfileError
+from banpick_cli.models.loading import LoadedModel, load_model
+from banpick_cli.paths import DEMO_MODEL_NAME
+from banpick_cli.profile.format import RoutingProfile, check_fingerprint, ensure_writable, read_profile, write_profile
+from banpick_cli.progress import ProgressFn, silent
+from banpick_cli.routing import RouterSpec, route, weights_for
+
+PRUNE_MODES = ("refill", "drop")
+
+
+@dataclass(frozen=True)
+class KeyExpertRule:
+    """Which scanned candidates kl-scan proposes as key experts: those whose KL stands out.
+
+    An expert is key when its KL is (1) at least `factor` times the median KL of the other scanned
+    candidates of its layer (of all the model's other scanned candidates when it is its layer's only
+    one; a model with a single candidate proposes none), (2) at least the median KL of all scanned
+    candidates of the model, so a layer where every candidate is negligible proposes none, (3) at least
+    `min_kl` and above 0; at most `top` per layer, largest KL first (0: no cap). Medians of an even
+    count are the mean of the two middle values.
+    """
+
+    factor: float = 2.0
+    top: int = 2
+    min_kl: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.factor > 0:
+            raise BadSetting(f"--key-factor must be > 0, got {self.factor}")
+        if self.top < 0:
+            raise BadSetting(f"--key-top must be >= 0, got {self.top}")
+        if not self.min_kl >= 0:
+            raise BadSetting(f"--key-min-kl must be >= 0, got {self.min_kl}")
+
+    def choose(self, kl: torch.Tensor) -> torch.Tensor:
+        """Returns the key experts (bool [moe_layers, experts]) given KL with NaN where not scanned."""
+        scanned = ~torch.isnan(kl)
+        key = torch.zeros_like(scanned)
+        if not scanned.any():
+            return key
+        overall = _median(kl[scanned])
+        for layer in range(kl.shape[0]):
+            experts = scanned[layer].nonzero().flatten().tolist()
+            chosen = []
+            for e in experts:
+                others = kl[layer, [o for o in experts if o != e]]
+                if not others.numel():  # alone in its layer: held against every other candidate
+                    elsewhere = scanned.clone()
+                    elsewhere[layer, e] = False
+                    others = kl[elsewhere]
+                if not others.numel():
+                    continue
+                value = float(kl[layer, e])
+                if value > 0 and value >= self.factor * _median(others) and value >= overall and value >= self.min_kl:
+                    chosen.append((value, e))
+            chosen.sort(reverse=True)
+            for _, e in chosen[: self.top or None]:
+                key[layer, e] = True
+        return key
+
+
+def _median(x: torch.Tensor) -> float:
+    s = x.double().sort().values
+    n = s.numel()
+    return float(s[n // 2]) if n % 2 else float((s[n // 2 - 1] + s[n // 2]) / 2)
+
+
+@dataclass(frozen=True)
+class KLScanSettings:
+    """Settings of one `kl-scan` run; recorded verbatim in the profile's provenance."""
+
+    domain: str
+    data: str | None = None
+    text_field: str | None = None
+    samples: int = 128
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    candidates: str = "mask"  # "mask" (the profile's candidates) | "top-N" (N most used per layer) | "all"
+    top_tokens: int = TOP_TOKENS
+    prune: str = "refill"  # reading 26; "drop": K_base - 1 for tokens that chose the expert
+    stack: int = 0  # candidates of one layer per forward; 0: 8 on a GPU, 2 on a CPU
+    hidden_cache_mb: int = 2048
+    key_factor: float = 2.0
+    key_top: int = 2
+    key_min_kl: float = 0.0
+
+    def __post_init__(self) -> None:
+        for flag, value, low in (("--samples", self.samples, 1), ("--seq-len", self.seq_len, 2),
+                                 ("--batch-size", self.batch_size, 1), ("--top-tokens", self.top_tokens, 1),
+                                 ("--stack", self.stack, 0), ("--hidden-cache-mb", self.hidden_cache_mb, 0)):
+            if value < low:
+                raise BadSetting(f"{flag} must be >= {low}, got {value}")
+        if self.prune not in PRUNE_MODES:
+            raise BadSetting(f"--prune must be one of {', '.join(PRUNE_MODES)}, got {self.prune!r}")
+        if self.candidates not in ("mask", "all") and not re.fullmatch(r"top-[1-9][0-9]*", self.candidates):
+            raise BadSetting(f"--candidates must be 'mask', 'all' or 'top-N' (N >= 1), got {self.candidates!r}")
+        self.key_rule  # validates the key-expert knobs
+
+    @property
+    def key_rule(self) -> KeyExpertRule:
+        return KeyExpertRule(self.key_factor, self.key_top, self.key_min_kl)
+
+
+def scanned_experts(profile: RoutingProfile, settings: KLScanSettings) -> torch.Tensor:
+    """Returns the experts to scan (bool [moe_layers, experts]), or raises naming what is missing."""
+    d = settings.domain
+    if settings.candidates == "mask":
+        mask = profile.domain(d).candidates.clone()
+        if not mask.any():
+            raise ProfileError(
+                f"the profile has no candidate experts for domain '{d}': rerun `banpick profile` with a lower "
+                "--candidate-ratio or --candidate-top, or pass --candidates top-N"
+            )
+        return mask
+    counts = profile.domain(d).expert_counts
+    if settings.candidates == "all":
+        return torch.ones_like(counts, dtype=torch.bool)
+    n = min(int(settings.candidates[4:]), counts.shape[1])
+    top = torch.topk(counts, n, dim=-1).indices
+    return torch.zeros_like(counts, dtype=torch.bool).scatter_(1, top, True) & (counts > 0)
+
+
+def prune_variant(spec: RouterSpec, expert: int, mode: str = "refill") -> RouteVariant:
+    """Returns the routing of a layer without `expert` (refill: the next fills in; drop: K_base - 1)."""
+    banned = torch.zeros(spec.num_experts, dtype=torch.bool)
+    banned[expert] = True
+    if mode == "refill":
+        return lambda logits: route(logits, spec, banned=banned).as_router_output()
+
+    def drop(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        indices = route(logits, spec).indices
+        indices = indices.masked_fill(indices == expert, spec.num_experts)
+        return weights_for(logits, spec, indices), indices
+
+    return drop
+
+
+@dataclass(frozen=True)
+class ExpertKL:
+    """One scanned expert: where it is, its KL when pruned, its usage share, whether it is key."""
+
+    position: int
+    layer_index: int
+    expert: int
+    kl: float
+    usage: float
+    key: bool
+
+
+@dataclass
+class KLScanResult:
+    """What a `kl-scan` run produced."""
+
+    profile: RoutingProfile
+    path: Path
+    domain: str
+    kl: torch.Tensor  # [moe_layers, experts] float32, NaN where not scanned
+    key_experts: torch.Tensor  # [moe_layers, experts] bool
+    layers_resumed: int  # finished layers taken over from an interrupted run
+    layers_scanned: int  # layers computed by this run
+    tokens: int
+    wall_s: float
+    notes: list[str]
+
+    def ranked(self) -> list[ExpertKL]:
+        """Returns every scanned expert, largest KL first."""
+        m = self.profile.model
+        counts = self.profile.domain(self.domain).expert_counts.double()
+        tokens = self.profile.domain(self.domain).token_counts.double().clamp(min=1)
+        share = counts / tokens.unsqueeze(-1)
+        found = [ExpertKL(p, m.moe_layers[p], e, float(self.kl[p, e]), float(share[p, e]), bool(self.key_experts[p, e]))
+                 for p, e in (~torch.isnan(self.kl)).nonzero().tolist()]
+        return sorted(found, key=lambda x: (-x.kl, x.position, x.expert))
+
+
+def run_kl_scan(
+    settings: KLScanSettings,
+    *,
+    profile: str | Path,
+    out: str | Path | None = None,
+    model: str = DEMO_MODEL_NAME,
+    device: str = "auto",
+    dtype: str = "auto",
+    restart: bool = False,
+    loaded: LoadedModel | None = None,
+    progress: ProgressFn = silent,
+) -> KLScanResult:
+    """Scans the domain's candidates, checkpointing each finished layer into `out` (default: `profile`).
+
+    An interrupted run (Ctrl-C, SIGTERM, a kill) resumes at its first unfinished layer when rerun with
+    the same model, data and settings; `restart=True` discards the finished layers. Everything that
+    can fail on bad input is checked before the model loads, and the profile is left untouched.
+    """
+    source, out = Path(profile), Path(out or profile)
+    ensure_writable(out)
+    prof = read_profile(source)
+    scanned = scanned_experts(prof, settings)
+    domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
+    loaded = loaded or load_model(model, device=device, dtype=dtype)
+    check_fingerprint(prof, loaded.fingerprint, path=source)
+    previous = previous_output(out, source, loaded.fingerprint)
+
+    engine = KLEngine(loaded, text.texts, seq_len=settings.seq_len, batch_size=settings.batch_size,
+                      top_tokens=settings.top_tokens, stack=settings.stack,
+                      hidden_cache_mb=settings.hidden_cache_mb, progress=progress)
+    stage = f"kl-scan/{domain.name}"
+    run = digest(dict(stage=stage, model=loaded.fingerprint, data=texts_digest(text.texts), seq_len=settings.seq_len,
+                       top_tokens=engine.top_tokens, prune=settings.prune, experts=mask_digest(scanned),
+                       dtype=str(next(loaded.model.parameters()).dtype)))
+    empty = torch.full(prof.shape, float("nan"), dtype=torch.float32)
+    checkpoint = LayerCheckpoint(out, "kl-scan", domain.name, run, empty, restart=restart)
+    layers = scanned.any(dim=1).nonzero().flatten().tolist()
+    finished = None if restart else _finished(previous or prof, stage, run, domain.name)
+    if finished is not None:  # the same scan already completed: nothing to recompute
+        checkpoint.values, checkpoint.done = finished.clone(), layers
+    resumed = len(checkpoint.done)
+    specs = loaded.router_specs()
+    plans = [LayerPlan(p, tuple(prune_variant(specs[p], e, settings.prune) for e in scanned[p].nonzero().flatten().tolist()))
+             for p in layers if p not in checkpoint.done]
+
+    def save(position: int, kl: torch.Tensor) -> None:
+        row = torch.full((prof.shape[1],), float("nan"))
+        row[scanned[position]] = kl.float()
+        checkpoint.save(position, row)
+
+    start = time.perf_counter()
+    try:
+        engine.run(plans, on_layer=save)
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"kl-scan stopped: {len(checkpoint.done)} of {len(layers)} layers finished and saved in {out}; "
+            "rerun the same command to resume"
+        ) from None
+    wall = time.perf_counter() - start
+
+    kl = checkpoint.values.masked_fill(~scanned, float("nan"))
+    key = settings.key_rule.choose(kl)
+    prof.domain(domain.name).put("kl", kl)
+    prof.domain(domain.name).put("key_experts", key)
+    prof.domain(domain.name).settings["key_experts"] = {
+        "rule": asdict(settings.key_rule), "source": "kl-scan", "prune": settings.prune, "top_tokens": engine.top_tokens,
+    }
+    old = prof.provenance.get(stage, {})
+    facts = dict(dataset=text.source, split=text.split, samples=len(text.texts), seq_len=settings.seq_len, seed=settings.seed,
+                 tokens=engine.tokens, wall_s=round(wall, 3) if plans else old.get("wall_s"))
+    prof.provenance[stage] = provenance("kl-scan", settings, loaded, **facts, run=run, top_tokens=engine.top_tokens,
+                                        experts_scanned=int(scanned.sum()), layers_resumed=resumed)
+    write_profile(prof, out)
+    checkpoint.finish()
+    return KLScanResult(prof, out, domain.name, kl, key, resumed, len(plans), engine.tokens, wall, engine.notes)
+
+
+def _finished(prof: RoutingProfile, stage: str, run: str, domain: str) -> torch.Tensor | None:
+    """Returns the stored KL of a completed run with this identity, else None."""
+    if prof.provenance.get(stage, {}).get("run") == run:
+        return prof.domain(domain).find("kl")
+    return None

@@ -1,0 +1,243 @@
+"""`banpick layer-sensitivity`: what Ban (section 5) needs, measured in one pass over calibration text.
+
+Layer sensitivity W_l: the top-1000 KL when MoE layer l alone keeps only its K_min most preferred of the
+K_base experts (the weights follow the model's rule over the kept ones, readings 8-10), every other
+layer untouched; L'_l = (W_l - W_min) / (W_max - W_min). Token sensitivity: R = the weight of the
+top-k_num experts over that of the top-K_base, per real token and layer (k_num = K_min by default,
+reading 2, which is the paper's top-3 at K_min = 3), with R_min and R_max per layer and pooled over all
+layers (raw min/max by default; `ratio_percentile` = p gives the p-th and (100-p)-th percentiles), and a
+histogram of R per layer. R comes from the unmodified pass that the KL engine runs anyway.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+from banpick_cli.passes.resume import LayerCheckpoint, digest, previous_output, texts_digest
+from banpick_cli.stages.common import check_ban_knobs, open_for_update, provenance
+from banpick_cli.passes.kl import TOP_TOKENS, KLEngine, LayerPlan, RouteVariant
+from banpick_cli.stages.profile import load_domain_text
+from banpick_cli.errors import BadSetting, Interrupted
+from banpick_cli.models.loading import LoadedModel, load_model
+from banpick_cli.paths import DEMO_MODEL_NAME
+from banpick_cli.profile.format import RoutingProfile, ensure_writable, read_profile, write_profile
+from banpick_cli.progress import ProgressFn, silent
+from banpick_cli.routing import BETA, K_MIN, LAM, RouterSpec, keep_top, token_ratio
+
+RATIO_SCOPES = ("layer", "pooled")  # as the runtime reads it (runtime/plan.py)
+
+
+@dataclass(frozen=True)
+class LayerSensitivitySettings:
+    """Settings of one `layer-sensitivity` run; recorded verbatim in the profile's provenance."""
+
+    domain: str | None = None  # whose calibration text; default: the profile's only domain
+    data: str | None = None
+    text_field: str | None = None
+    samples: int = 128
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+    k_min: int = K_MIN
+    lam: float = LAM  # --lambda
+    beta: float = BETA
+    ratio_k_num: int | None = None  # R's numerator; None: k_min (reading 2), 3: the paper's literal top-3
+    ratio_percentile: float = 0.0  # 0: raw min/max (the paper); p: p-th and (100-p)-th percentiles
+    ratio_scope: str = "layer"  # which R range Ban uses at inference: per layer, or pooled over layers
+    ratio_bins: int = 100
+    top_tokens: int = TOP_TOKENS
+    hidden_cache_mb: int = 2048
+
+    def __post_init__(self) -> None:
+        for flag, value, low in (("--samples", self.samples, 1), ("--seq-len", self.seq_len, 2),
+                                 ("--batch-size", self.batch_size, 1), ("--top-tokens", self.top_tokens, 1),
+                                 ("--k-min", self.k_min, 1), ("--ratio-bins", self.ratio_bins, 1),
+                                 ("--hidden-cache-mb", self.hidden_cache_mb, 0)):
+            if value < low:
+                raise BadSetting(f"{flag} must be >= {low}, got {value}")
+        if self.ratio_k_num is not None and self.ratio_k_num < 1:
+            raise BadSetting(f"--ratio-k-num must be >= 1, got {self.ratio_k_num}")
+        check_ban_knobs(k_min=self.k_min, lam=self.lam, beta=self.beta)
+        if not 0 <= self.ratio_percentile < 50:
+            raise BadSetting(f"--ratio-percentile must be in [0, 50), got {self.ratio_percentile}")
+        if self.ratio_scope not in RATIO_SCOPES:
+            raise BadSetting(f"--ratio-scope must be one of {', '.join(RATIO_SCOPES)}, got {self.ratio_scope!r}")
+
+    @property
+    def k_num(self) -> int:
+        return self.k_min if self.ratio_k_num is None else self.ratio_k_num
+
+    def check_model(self, k_base: int) -> None:
+        """Raises BadSetting unless K_min and R's numerator fit a router with top-k = k_base."""
+        if not 1 <= self.k_min < k_base:
+            raise BadSetting(f"--k-min {self.k_min} must be in [1, {k_base - 1}]: below this model's K_base = {k_base}")
+        if self.k_num > k_base:
+            raise BadSetting(f"--ratio-k-num {self.k_num} must be <= this model's K_base = {k_base}")
+
+
+class RatioStats:
+    """Router observer: R per real token at every MoE layer -> min, max, histogram (and values for percentiles)."""
+
+    def __init__(self, specs: list[RouterSpec], k_num: int, k_base: int, bins: int, keep_values: bool):
+        layers = len(specs)
+        self.specs, self.k_num, self.k_base, self.bins = specs, k_num, k_base, bins
+        self.min = torch.full((layers,), float("inf"), dtype=torch.float32)
+        self.max = torch.full((layers,), float("-inf"), dtype=torch.float32)
+        self.hist = torch.zeros(layers, bins, dtype=torch.int64)  # [moe_layers, bins] over [0, 1]
+        self.values: list[list[torch.Tensor]] | None = [[] for _ in specs] if keep_values else None
+
+    def __call__(self, position: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
+        if logits.shape[0] == 0:
+            return
+        r = token_ratio(logits, self.specs[position], self.k_num, self.k_base).cpu()  # [T] float32
+        self.min[position] = torch.minimum(self.min[position], r.min())
+        self.max[position] = torch.maximum(self.max[position], r.max())
+        self.hist[position] += torch.bincount((r * self.bins).long().clamp(0, self.bins - 1), minlength=self.bins)
+        if self.values is not None:
+            self.values[position].append(r)
+
+    def ranges(self, percentile: float) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """Returns (R_min [layers], R_max [layers], pooled R_min, pooled R_max)."""
+        if percentile == 0 or self.values is None:
+            return self.min.clone(), self.max.clone(), float(self.min.min()), float(self.max.max())
+        q = percentile / 100
+        per_layer = [torch.cat(v) for v in self.values]
+        lo = torch.tensor([_quantile(v, q) for v in per_layer], dtype=torch.float32)
+        hi = torch.tensor([_quantile(v, 1 - q) for v in per_layer], dtype=torch.float32)
+        pooled = torch.cat(per_layer)
+        return lo, hi, _quantile(pooled, q), _quantile(pooled, 1 - q)
+
+
+def _quantile(x: torch.Tensor, q: float) -> float:
+    """Returns the q-quantile with linear interpolation (numpy's default), for any size of x."""
+    s = x.double().sort().values
+    pos = q * (s.numel() - 1)
+    lo = int(pos)
+    hi = min(lo + 1, s.numel() - 1)
+    return float(s[lo] + (s[hi] - s[lo]) * (pos - lo))
+
+
+def k_min_variant(spec: RouterSpec, k_min: int) -> RouteVariant:
+    """Returns a layer's routing cut to its K_min most preferred experts (weights by the model's rule)."""
+    return lambda logits: keep_top(logits, spec, k_min).as_router_output()
+
+
+def normalised(w: torch.Tensor) -> torch.Tensor:
+    """Returns L' = (W - W_min) / (W_max - W_min); all zeros when every layer has the same W."""
+    span = w.max() - w.min()
+    return (w - w.min()) / span if span > 0 else torch.zeros_like(w)
+
+
+@dataclass
+class LayerSensitivityResult:
+    """What a `layer-sensitivity` run produced (tensors are [moe_layers])."""
+
+    profile: RoutingProfile
+    path: Path
+    domain: str
+    layer_kl: torch.Tensor
+    layer_sensitivity: torch.Tensor
+    ratio_min: torch.Tensor
+    ratio_max: torch.Tensor
+    ratio_hist: torch.Tensor
+    ban: dict
+    layers_resumed: int
+    layers_scanned: int
+    tokens: int
+    wall_s: float
+    notes: list[str]
+
+
+def resolve_domain(settings: LayerSensitivitySettings, profile: RoutingProfile | None) -> str:
+    """Returns the domain whose text to use: --domain, else the profile's only domain."""
+    if settings.domain:
+        return settings.domain
+    domains = profile.domains() if profile is not None else []
+    if len(domains) == 1:
+        return domains[0]
+    have = f"the profile has domains {', '.join(domains)}" if domains else "the profile has no domain yet"
+    raise BadSetting(f"--domain is needed to choose the calibration text ({have})")
+
+
+def run_layer_sensitivity(
+    settings: LayerSensitivitySettings,
+    *,
+    profile: str | Path,
+    out: str | Path | None = None,
+    model: str = DEMO_MODEL_NAME,
+    device: str = "auto",
+    dtype: str = "auto",
+    restart: bool = False,
+    loaded: LoadedModel | None = None,
+    progress: ProgressFn = silent,
+) -> LayerSensitivityResult:
+    """Measures W_l, L'_l and the R statistics, checkpointing each finished layer into `out` (default `profile`).
+
+    `profile` may not exist yet (a new profile is made). A rerun with the same model, data and
+    settings skips finished layers; `restart=True` discards them. Bad input fails before any work.
+    """
+    source, out = Path(profile), Path(out or profile)
+    ensure_writable(out)
+    existing = read_profile(source) if source.exists() else None
+    if existing is not None:
+        settings.check_model(existing.model.k_base)
+    settings = replace(settings, domain=resolve_domain(settings, existing))
+    domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
+    loaded = loaded or load_model(model, device=device, dtype=dtype)
+    k_base = loaded.routing.top_k
+    settings.check_model(k_base)
+    prof = open_for_update(source, loaded)
+    previous = previous_output(out, source, loaded.fingerprint)
+
+    engine = KLEngine(loaded, text.texts, seq_len=settings.seq_len, batch_size=settings.batch_size,
+                      top_tokens=settings.top_tokens, stack=1, hidden_cache_mb=settings.hidden_cache_mb, progress=progress)
+    stage = "layer-sensitivity"
+    run = digest(dict(stage=stage, model=loaded.fingerprint, data=texts_digest(text.texts), seq_len=settings.seq_len,
+                      top_tokens=engine.top_tokens, k_min=settings.k_min, dtype=str(next(loaded.model.parameters()).dtype)))
+    empty = torch.full((prof.shape[0],), float("nan"), dtype=torch.float32)
+    checkpoint = LayerCheckpoint(out, stage, "", run, empty, restart=restart)
+    done_before = previous or prof
+    if not restart and done_before.provenance.get(stage, {}).get("run") == run and done_before.ban.has("layer_kl"):
+        checkpoint.values, checkpoint.done = done_before.ban.layer_kl.clone(), list(range(prof.shape[0]))
+    resumed = len(checkpoint.done)
+    specs = loaded.router_specs()
+    plans = [LayerPlan(p, (k_min_variant(specs[p], settings.k_min),)) for p in range(prof.shape[0]) if p not in checkpoint.done]
+    ratios = RatioStats(specs, settings.k_num, k_base, settings.ratio_bins, keep_values=settings.ratio_percentile > 0)
+
+    start = time.perf_counter()
+    try:
+        engine.run(plans, observers=[ratios], on_layer=lambda position, kl: checkpoint.save(position, kl.float()))
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"layer-sensitivity stopped: {len(checkpoint.done)} of {prof.shape[0]} layers finished and saved in {out}; "
+            "rerun the same command to resume"
+        ) from None
+    wall = time.perf_counter() - start
+
+    w = checkpoint.values.clone()
+    sensitivity = normalised(w)
+    r_min, r_max, pooled_min, pooled_max = ratios.ranges(settings.ratio_percentile)
+    for part, tensor in (("layer_kl", w), ("layer_sensitivity", sensitivity), ("ratio_min", r_min),
+                         ("ratio_max", r_max), ("ratio_hist", ratios.hist)):
+        prof.ban.put(part, tensor)
+    ban = {
+        "k_base": k_base, "k_min": settings.k_min, "lam": settings.lam, "beta": settings.beta,
+        "ratio_k_num": settings.k_num, "ratio_scope": settings.ratio_scope, "ratio_percentile": settings.ratio_percentile,
+        "ratio_min_global": pooled_min, "ratio_max_global": pooled_max, "ratio_bins": settings.ratio_bins,
+        "top_tokens": engine.top_tokens,
+    }
+    prof.ban.set_settings(ban)
+    prof.provenance[stage] = provenance(
+        stage, settings, loaded, dataset=text.source, split=text.split, samples=len(text.texts), tokens=engine.tokens,
+        seq_len=settings.seq_len, seed=settings.seed, wall_s=round(wall, 3), run=run, top_tokens=engine.top_tokens,
+        layers_resumed=resumed,
+    )
+    write_profile(prof, out)
+    checkpoint.finish()
+    return LayerSensitivityResult(prof, out, domain.name, w, sensitivity, r_min, r_max, ratios.hist, ban, resumed,
+                                  len(plans), engine.tokens, wall, engine.notes)
+

@@ -1,0 +1,224 @@
+"""`banpick profile`: count expert usage on a domain's calibration text and mark its candidates."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from banpick_cli.passes.resume import Sidecar, run_fingerprint, texts_digest
+from banpick_cli.stages.common import open_for_update, provenance
+from banpick_cli.passes.distributed import Dist, init_from_env
+from banpick_cli.passes.usage import UsageCounts, count_usage
+from banpick_cli.passes.usage_pass import RunOptions, count_usage_pass
+from banpick_cli.data import CalibrationText, Domain, get_domain, load_calibration_text
+from banpick_cli.errors import BadSetting
+from banpick_cli.models.loading import LoadedModel, load_model, resolve_device
+from banpick_cli.paths import DEMO_MODEL_NAME
+from banpick_cli.profile.format import RoutingProfile, ensure_writable, write_profile
+from banpick_cli.profile.stats import CandidateRule
+from banpick_cli.progress import ProgressFn, silent
+
+# Stage results computed from a domain's usage; stale once its counts change.
+
+
+@dataclass(frozen=True)
+class ProfileSettings:
+    """Settings of one `profile` run; recorded verbatim in the profile's provenance."""
+
+    domain: str
+    data: str | None = None
+    text_field: str | None = None
+    samples: int = 256
+    seq_len: int = 512
+    batch_size: int = 8
+    seed: int = 0
+    candidate_ratio: float = 2.0
+    candidate_top: int = 0
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise BadSetting(f"--samples must be >= 1, got {self.samples}")
+        if self.seq_len < 2:
+            raise BadSetting(f"--seq-len must be >= 2, got {self.seq_len}")
+        if self.batch_size < 1:
+            raise BadSetting(f"--batch-size must be >= 1, got {self.batch_size}")
+        self.rule  # validates the candidate knobs
+
+    @property
+    def rule(self) -> CandidateRule:
+        return CandidateRule(self.candidate_ratio, self.candidate_top)
+
+
+@dataclass
+class ProfileResult:
+    """What a `profile` run produced: the updated profile, its counts, and how fast it ran."""
+
+    profile: RoutingProfile
+    path: Path
+    domain: str
+    usage: UsageCounts
+    wall_s: float
+    dropped: list[str]
+    rank: int = 0  # under torchrun only rank 0 holds (and wrote) the profile
+    world: int = 1
+    resumed_batches: int = 0  # batches taken from a checkpoint sidecar instead of recomputed
+    stale_sidecar: bool = False  # a sidecar of another run (other settings, data or model) was discarded
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.usage.tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+
+def load_domain_text(settings: ProfileSettings, *, model: str) -> tuple[Domain, CalibrationText]:
+    """Returns the domain and its calibration text (the demo model defaults to the embedded data)."""
+    domain = get_domain(settings.domain)
+    text = load_calibration_text(
+        domain,
+        settings.data,
+        samples=settings.samples,
+        seed=settings.seed,
+        text_field=settings.text_field,
+        use_embedded=model == DEMO_MODEL_NAME,
+    )
+    return domain, text
+
+
+def profile_domain(
+    loaded: LoadedModel,
+    settings: ProfileSettings,
+    profile: RoutingProfile,
+    domain: Domain,
+    text: CalibrationText,
+    *,
+    progress: ProgressFn = silent,
+) -> tuple[UsageCounts, float, list[str]]:
+    """Counts usage for one domain and stores it in `profile`; returns (counts, wall seconds, dropped tensors)."""
+    start = time.perf_counter()
+    usage = count_usage(loaded, text.texts, seq_len=settings.seq_len, batch_size=settings.batch_size, progress=progress)
+    if loaded.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+    return usage, wall, store_usage(profile, loaded, settings, domain, text, usage, wall)
+
+
+def store_usage(
+    profile: RoutingProfile,
+    loaded: LoadedModel,
+    settings: ProfileSettings,
+    domain: Domain,
+    text: CalibrationText,
+    usage: UsageCounts,
+    wall: float,
+    **facts: Any,
+) -> list[str]:
+    """Stores a domain's counts, candidates and provenance in `profile`; returns the stale tensors it dropped."""
+    name = domain.name
+    dropped = profile.domain(name).store_usage(usage.expert_counts, usage.token_counts, settings.rule)
+    profile.provenance[f"profile/{name}"] = provenance(
+        "profile",
+        settings,
+        loaded,
+        dataset=text.source,
+        split=text.split,
+        samples=usage.samples,
+        tokens=usage.tokens,
+        seq_len=settings.seq_len,
+        seed=settings.seed,
+        wall_s=round(wall, 3),
+        **facts,
+    )
+    return dropped
+
+
+def run_profile(
+    settings: ProfileSettings,
+    *,
+    out: str | Path,
+    model: str = DEMO_MODEL_NAME,
+    device: str = "auto",
+    dtype: str = "auto",
+    loaded: LoadedModel | None = None,
+    progress: ProgressFn = silent,
+    options: RunOptions = RunOptions(),
+) -> ProfileResult:
+    """Loads the model, profiles one domain, and writes (or updates) the profile at `out` atomically.
+
+    Everything that can fail on bad input (output path, domain, data) is checked before the model loads.
+    Under torchrun every rank counts its shard of the batches and rank 0 writes the summed profile;
+    with `options.checkpoint_every`, partial counts go to a sidecar next to `out` and a rerun resumes.
+    """
+    out = Path(out)
+    dist = init_from_env()
+    try:
+        if options.device_map and dist.active and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
+            raise BadSetting("--device-map spreads one model over all of a machine's GPUs: under torchrun use it with "
+                             "--nproc-per-node 1 (one rank per machine), or drop it and let each rank take one GPU")
+        if dist.is_main:
+            ensure_writable(out)
+        domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
+        run_device = _run_device(device, dist)
+        if loaded is None and options.sequential:
+            # The model stays in CPU memory; its layers visit `run_device` one at a time.
+            loaded = load_model(model, device="cpu", dtype=_dtype_for(dtype, run_device))
+        elif loaded is None:
+            loaded = load_model(model, device=str(run_device), dtype=dtype, device_map=options.device_map)
+        if not options.sequential:
+            run_device = loaded.device
+        profile = open_for_update(out, loaded) if dist.is_main else None
+        sidecar = _sidecar(out, loaded, settings, domain, text, dist) if options.checkpoint_every else None
+        start = time.perf_counter()
+        done = count_usage_pass(loaded, text.texts, seq_len=settings.seq_len, batch_size=settings.batch_size,
+                                device=run_device, options=options, sidecar=sidecar, dist=dist, progress=progress)
+        if run_device.type == "cuda":
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+        dropped: list[str] = []
+        if profile is not None:
+            facts = {"world_size": dist.world, "resumed_batches": done.resumed_batches}
+            if options.sequential:
+                facts.update(sequential=True, run_device=str(run_device))
+            if options.device_map:
+                facts["device_map"] = options.device_map
+            dropped = store_usage(profile, loaded, settings, domain, text, done.usage, wall, **facts)
+            write_profile(profile, out)
+        dist.barrier()  # every rank's sidecar stays until the profile is safely written
+        if sidecar is not None:
+            sidecar.remove()
+        return ProfileResult(profile, out, domain.name, done.usage, wall, dropped, rank=dist.rank, world=dist.world,
+                             resumed_batches=done.resumed_batches, stale_sidecar=bool(sidecar and sidecar.stale))
+    finally:
+        dist.close()
+
+
+def _run_device(device: str, dist: Dist) -> torch.device:
+    """Returns the device batches run on; under torchrun each rank takes the GPU of its local rank."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda" and dist.active and resolved.index is None:
+        return torch.device("cuda", dist.local_rank)
+    return resolved
+
+
+def _dtype_for(dtype: str, run_device: torch.device) -> str:
+    """Returns the dtype name for a model loaded on the CPU that will run on `run_device`."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if run_device.type == "cuda" else "float32"
+
+
+def _sidecar(out: Path, loaded: LoadedModel, settings: ProfileSettings, domain: Domain, text: CalibrationText, dist: Dist) -> Sidecar:
+    """Returns this run's checkpoint sidecar, stamped with everything that decides its counts."""
+    tag = domain.name + (f".rank{dist.rank}of{dist.world}" if dist.active else "")
+    fingerprint = run_fingerprint(
+        model=loaded.fingerprint,
+        data=texts_digest(text.texts),
+        settings=asdict(settings),
+        dtype=str(next(loaded.model.parameters()).dtype),
+        world=dist.world,
+        rank=dist.rank,
+    )
+    return Sidecar(out, "profile", tag, fingerprint)

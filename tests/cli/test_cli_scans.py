@@ -1,0 +1,133 @@
+"""The two scan commands: JSON and tables end to end, one clear line on bad input, SIGTERM is exit 3."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+import banpick_cli.cli.scans  # noqa: F401  (registers the commands on the app)
+from banpick_cli.cli.base import app
+from banpick_cli.passes.resume import read_sidecar, sidecar_path
+from banpick_cli.profile import read_profile, write_profile
+from scan_helpers import TEXTS
+
+runner = CliRunner()
+
+
+def _run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture()
+def profile_copy(profiled, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    path = work / "p.safetensors"
+    shutil.copy(profiled("qwen3_moe"), path)
+    return path
+
+
+def _common(tiny_models, data_file):
+    return ["--model", tiny_models["qwen3_moe"], "--data", data_file, "--samples", len(TEXTS), "--seq-len", 16,
+            "--top-tokens", 50, "--no-progress"]
+
+
+def test_kl_scan_and_layer_sensitivity_end_to_end(tiny_models, data_file, profile_copy):
+    common = _common(tiny_models, data_file)
+    result = _run("kl-scan", "--profile", profile_copy, "--domain", "math", "--candidates", "top-3", "--key-factor", 1.0, *common, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    prof = read_profile(profile_copy)
+    assert summary["experts_scanned"] == 6 and summary["layers_scanned"] == 2 and summary["tokens"] > 0
+    assert summary["top"][0]["kl"] == summary["kl_max"] == float(prof.get("domain/math/kl").nan_to_num().max())
+    assert summary["key_experts"] and prof.provenance["kl-scan/math"]["settings"]["candidates"] == "top-3"
+
+    result = _run("kl-scan", "--profile", profile_copy, "--domain", "math", "--candidates", "top-3", *common)
+    assert result.exit_code == 0, result.output
+    assert "experts that move the output most" in result.stdout and "0 scanned now, 2 resumed" in result.stdout
+
+    result = _run("layer-sensitivity", "--profile", profile_copy, "--k-min", 2, *common, "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["ban"]["k_min"] == 2 and summary["ban"]["lam"] == 0.7 and len(summary["layers"]) == 2
+    assert read_profile(profile_copy).ban.has("ratio_hist")
+    result = _run("layer-sensitivity", "-o", profile_copy, "--k-min", 2, *common)  # -o alone: update in place
+    assert result.exit_code == 0 and "W spread" in result.stdout and "R min" in result.stdout
+
+
+def _assert_clean_failure(result, message, path, before):
+    assert result.exit_code == 1, result.output
+    err = result.stderr.strip()
+    assert "Traceback" not in result.output and len(err.splitlines()) == 1 and message in err, err
+    assert path.read_bytes() == before and sorted(p.name for p in path.parent.iterdir()) == [path.name]
+
+
+def test_bad_input_is_one_line_and_leaves_the_profile(tiny_models, data_file, profile_copy):
+    common = _common(tiny_models, data_file)
+    before = profile_copy.read_bytes()
+    _assert_clean_failure(_run("layer-sensitivity", "--profile", profile_copy, "--k-min", 4, *common),
+                          "--k-min 4 must be in [1, 3]", profile_copy, before)
+    _assert_clean_failure(_run("layer-sensitivity", "--profile", profile_copy, "--k-min", 0, *common),
+                          "--k-min must be >= 1", profile_copy, before)
+    other = ["--model", tiny_models["olmoe"], *common[2:]]
+    _assert_clean_failure(_run("kl-scan", "--profile", profile_copy, "--domain", "math", *other), "made for another model",
+                          profile_copy, before)
+    _assert_clean_failure(_run("layer-sensitivity", "--profile", profile_copy, "--k-min", 2, *other), "made for another model",
+                          profile_copy, before)
+    _assert_clean_failure(_run("kl-scan", "--profile", profile_copy, "--domain", "code", *common),
+                          "run `banpick profile --domain code` first", profile_copy, before)
+    _assert_clean_failure(_run("kl-scan", "--profile", profile_copy, "--domain", "math", "--candidates", "some", *common),
+                          "--candidates must be", profile_copy, before)
+    _assert_clean_failure(_run("kl-scan", "--domain", "math", *common), "give the profile with --profile", profile_copy, before)
+    prof = read_profile(profile_copy)
+    prof.tensors["domain/math/candidates"][:] = False
+    write_profile(prof, profile_copy)
+    before = profile_copy.read_bytes()
+    _assert_clean_failure(_run("kl-scan", "--profile", profile_copy, "--domain", "math", *common),
+                          "no candidate experts for domain 'math'", profile_copy, before)
+
+
+def test_top_tokens_beyond_the_vocabulary_is_clamped_and_said(tiny_models, data_file, profile_copy):
+    common = _common(tiny_models, data_file)[:-3] + ["--top-tokens", 5000, "--no-progress"]
+    result = _run("kl-scan", "--profile", profile_copy, "--domain", "math", "--candidates", "top-1", *common)
+    assert result.exit_code == 0, result.output
+    assert "note: --top-tokens 5000 is larger than the vocabulary (320); using 320" in result.stderr
+
+
+TERMINATED_RUN = """
+import sys, time
+from contextlib import contextmanager
+import banpick_cli.cli.scans as scans
+
+@contextmanager
+def slow_after_first_layer(enabled, description):
+    def progress(event):
+        if event.task == "layers" and event.done == 1:
+            print("layer saved", flush=True)
+            time.sleep(300)
+    yield progress
+
+scans.progress_bar = slow_after_first_layer
+scans.app(sys.argv[1:])
+"""
+
+
+def test_sigterm_exits_3_with_finished_layers_saved(tiny_models, data_file, profile_copy):
+    args = ["layer-sensitivity", "--profile", profile_copy, "--k-min", 2, *_common(tiny_models, data_file)]
+    proc = subprocess.Popen([sys.executable, "-c", TERMINATED_RUN, *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "layer saved"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 3, err
+    assert "1 of 2 layers finished and saved" in err and "Traceback" not in err
+    assert read_sidecar(sidecar_path(profile_copy, "layer-sensitivity", "")).state["layers_done"] == [0]

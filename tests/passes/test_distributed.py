@@ -1,0 +1,60 @@
+"""Data-parallel `profile` on torch.distributed (gloo, 2 CPU processes) counts exactly what one process counts."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import torch
+import torch.multiprocessing as mp
+
+from banpick_cli.passes.distributed import Dist, world_from_env
+from banpick_cli.stages.profile import ProfileSettings, run_profile
+from banpick_cli.profile import read_profile
+from dist_worker import rank_main
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_ranks_count_exactly_what_one_process_counts(tiny_models, tmp_path, monkeypatch):
+    data = tmp_path / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"case {i}: {i} * 7 = {i * 7} " + "fox " * (i % 5)}) for i in range(11)) + "\n")
+    model = str(tiny_models["deepseek_v2"])
+    out = tmp_path / "dp.safetensors"
+    # fork: the ranks start with torch and transformers already imported (spawn re-imports them: ~10 s a rank here).
+    ranks = mp.start_processes(rank_main, args=(2, _free_port(), model, str(data), str(out), str(tmp_path)), nprocs=2,
+                               join=False, start_method="fork")
+    deadline = time.time() + 120
+    while not ranks.join(timeout=2):
+        if time.time() > deadline:
+            for proc in ranks.processes:
+                proc.kill()
+            raise AssertionError("the data-parallel ranks did not finish in 120 s")
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    single = run_profile(ProfileSettings(domain="math", data=str(data), samples=11, seq_len=16, batch_size=2),
+                         out=tmp_path / "one.safetensors", model=model, device="cpu")
+    dp = read_profile(out)
+    for name in ("expert_counts", "token_counts", "candidates"):
+        assert torch.equal(dp.get(f"domain/math/{name}"), single.profile.get(f"domain/math/{name}")), name
+    assert [r["wrote"] for r in ranks] == [True, False]  # rank 0 writes, rank 1 does not
+    assert {r["tokens"] for r in ranks} == {single.usage.tokens} and {r["samples"] for r in ranks} == {11}
+    assert dp.provenance["profile/math"]["world_size"] == 2 and dp.provenance["profile/math"]["samples"] == 11
+    assert not list(tmp_path.glob("*.partial"))  # both ranks' sidecars are gone after the write
+    for r in ranks:
+        assert r["big"] == 2 * 2**53 + 3  # int64, exact (float64 would round this)
+        assert (r["lo"], r["hi"], r["agree"]) == (-5.0, 10.0, False)
+        assert r["mean"] == (10.0 + 40.0) / 3  # sum of sums over sum of counts, not (10/1 + 40/2) / 2 = 15
+
+
+def test_shards_cover_every_batch_once():
+    shards = [Dist(rank=r, world=3).shard(10) for r in range(3)]
+    assert sorted(i for s in shards for i in s) == list(range(10)) and shards[1] == [1, 4, 7]
+    assert world_from_env() == (0, 1, 0)
