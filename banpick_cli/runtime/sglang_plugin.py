@@ -1,8 +1,9 @@
 """SGLang plugin: `sglang.srt.plugins` entry point `banpick = banpick_cli.runtime.sglang_plugin:register`.
 
 With BANPICK_PROFILE set, registers two hooks with SGLang's HookRegistry (python/sglang/srt/plugins):
-AFTER `sglang.srt.model_loader.get_model` checks the profile against the loaded routers and builds
-the plan; BEFORE `sglang.srt.layers.moe.topk._post_process_topk_ids` replaces the routed columns of
+AFTER `ModelRunner.load_model` (the path the server loads through: ModelRunner.load_model ->
+loader.load_model, SGLang 0.5.15-0.5.23) checks the profile against `runner.model`'s routers and
+builds the plan; BEFORE `sglang.srt.layers.moe.topk._post_process_topk_ids` replaces the routed columns of
 (topk_ids, topk_weights) for the layers the plan changes. That function runs after every native
 selection path (plain, grouped, biased, fused kernels) and before routed-expert capture, EPLB
 mapping and the expert-distribution recorder, so those see the rerouted experts. Fused shared-
@@ -21,7 +22,7 @@ from banpick_cli.runtime.engine import LAYER_RE, EngineRouter, EngineUnsupported
 
 logger = logging.getLogger("banpick")
 TOPK_TARGET = "sglang.srt.layers.moe.topk._post_process_topk_ids"
-LOAD_TARGET = "sglang.srt.model_loader.get_model"
+LOAD_TARGET = "sglang.srt.model_executor.model_runner.ModelRunner.load_model"
 TOPK_PARAMS = ("topk_ids", "topk_weights", "topk_config", "router_logits", "layer_id")
 _state: dict[str, Any] = {"router": None, "armed": False, "problem": None}
 
@@ -37,11 +38,48 @@ def register() -> None:
         # SGLang's plugin loader logs and swallows exceptions from plugins; a routing the user asked
         # for must not silently be absent, so stop the process instead.
         raise SystemExit(f"banpick: this SGLang has no plugin hook registry ({err}); it is not supported") from None
+    problem = check_load_path()
+    if problem:  # SGLang would load the model without us: stop here, in one line
+        raise SystemExit(f"banpick: {problem}: this SGLang is not supported (tested: 0.5.23)")
     _state["problem"] = check_signature()
-    HookRegistry.register(LOAD_TARGET, after_get_model, HookType.AFTER)
+    HookRegistry.register(LOAD_TARGET, after_load_model, HookType.AFTER)
     HookRegistry.register(TOPK_TARGET, before_post_process, HookType.BEFORE)
     _state["armed"] = True
     logger.info("banpick: SGLang plugin armed (profile %s)", settings.profile)
+
+
+def check_load_path() -> str | None:
+    """Returns why the server's model load would not reach our hook, or None.
+
+    The server builds its model in `ModelRunner.load_model`, which stores it as `self.model`; the
+    AFTER hook reads it there.
+    """
+    try:
+        from sglang.srt.model_executor.model_runner import ModelRunner
+    except ImportError as err:
+        return f"cannot import sglang.srt.model_executor.model_runner ({err})"
+    load = getattr(ModelRunner, "load_model", None)
+    if load is None:
+        return f"{LOAD_TARGET} does not exist"
+    try:
+        source = inspect.getsource(load)
+    except (OSError, TypeError):
+        return f"{LOAD_TARGET} has no readable source"
+    if "self.model = " not in source:
+        return f"{LOAD_TARGET} no longer sets self.model"
+    return None
+
+
+def shared_slots(config: Any) -> int:
+    """Returns the fused shared-expert columns after the routed ones in a TopK's output.
+
+    SGLang 0.5.23 calls them `num_shared_topk_slots`; older versions `num_fused_shared_experts`.
+    """
+    for name in ("num_shared_topk_slots", "num_fused_shared_experts"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    return 0
 
 
 def check_signature() -> str | None:
@@ -58,8 +96,17 @@ def check_signature() -> str | None:
     return f"{TOPK_TARGET} lacks parameters {missing}" if missing else None
 
 
+def after_load_model(result: Any, runner: Any, *args: Any, **kwargs: Any) -> Any:
+    """AFTER hook on ModelRunner.load_model: fails the load (and so the server start) on any mismatch."""
+    model = getattr(runner, "model", None)
+    if not isinstance(model, torch.nn.Module):
+        raise EngineUnsupported(f"banpick: SGLang's {LOAD_TARGET} left no model in runner.model: unsupported SGLang version")
+    install(model)
+    return result
+
+
 def after_get_model(model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
-    """AFTER hook on get_model: fails the load (and so the server start) on any mismatch."""
+    """Installs on a model built outside ModelRunner (e.g. `sglang.srt.model_loader.get_model`); returns it."""
     install(model)
     return model
 
@@ -75,7 +122,7 @@ def install(model: torch.nn.Module, *, engine: str = "SGLang") -> EngineRouter |
     for name, module in model.named_modules():
         config = getattr(module, "topk_config", None)
         if config is not None and LAYER_RE.search(name):
-            slots.add(int(config.top_k) - int(getattr(config, "num_fused_shared_experts", 0) or 0))
+            slots.add(int(config.top_k) - shared_slots(config))
     gates = gate_modules(model.named_modules())
     if not slots and not gates:  # a dense model in the same process (e.g. a speculative draft): not ours
         logger.info("banpick: %s: skipping %s, it has no MoE layers", engine, type(model).__name__)
@@ -100,7 +147,7 @@ def before_post_process(*args: Any, **kwargs: Any):
     if not router.changes(int(layer_id)):
         return None
     ids, weights, config = bound["topk_ids"], bound["topk_weights"], bound["topk_config"]
-    shared = int(getattr(config, "num_fused_shared_experts", 0) or 0)
+    shared = shared_slots(config)
     routed = ids.shape[1] - shared
     capturing = ids.is_cuda and torch.cuda.is_current_stream_capturing()
     stock = (weights[:, :routed], ids[:, :routed]) if router.needs_check(int(layer_id)) and not capturing else None

@@ -1,0 +1,128 @@
+"""banpick's SGLang plugin inside a real SGLang (`make test-engines`; skipped where sglang is not installed).
+
+Nothing is stubbed: SGLang's plugin loader runs the entry point of the installed banpick wheel, its
+HookRegistry patches the server's load path (ModelRunner.load_model) and `_post_process_topk_ids`,
+and SGLang's own `select_experts` routes on the CPU through its torch-native top-k (TopKConfig
+torch_native=True; the CUDA top-k kernels are the only part not run). The model the AFTER hook sees
+is the demo model with SGLang's real TopKConfig on each MoE block; building it with SGLang's own
+model classes needs CUDA kernels at construction and is left to bench/engine_e2e.py on a GPU.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import shlex
+from types import SimpleNamespace
+
+import pytest
+
+sglang = pytest.importorskip("sglang")
+
+import torch  # noqa: E402
+
+from engine_helpers import DEMO, demo_profile  # noqa: E402
+
+from banpick_cli.routing import ban  # noqa: E402
+from banpick_cli.runtime import sglang_plugin  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def plugins(tmp_path_factory):
+    """SGLang's own plugin loading with BANPICK_PROFILE set, as every server process does."""
+    from sglang.srt.plugins import load_plugins
+
+    profile = demo_profile(tmp_path_factory.mktemp("sglang") / "ban.safetensors")
+    os.environ.update(BANPICK_PROFILE=str(profile), BANPICK_METHOD="ban")
+    load_plugins()
+    return profile
+
+
+def test_the_entry_point_hooks_the_load_path_the_server_takes(plugins):
+    from sglang.srt.layers.moe import topk
+    from sglang.srt.model_executor.model_runner import ModelRunner
+    from sglang.srt.plugins.hook_registry import HookRegistry
+
+    assert sglang.__version__ == "0.5.23"
+    assert sglang_plugin._state["armed"] and sglang_plugin._state["problem"] is None
+    assert {sglang_plugin.LOAD_TARGET, sglang_plugin.TOPK_TARGET} <= HookRegistry._patched
+    # The server's model runner loads in load_model (called from its initialisation), and the hook is on it.
+    assert "self.load_model()" in inspect.getsource(ModelRunner)
+    assert ModelRunner.load_model is not getattr(ModelRunner.load_model, "__wrapped__", None)
+    assert topk._post_process_topk_ids.__name__ == "_post_process_topk_ids"
+
+
+def _demo_with_sglang_topk():
+    from sglang.srt.layers.moe.topk import TopKConfig
+
+    from banpick_cli.models.loading import load_model
+
+    loaded = load_model(str(DEMO), device="cpu")
+    for layer in loaded.layers:
+        # SGLang's TopK module reads the server's published runtime config at construction; the plugin
+        # reads only its `topk_config`, SGLang's real TopKConfig here.
+        holder = torch.nn.Module()
+        holder.topk_config = TopKConfig(top_k=8, renormalize=True)
+        layer.block.add_module("topk", holder)
+    return loaded
+
+
+def test_the_after_hook_installs_on_the_runners_model_and_sglangs_select_experts_routes_ban(plugins):
+    from sglang.srt.layers.moe.topk import TopKConfig, select_experts
+
+    loaded = _demo_with_sglang_topk()
+    runner = SimpleNamespace(model=loaded.model)  # what ModelRunner.load_model leaves behind
+    assert sglang_plugin.after_load_model(None, runner) is None
+    router = sglang_plugin._state["router"]
+    assert router.changed == {0, 1, 2, 3} and router.slots == 8
+    assert sglang_plugin.shared_slots(loaded.layers[0].block.topk.topk_config) == 0
+    spec = router.specs[0]
+    sensitivity = torch.linspace(0.0, 1.0, 4)
+    gen = torch.Generator().manual_seed(0)
+    for layer in loaded.layers:
+        logits = torch.randn(64, 32, generator=gen) * 2
+        config = TopKConfig(top_k=8, renormalize=True, torch_native=True)
+        out = select_experts(torch.zeros(64, 128), logits, config, layer_id=layer.layer_index)
+        weights, ids = out.topk_weights, out.topk_ids
+        assert ids.shape == (64, 8) and int(ids.min()) >= 0 and int(ids.max()) < 32
+        mine = ban(logits, spec, float(sensitivity[layer.position]), 0.35, 0.95, k_min=2, lam=0.7, beta=0.5)
+        live = weights > 0
+        assert torch.equal(live.sum(-1), mine.k) and int(mine.k.min()) < 8
+        assert torch.equal(torch.where(live, ids.long(), -1), torch.where(mine.indices < 32, mine.indices, -1))
+        torch.testing.assert_close(weights[live].float(), mine.weights.float()[mine.indices < 32])
+
+
+def test_sglangs_argument_parser_accepts_every_flag_a_bundle_writes(plugins, tmp_path):
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    from banpick_cli.runtime.export import export_bundle
+    from banpick_cli.runtime.snippets import serve_command
+
+    parser = argparse.ArgumentParser()
+    ServerArgs.add_cli_args(parser)
+    manifest = export_bundle(str(plugins), "sglang", tmp_path / "ban", method="ban").manifest
+    wide = dict(manifest, engine_slots=10, served={"pick/x": {"method": "pick", "hyperparameters": {"strategy": "C"}}})
+    for m in (manifest, wide):
+        command = shlex.split(serve_command(m))
+        assert command[:3] == ["python", "-m", "sglang.launch_server"]
+        args = parser.parse_args(command[3:])
+        assert args.moe_runner_backend == "triton"
+        if m is wide:
+            assert json.loads(args.json_model_override_args) == {"num_experts_per_tok": 10}
+
+
+def test_an_sglang_whose_load_path_differs_fails_at_start_in_one_line(plugins, monkeypatch):
+    from sglang.srt.model_executor.model_runner import ModelRunner
+
+    def load_model(self):  # a load path that keeps the model elsewhere
+        self._model = None
+
+    monkeypatch.setattr(ModelRunner, "load_model", load_model)
+    monkeypatch.setitem(sglang_plugin._state, "armed", False)
+    with pytest.raises(SystemExit) as exit_info:
+        sglang_plugin.register()
+    message = str(exit_info.value)
+    assert "\n" not in message and "no longer sets self.model" in message and "not supported" in message
