@@ -18,7 +18,6 @@ fingerprint from the router tensors in its checkpoint files, so importing for a 
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from banpick_cli.stages.common import command_line
+from banpick_cli.checks import domain_name, number, one_of
 from banpick_cli.errors import BadSetting, DataError
 from banpick_cli.profile.fingerprint import router_fingerprint
 from banpick_cli.profile.identity import ModelIdentity
@@ -50,14 +50,11 @@ class ImportSettings:
     candidate_top: int = 0
 
     def __post_init__(self) -> None:
-        if self.engine not in ENGINES:
-            raise BadSetting(f"--from must be one of {', '.join(ENGINES)}, got {self.engine!r}")
-        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.domain or ""):
-            raise BadSetting(f"--domain must be a name of letters, digits, '_', '-' or '.', got {self.domain!r}")
+        one_of("--from", self.engine, ENGINES)
+        domain_name(self.domain)
         if not self.files:
             raise BadSetting("give at least one dump file or folder")
-        if self.replicas < 1:
-            raise BadSetting(f"--replicas must be >= 1, got {self.replicas}")
+        number("--replicas", self.replicas, low=1, integer=True)
         self.rule  # validates the candidate knobs
 
     @property
@@ -275,18 +272,41 @@ def _from_response(obj: Any, path: Path) -> Iterator[Any]:
     if not isinstance(obj, dict):
         raise DataError(f"{path}: a JSON object with 'routed_experts' or 'prompt_routed_experts' was expected")
     found = False
-    if obj.get("prompt_routed_experts") is not None:
+    if obj.get("prompt_routed_experts") is not None:  # vLLM 0.21-0.25's server
         found = True
-        yield obj["prompt_routed_experts"]
+        yield _routed_field(obj["prompt_routed_experts"], path)
     if obj.get("routed_experts") is not None:
         found = True
-        yield obj["routed_experts"]
+        yield _routed_field(obj["routed_experts"], path)
     for choice in obj.get("choices") or []:
         if isinstance(choice, dict) and choice.get("routed_experts") is not None:
             found = True
-            yield choice["routed_experts"]
+            yield _routed_field(choice["routed_experts"], path)
     if not found:
         raise DataError(f"{path}: a response without routed experts (was the server started with --enable-return-routed-experts?)")
+
+
+def _routed_field(value: Any, path: Path) -> Any:
+    """Returns a response's routed-experts array: nested lists (vLLM 0.21-0.25) or, since vLLM 0.26, a
+    string holding base64 of the .npy bytes (`vllm/utils/serial_utils.py` numpy2base64; shape
+    [tokens - 1, layers, top_k], uint8/uint16/int32)."""
+    if isinstance(value, list):
+        return value
+    if isinstance(value, str):
+        import base64
+        import binascii
+        import io
+
+        import numpy as np
+
+        try:
+            array = np.load(io.BytesIO(base64.b64decode(value, validate=True)), allow_pickle=False)
+        except (binascii.Error, ValueError, OSError, EOFError) as err:
+            raise DataError(f"{path}: routed_experts is a string but not base64 of a .npy array ({err})") from None
+        if array.dtype.kind not in "iu":
+            raise DataError(f"{path}: routed_experts holds {array.dtype} values, expert ids (integers) were expected")
+        return array.astype(np.int64)
+    raise DataError(f"{path}: routed_experts is a {type(value).__name__}; expected nested lists or a base64 .npy string")
 
 
 def read_vllm(paths: Iterable[str], identity: ModelIdentity, *, replicas: int = 1) -> ImportedUsage:
@@ -296,7 +316,7 @@ def read_vllm(paths: Iterable[str], identity: ModelIdentity, *, replicas: int = 
     tokens = torch.zeros(len(identity.moe_layers), dtype=torch.int64)
     sequences = 0
     notes: list[str] = []
-    skipped = 0
+    skipped = duplicates = 0
     files = _files(paths, ("*.npz", "*.npy", "*.pt", "*.jsonl", "*.json"))
     for path in files:
         for array in _vllm_arrays(path):
@@ -311,12 +331,21 @@ def read_vllm(paths: Iterable[str], identity: ModelIdentity, *, replicas: int = 
             valid = (ids >= 0) & (ids < E)
             skipped += int((~valid).sum())
             ids = torch.where(valid, ids, torch.full_like(ids, E))  # out-of-range ids go to a spare bin
+            # Each (token, expert) counts once: a banpick-routed server fills a pruned slot with an
+            # expert the token already uses, at weight 0.
+            ids, _ = ids.sort(-1)
+            repeat = torch.zeros_like(valid)
+            repeat[..., 1:] = (ids[..., 1:] == ids[..., :-1]) & (ids[..., 1:] < E)
+            duplicates += int(repeat.sum())
+            ids = torch.where(repeat, torch.full_like(ids, E), ids)
             per_layer = ids.permute(1, 0, 2).reshape(ids.shape[1], -1)  # [M, T*K]
             counts += torch.zeros_like(counts).scatter_add_(1, per_layer, torch.ones_like(per_layer))
             tokens += valid.any(-1).sum(0)
             sequences += 1
     if skipped:
         notes.append(f"{skipped} expert ids outside [0, {E}) were skipped (padding or missing routes)")
+    if duplicates:
+        notes.append(f"{duplicates} repeated (token, expert) slots counted once (pruned slots of a banpick-routed server)")
     if sequences == 0:
         raise DataError("no routed experts found in the given files")
     return _finish(counts[:, :E], tokens, sequences, identity, replicas, files, notes)
