@@ -27,8 +27,8 @@ from banpick_cli.runtime.plan import AUTO, RoutingPlan, build_plan
 TARGETS = ("vllm", "sglang", "hf")
 BAN_TENSORS = ("layer_sensitivity", "ratio_min", "ratio_max", "ratio_hist")  # what serving needs of Ban
 # The serving images the Dockerfile lines start from: the engine versions the plugins target.
-BASE_IMAGES = {"vllm": "vllm/vllm-openai:v0.26.0", "sglang": "lmsysorg/sglang:latest",
-               "hf": "python:3.11-slim"}
+BASE_IMAGES = {"vllm": "vllm/vllm-openai:v0.33.0", "sglang": "lmsysorg/sglang:v0.5.23",
+               "hf": "python:3.11.7-slim"}
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,7 @@ def export_bundle(
     target_dir = Path(out)
     target_dir.mkdir(parents=True, exist_ok=True)
     profile_file = write_profile(compact, target_dir / PROFILE)
+    profile_file.chmod(0o644)  # written through a private temp file; the serving user must read it
     manifest = _manifest(source, compact, profile_file, profile_path, target, method, domain, overrides, runtime, model)
     (target_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     files = [profile_file, target_dir / MANIFEST, *_write_snippets(target_dir, manifest)]
