@@ -38,6 +38,10 @@ class FingerprintMismatch(ProfileError):
     """The profile was made for another checkpoint."""
 
 
+class OutputError(BanpickError):
+    """An output cannot be written: its folder is missing or read-only, the disk is full, or it is an input."""
+
+
 class Interrupted(BanpickError):
     """A stage stopped early; what finished is saved and a rerun resumes."""
 

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import signal
-import tempfile
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -108,22 +107,18 @@ class Sidecar:
         return found
 
     def save(self, partial: Partial) -> None:
-        """Writes the partial results atomically, so a kill at any moment leaves the last good window."""
-        from safetensors.torch import save_file
+        """Writes the partial results atomically, so a kill at any moment leaves the last good window.
+
+        A failed write (full disk) raises a one-line OutputError and leaves the previous window intact.
+        """
+        from safetensors.torch import save
+
+        from banpick_cli.outputs import write_bytes_atomic
 
         meta = {"format": SIDECAR_FORMAT, "fingerprint": self.fingerprint, "done": str(int(partial.done)),
                 "state": json.dumps(partial.state, sort_keys=True)}
         tensors = {k: v.detach().cpu().contiguous() for k, v in partial.tensors.items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        write_bytes_atomic(self.path, save(tensors, metadata=meta), what="checkpoint")
 
     def remove(self) -> None:
         """Deletes the sidecar (after the stage's own output is safely written)."""

@@ -8,16 +8,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import torch
 
 from banpick_cli import __version__
-from banpick_cli.errors import FingerprintMismatch, ProfileError
+from banpick_cli.errors import FingerprintMismatch, OutputError, ProfileError
 from banpick_cli.profile.identity import ModelIdentity
 from banpick_cli.profile.views import BanView, DomainView, missing
 
@@ -41,6 +41,8 @@ TENSOR_SCHEMA: dict[str, tuple[torch.dtype, tuple[str, ...], str]] = {
 }
 REQUIRED_PER_DOMAIN = ("expert_counts", "token_counts", "candidates")
 _OLD_PARTIAL = "partial/"
+COUNTS = ("expert_counts", "token_counts")
+T = TypeVar("T")
 
 
 @dataclass
@@ -134,13 +136,19 @@ def check_fingerprint(profile: RoutingProfile, fingerprint: str, *, path: str | 
 
 
 def write_profile(profile: RoutingProfile, path: str | os.PathLike) -> Path:
-    """Writes the profile atomically (temporary file in the same folder, then rename); returns the path."""
-    from safetensors.torch import save_file
+    """Writes the profile atomically (temporary file in the same folder, then rename); returns the path.
+
+    A failed write (full disk, read-only folder) leaves the previous file untouched and nothing else
+    behind, and raises a one-line OutputError.
+    """
+    from safetensors.torch import save
+
+    from banpick_cli.outputs import write_bytes_atomic
 
     target = Path(path)
     _validate(profile)
-    if not target.parent.exists():
-        raise ProfileError(f"cannot write profile {target}: folder {target.parent} does not exist")
+    if not target.parent.is_dir():
+        raise OutputError(f"cannot write profile {target}: folder {target.parent} does not exist")
     profile.created_utc = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     profile.banpick_version = __version__
     metadata = {
@@ -154,22 +162,63 @@ def write_profile(profile: RoutingProfile, path: str | os.PathLike) -> Path:
         "provenance": json.dumps(profile.provenance, sort_keys=True),
         "settings": json.dumps(profile.settings, sort_keys=True),
     }
+    # Serialised in memory (profiles are [layers, experts] tensors: megabytes), so every byte goes
+    # through one write path whose errors are ours to report.
+    data = save({k: v.contiguous() for k, v in sorted(profile.tensors.items())}, metadata=metadata)
+    return write_bytes_atomic(target, data, what="profile")
+
+
+def lock_path(path: str | os.PathLike) -> Path:
+    """Returns the lock file that guards read-merge-write of the profile at `path` (beside it, hidden)."""
+    target = Path(path)
+    return target.with_name(f".{target.name}.lock")
+
+
+@contextmanager
+def profile_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive lock on the profile at `path` (fcntl.flock on a lock file beside it) while the
+    block runs, so writers of one profile take turns. Where flock is missing (Windows) it does nothing."""
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    except OSError as err:
-        raise ProfileError(f"cannot write profile {target}: {err.strerror}") from None
-    os.close(fd)
+        import fcntl
+    except ImportError:  # pragma: no cover - not on POSIX
+        yield
+        return
+    lock = lock_path(path)
     try:
-        save_file({k: v.contiguous() for k, v in sorted(profile.tensors.items())}, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as err:
-        raise ProfileError(f"cannot write profile {target}: {err.strerror}") from None
+        from banpick_cli.outputs import output_error
+
+        raise output_error(path, err, what="profile") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return target
+        os.close(fd)  # closing releases the lock
+
+
+def update_profile(
+    path: str | os.PathLike,
+    change: Callable[[RoutingProfile], T],
+    *,
+    model: ModelIdentity,
+    fingerprint: str,
+) -> tuple[RoutingProfile, T]:
+    """Applies a stage's `change` to the profile at `path` under its lock and writes it atomically;
+    returns (the written profile, what `change` returned).
+
+    The file is read again under the lock (a new profile when missing), so entries other writers stored
+    since this stage started (other domains, other stages) are kept: `change` sets only its own.
+    An existing file that is not a profile, or a profile of another model, is refused, not overwritten.
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise OutputError(f"cannot write profile {target}: it is a directory; give a file path")
+    with profile_lock(target):
+        profile = read_profile(target, fingerprint=fingerprint) if target.exists() else new_profile(model, fingerprint)
+        result = change(profile)
+        write_profile(profile, target)
+    return profile, result
 
 
 def _validate(profile: RoutingProfile) -> None:
@@ -179,6 +228,9 @@ def _validate(profile: RoutingProfile) -> None:
         for part in REQUIRED_PER_DOMAIN:
             if f"domain/{domain}/{part}" not in profile.tensors:
                 raise ProfileError(f"domain '{domain}' lacks tensor 'domain/{domain}/{part}'")
+        for part in COUNTS:
+            if bool((profile.tensors[f"domain/{domain}/{part}"] < 0).any()):
+                raise ProfileError(f"tensor 'domain/{domain}/{part}' holds negative counts: the profile is corrupt")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -238,16 +290,8 @@ def read_profile(path: str | os.PathLike, *, fingerprint: str | None = None) -> 
     return profile
 
 
-def ensure_writable(path: str | os.PathLike) -> None:
-    """Raises before any work is done if a profile could not be written at `path`."""
-    target = Path(path)
-    if target.is_dir():
-        raise ProfileError(f"cannot write profile {target}: it is a directory")
-    if not target.parent.is_dir():
-        raise ProfileError(f"cannot write profile {target}: folder {target.parent} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".probe", dir=target.parent)
-    except OSError as err:
-        raise ProfileError(f"cannot write profile {target}: {err.strerror}") from None
-    os.close(fd)
-    os.unlink(probe)
+def ensure_writable(path: str | os.PathLike, *, inputs: Iterable[str | os.PathLike] = ()) -> None:
+    """Raises before any work is done if a profile could not be written at `path` (or `path` is an input)."""
+    from banpick_cli.outputs import check_output
+
+    check_output(path, kind="file", inputs=inputs, flag="cannot write profile")

@@ -63,16 +63,14 @@ def build_report(
     """
     import matplotlib
 
+    from banpick_cli.outputs import atomic_folder, check_output, output_error
     from banpick_cli.report import figures
     from banpick_cli.report.data import specialised_layers
     from banpick_cli.report.page import render_page
 
     source = str(profile) if not isinstance(profile, RoutingProfile) else ""
+    out = check_output(out_dir, kind="folder")
     prof = profile if isinstance(profile, RoutingProfile) else read_profile(profile)
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise BadSetting(f"--out {out}: exists and is not a folder")
-    out.mkdir(parents=True, exist_ok=True)
     rows = resolve_layers(prof, layers)
     report = Report(out / "report.html")
     plan: list[tuple[str, str, str, str, Callable]] = []  # (section, file stem, title, caption, builder)
@@ -144,13 +142,25 @@ def build_report(
     else:
         report.skipped.append(("ban", _missing(prof, "ban/ratio_hist", "token ratio and Ban's K (figure 5b)")))
 
-    with matplotlib.rc_context(figures.FONT):
+    # Every file is staged beside its final name and renamed in only when the page is written too: a
+    # failure (a full disk) leaves no 0-byte PNG and no page that points at missing figures.
+    with matplotlib.rc_context(figures.FONT), atomic_folder(out) as stage:
+        images: dict[Path, Path] = {}
         for i, (section, stem, title, caption, build) in enumerate(plan):
             fig = build()
-            path = figures.save(fig, out / f"{stem}.png")
+            path = out / f"{stem}.png"
+            try:
+                images[path] = figures.save(fig, stage.path(path.name))
+            except OSError as err:
+                raise output_error(path, err) from None
             report.figures.append(ReportFigure(section, path, title, caption))
             progress(ProgressEvent("report", i + 1, len(plan), note=stem))
-    render_page(prof, report, source=source)
+        html = render_page(prof, report, source=source, images=images)
+        tmp = stage.path(report.html.name)
+        try:
+            tmp.write_text(html, encoding="utf-8")
+        except OSError as err:
+            raise output_error(report.html, err) from None
     return report
 
 

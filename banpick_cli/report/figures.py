@@ -36,7 +36,7 @@ def domain_colour(profile: RoutingProfile, domain: str) -> str:
 def save(fig: Figure, path: Path) -> Path:
     """Writes a figure as PNG and returns the path."""
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=DPI, facecolor="white")
+    fig.savefig(path, dpi=DPI, facecolor="white", format="png")  # path may be a staged temporary name
     return path
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import base64
 import json
 from html import escape
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Mapping
 
 from banpick_cli.profile.format import RoutingProfile
 
@@ -33,8 +34,9 @@ code, pre { font-size: 0.82rem; background: #f6f8fa; } pre { padding: 0.5rem; ov
 """
 
 
-def render_page(profile: RoutingProfile, report: "Report", *, source: str = "") -> None:
-    """Writes `report.html`: provenance first, then each section's figures and its skipped-figure notes."""
+def render_page(profile: RoutingProfile, report: "Report", *, source: str = "", images: Mapping[Path, Path] | None = None) -> str:
+    """Returns the HTML of `report.html`: provenance first, then each section's figures and its skipped-figure
+    notes. `images` maps a figure's final path to where its PNG is now (a staged temporary file)."""
     m = profile.model
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
@@ -55,14 +57,14 @@ def render_page(profile: RoutingProfile, report: "Report", *, source: str = "") 
         for note in notes:
             parts.append(f"<p class='skip'>Not shown: {escape(note)}</p>")
         for fig in figs:
-            data = base64.b64encode(fig.path.read_bytes()).decode("ascii")
+            data = base64.b64encode((images or {}).get(fig.path, fig.path).read_bytes()).decode("ascii")
             parts.append(
                 f"<figure id='{escape(fig.path.stem)}'><img alt='{escape(fig.title)}' src='data:image/png;base64,{data}'>"
                 f"<figcaption><b>{escape(fig.title)}.</b> {escape(fig.caption)} "
                 f"<span class='muted'>({escape(fig.path.name)})</span></figcaption></figure>"
             )
     parts.append("</body></html>")
-    report.html.write_text("\n".join(parts), encoding="utf-8")
+    return "\n".join(parts)
 
 
 def _model_table(profile: RoutingProfile) -> str:

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from banpick_cli.errors import FingerprintMismatch, ProfileError
+from banpick_cli.errors import FingerprintMismatch, OutputError, ProfileError
 from banpick_cli.profile.identity import ModelIdentity
 from banpick_cli.routing import RouterSpec
 from banpick_cli.profile import SCHEMA_VERSION, merge_profiles, new_profile, read_profile, write_profile
@@ -108,7 +108,7 @@ def test_misshaped_and_missing_tensors(tmp_path):
 
 
 def test_write_to_missing_folder_leaves_nothing(tmp_path):
-    with pytest.raises(ProfileError, match="does not exist"):
+    with pytest.raises(OutputError, match="does not exist"):
         write_profile(_profile(), tmp_path / "no" / "p.safetensors")
     assert list(tmp_path.iterdir()) == []
 
