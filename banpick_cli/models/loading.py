@@ -44,6 +44,9 @@ class LoadedModel:
     identity: ModelIdentity
     fingerprint: str
     device: torch.device
+    # Set when the weights are streamed from the checkpoint (passes/streaming.py): the decoder layers stay
+    # on the meta device and a pass materialises each one while it runs it.
+    streamed: Any = None
 
     def router_specs(self) -> list["RouterSpec"]:
         """Returns one RouterSpec per MoE layer (the model's own routing rule), in layer order."""
@@ -103,6 +106,15 @@ def load_config(name: str) -> tuple[str, Any]:
         raise ModelError(
             f"cannot load model '{resolved}': not a local model directory, and the hub did not provide it ({reason})"
         ) from None
+
+
+def build_meta(config: Any, dtype: torch.dtype) -> nn.Module:
+    """Returns the model of `config` with every parameter and buffer on the meta device (no memory, no init)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
 
 
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_map: str | dict | None = None) -> LoadedModel:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from banpick_cli.passes.batches import Batch
+from banpick_cli.passes.streaming import LayerSource
 from banpick_cli.models.loading import LoadedModel
 from banpick_cli.progress import ProgressEvent, ProgressFn, silent
 
@@ -104,14 +105,17 @@ def run_layerwise(
     device: torch.device,
     before_batch: Callable[[Batch], None] = lambda batch: None,
     progress: ProgressFn = silent,
+    source: LayerSource | None = None,
 ) -> list[torch.Tensor]:
     """Runs a window of batches through the decoder one layer at a time; returns the hidden states after the last MoE layer.
 
     The model's layers stay where they are kept (the CPU); only the layer being run, and the decoder's
     small parts (embedding, rotary, final norm), visit `device`. Router hooks installed on the model
     observe each layer as it runs. The returned states ([batch, seq, hidden] per batch, on the CPU) are
-    the input the next decoder layer would see.
+    the input the next decoder layer would see. `source` gives the layers (default: the model's own,
+    moved to `device` and back); a streamed model's source reads each from the checkpoint once per window.
     """
+    source = source or LayerSource(loaded)
     decoder = loaded.adapter.decoder(loaded.model)
     last = max(layer.layer_index for layer in loaded.layers)  # layers after the last MoE block are skipped
     home = {name: _device_of(child) for name, child in decoder.named_children() if name != "layers"}
@@ -129,9 +133,7 @@ def run_layerwise(
             if name != "layers" and home[name] is not None:
                 child.to(home[name])
     for i in range(last + 1):
-        layer = decoder.layers[i]
-        where = _device_of(layer)
-        layer.to(device)
+        layer = source.acquire(i, device)
         try:
             for b, batch in enumerate(window):
                 before_batch(batch)
@@ -139,8 +141,7 @@ def run_layerwise(
                 out = layer(states[b].to(device), *_to(args, device), **_to(kwargs, device))
                 states[b] = (out[0] if isinstance(out, tuple) else out).to("cpu")
         finally:
-            if where is not None:
-                layer.to(where)
+            source.release(i)
         progress(ProgressEvent("layers", i + 1, last + 1, note=f"layer {i + 1}/{last + 1}"))
     return states
 

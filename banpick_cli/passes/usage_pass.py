@@ -17,6 +17,7 @@ from banpick_cli.passes.batches import Batch, batches
 from banpick_cli.passes.resume import Partial, Sidecar
 from banpick_cli.passes.distributed import Dist
 from banpick_cli.passes.sequential import run_layerwise
+from banpick_cli.passes.streaming import LayerSource
 from banpick_cli.passes.usage import UsageCounter, UsageCounts
 from banpick_cli.errors import BadSetting
 from banpick_cli.models.base import RoutingHooks
@@ -31,18 +32,22 @@ class RunOptions:
     `sequential` onloads one decoder layer at a time onto the run device (the model stays on the CPU);
     `device_map` ("auto", ...) has accelerate spread the model over every visible GPU instead;
     `checkpoint_every` is the window, in batches, after which partial counts are saved (0: no sidecar,
-    one window).
+    one window); `stream` builds the model on the meta device and reads each decoder layer from the
+    checkpoint when it runs (passes/streaming.py), for models larger than the machine's memory.
     """
 
     sequential: bool = False
     checkpoint_every: int = 32
     device_map: str | None = None
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if self.checkpoint_every < 0:
             raise BadSetting(f"--checkpoint-every must be >= 0 batches, got {self.checkpoint_every}")
         if self.sequential and self.device_map:
             raise BadSetting("--sequential keeps the model on the CPU and onloads one layer at a time; drop --device-map")
+        if self.stream and self.device_map:
+            raise BadSetting("--stream reads one layer at a time from the checkpoint onto one device; drop --device-map")
 
 
 @dataclass
@@ -52,6 +57,7 @@ class PassResult:
     usage: UsageCounts
     resumed_batches: int  # this rank's batches taken from a sidecar instead of recomputed
     batches: int  # all ranks' batches
+    layer_loads: int = 0  # decoder layers this rank loaded (read from the checkpoint, or moved to the device)
 
 
 def _batch(loaded: LoadedModel, texts: list[str], index: int, *, seq_len: int, batch_size: int, device: torch.device) -> Batch:
@@ -98,14 +104,17 @@ def count_usage_pass(
     def point_at(batch: Batch) -> None:
         counter.mask = batch.attention_mask.reshape(-1).bool()
 
+    # A streamed model has no weights in memory: it always runs layer by layer, each read once per window.
+    layerwise = options.sequential or loaded.streamed is not None
+    source = LayerSource(loaded)
     with RoutingHooks(loaded.layers, num_experts, observers=[counter]):
         decoder = loaded.adapter.decoder(loaded.model)
         while done < len(mine):
             ids = mine[done : done + window]
             run = [_batch(loaded, texts, j, seq_len=seq_len, batch_size=batch_size,
-                          device=torch.device("cpu") if options.sequential else device) for j in ids]
-            if options.sequential:
-                run_layerwise(loaded, run, device=device, before_batch=point_at, progress=progress)
+                          device=torch.device("cpu") if layerwise else device) for j in ids]
+            if layerwise:
+                run_layerwise(loaded, run, device=device, before_batch=point_at, progress=progress, source=source)
             else:
                 for batch in run:
                     point_at(batch)
@@ -124,4 +133,4 @@ def count_usage_pass(
     dist.sum_(tokens)
     dist.sum_(samples)
     usage = UsageCounts(counts, tokens, int(tokens[0]) if num_layers else 0, int(samples))
-    return PassResult(usage, resumed, total)
+    return PassResult(usage, resumed, total, layer_loads=sum(source.loads))
