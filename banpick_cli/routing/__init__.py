@@ -12,6 +12,7 @@ ambiguous rules, and the options that offer the alternatives: docs/routing.md.
     pick                          Pick strategies A-E (section 4.3)
     token_ratio, ban_k, ban       Ban (section 5): R per token, K per token, the routing
     ban_pick                      Ban then Pick C (section 6.1)
+    fixed_k                       Fixed-K: the model's own top-k with a smaller k (the rival of per-token pruning)
     dynamic_k, dynamic            top-p dynamic routing (appendix E)
     des_bounds, des_ratios, des_thresholds, des, odp, rice
                                   DES, ODP and RICE (appendix E)
@@ -20,6 +21,7 @@ ambiguous rules, and the options that offer the alternatives: docs/routing.md.
 from .ban import BETA, K_MIN, LAM, ban, ban_k, check_ban_params, token_ratio
 from .banpick import ban_pick
 from .baselines import des, des_bounds, des_ratios, des_thresholds, dynamic, dynamic_k, odp, rice
+from .fixed_k import fixed_k
 from .pick import STRATEGIES, pick
 from .spec import RouterSpec, Routing
 from .topk import keep_top, probs, route, select_scores, weights_for
@@ -41,6 +43,7 @@ __all__ = [
     "des_thresholds",
     "dynamic",
     "dynamic_k",
+    "fixed_k",
     "keep_top",
     "odp",
     "pick",

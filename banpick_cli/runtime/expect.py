@@ -44,7 +44,8 @@ def expected_k(plan: RoutingPlan, profile: RoutingProfile | None) -> ExpectedK:
     baseline and unchanged layers: K_base. Ban: the mean of the core's K over the calibration ratio
     histogram `ban/ratio_hist` (bin centres), else its range. Pick A: K + the share of tokens whose
     router misses each key expert (from the domain's usage counts); C adds at most that; B, D, E
-    keep K. Ban&Pick: Ban's K, plus at most one per key expert. DES: k_lo..k_hi; dynamic: 1..width.
+    keep K. Ban&Pick: Ban's K, plus at most one per key expert. DES: k_lo..k_hi; dynamic: 1..width;
+    Fixed-K: its k.
     """
     k = float(plan.k_base)
     m = len(plan.specs)
@@ -64,7 +65,9 @@ def expected_k(plan: RoutingPlan, profile: RoutingProfile | None) -> ExpectedK:
             low[position], high[position] = float(plan.params.get("k_lo") or (rule.width + 1) // 2), float(rule.width)
         elif method == "dynamic":
             low[position], high[position] = 1.0, float(rule.width)
-    basis = {"baseline": "the model's own top-k", "rice": "selection unchanged",
+        elif method == "fixed-k":
+            low[position] = high[position] = float(rule.width)
+    basis = {"baseline": "the model's own top-k", "rice": "selection unchanged", "fixed-k": "k per layer",
              "des": "range k_lo..k_hi", "odp": "range k_lo..k_hi", "dynamic": "range 1..width"}[method]
     return ExpectedK(low, high, basis)
 

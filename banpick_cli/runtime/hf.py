@@ -36,7 +36,8 @@ class RoutingStats:
 
     avg_experts[l] = experts run per token at MoE layer l; k_base is the model's own. Where the
     plan changed a layer: added / removed = (token, expert) pairs that entered / left the router's
-    own top-k, key_added = the added ones that are key experts (Pick's insertions).
+    own top-k, key_added = the added ones that are key experts (Pick's insertions); these three only with
+    apply(..., count_changes=True), else 0.
     """
 
     method: str
@@ -62,7 +63,7 @@ class RoutingStats:
 class RoutingHandle:
     """An installed routing: use as a context manager, or call `remove()` when done."""
 
-    def __init__(self, loaded: LoadedModel, plan: RoutingPlan | AutoPlan, *, count_changes: bool = True):
+    def __init__(self, loaded: LoadedModel, plan: RoutingPlan | AutoPlan, *, count_changes: bool = False):
         self.loaded = loaded
         self.plan = plan
         self.count_changes = count_changes
@@ -185,10 +186,12 @@ class RoutingHandle:
                 self._signature[:, position] += self._usage_per_row(indices, real)
             return
         mask = self._mask_on(real)
-        if mask is not None:
-            real = real[mask]
-        self._experts[position] += real.sum().to(self._device)
-        self._tokens[position] += real.shape[0]
+        if mask is None:
+            self._experts[position] += real.sum().to(self._device)
+            self._tokens[position] += real.shape[0]
+        else:  # sums, not boolean indexing: no host sync per layer
+            self._experts[position] += (real & mask.unsqueeze(-1)).sum().to(self._device)
+            self._tokens[position] += mask.sum().to(self._device)
 
     def _mask_on(self, like: torch.Tensor) -> torch.Tensor | None:
         """Returns the real-token mask on `like`'s device, or None when it does not fit these tokens."""
@@ -263,7 +266,7 @@ def apply(
     method: str | None = None,
     domain: str | None = None,
     *,
-    count_changes: bool = True,
+    count_changes: bool = False,
     **overrides: Any,
 ) -> RoutingHandle:
     """Installs `method`'s routing on every MoE layer of `model`; returns the handle (a context manager).
@@ -271,10 +274,13 @@ def apply(
     `model`: a LoadedModel (banpick_cli.models.load_model) or a transformers MoE model of a supported
     family. `profile`: a RoutingProfile, a profile file, or a bundle folder from `banpick export`;
     one made for another checkpoint is refused (FingerprintMismatch). `method`: baseline, pick, ban,
-    banpick, dynamic, des, odp, rice (default: the bundle's, else baseline). `domain`: the key
+    banpick, fixed-k, dynamic, des, odp, rice (default: the bundle's, else baseline). `domain`: the key
     experts Pick reads (pick, banpick; default: the bundle's), or "auto" to choose per request at
-    prefill. `overrides`: hyperparameters (e.g. lam=0.5, strategy="D"; tau for dynamic, thresholds
-    for des/odp, cognitive_experts and factor for rice), over the profile's settings.
+    prefill. `overrides`: hyperparameters (e.g. lam=0.5, strategy="D"; k for fixed-k, one or one per
+    MoE layer; tau for dynamic, thresholds for des/odp, cognitive_experts and factor for rice), over the
+    profile's settings. `count_changes`: also count the (token, expert) pairs the plan added and removed
+    (`stats().added/removed`); off by default, since it compares dense [tokens, experts] masks per layer.
+    Experts run per token are always counted, on the device, at no measurable cost.
     """
     loaded = as_loaded(model)
     prof, manifest = load_profile_for(profile, loaded)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from banpick_cli.errors import BadSetting
-from banpick_cli.routing import Routing, ban, ban_pick, des, dynamic, odp, pick, rice
+from banpick_cli.routing import Routing, ban, ban_pick, des, dynamic, fixed_k, odp, pick, rice
 
 # Arguments the plan fills itself (from the model or the profile), never a hyperparameter.
 FROM_PROFILE = frozenset({"logits", "spec", "key_experts", "layer_sensitivity", "r_min", "r_max", "base"})
@@ -65,6 +65,8 @@ REGISTRY: dict[str, Method] = {m.name: m for m in (
     Method("ban", "ban", ban, "ban", reads=("ban",), engines=True, knob="lam", extra=("ratio_scope",)),
     Method("banpick", "ban&pick", ban_pick, "banpick", reads=("key_experts", "ban"), engines=True, knob="lam",
            extra=("ratio_scope",)),
+    # k: one integer, or one per MoE layer (a budget between two integers, runtime/budget.py).
+    Method("fixed-k", "fixed-k", fixed_k, "per_layer", engines=True, knob="k", required=("k",)),
     Method("dynamic", "dynamic", dynamic, "per_layer", engines=True, knob="tau", required=("tau",)),
     Method("des", "des", des, "per_layer", knob="thresholds", required=("thresholds",)),
     Method("odp", "odp", odp, "per_layer", knob="thresholds", required=("thresholds", "key_tokens")),

@@ -170,6 +170,10 @@ def _per_layer_rule(profile, specs, record: Method, domain, overrides) -> Routin
     rules = {}
     for position, spec in enumerate(specs):
         layer_params = dict(params)
+        if record.knob == "k":  # Fixed-K: one k, or one per MoE layer
+            layer_params["k"] = _per_layer_k(params["k"], position, len(specs))
+            if layer_params["k"] == spec.top_k:  # the model's own top-k: leave the layer be
+                continue
         if "thresholds" in params:  # DES medians: [n] pooled, or [M, n] per layer (reading 22)
             layer_params["thresholds"] = _per_layer(params["thresholds"], position, len(specs), "thresholds")
         if "key_tokens" in record.required:  # ODP: its key tokens change with every batch
@@ -267,6 +271,16 @@ def _per_layer(value: Any, position: int, layers: int, name: str) -> Any:
     if isinstance(value, torch.Tensor) and value.dim() == 2:
         if value.shape[0] != layers:
             raise BadSetting(f"{name} has {value.shape[0]} rows; the model has {layers} MoE layers")
+        return value[position]
+    return value
+
+
+def _per_layer_k(value: Any, position: int, layers: int) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.tolist()
+    if isinstance(value, (list, tuple)):
+        if len(value) != layers:
+            raise BadSetting(f"k has {len(value)} values; the model has {layers} MoE layers (give one k, or one per layer)")
         return value[position]
     return value
 

@@ -126,6 +126,24 @@ def test_vllm_ban_reroutes_with_the_engines_shapes_and_safe_slots(tiny_models, p
         assert torch.equal(ids.long()[~live], ids.long()[:, :1].expand_as(ids)[~live])
 
 
+def test_vllm_fixed_k_runs_the_cores_top_k_per_layer(tiny_models, profile_env):
+    from banpick_cli.routing import fixed_k
+
+    loaded = load_model(str(tiny_models["qwen3_moe"]), device="cpu")
+    k, e = loaded.routing.top_k, loaded.routing.num_experts
+    profile_env(loaded, "fixed-k", BANPICK_PARAMS='{"k": [2, 3]}')
+    model = engine_model(loaded, lambda layer: Runner(VllmLikeRouter(k, True), f"model.layers.{layer.layer_index}.mlp.experts"))
+    router = vllm_plugin.install(model)
+    assert router.changed == {0, 1} and router.expected.overall == (2.5, 2.5) and router.needed == k
+    for layer, kept in zip(loaded.layers, (2, 3)):
+        logits = _logits(loaded, seed=layer.position)
+        weights, ids = layer.block.experts_runner.router.select_experts(torch.randn(64, 32), logits)
+        assert weights.shape == ids.shape == (64, k) and int(ids.max()) < e
+        mine = fixed_k(logits, router.specs[layer.position], kept)
+        assert torch.equal(ids[:, :kept].long(), mine.indices) and (weights[:, kept:] == 0).all()
+        torch.testing.assert_close(weights[:, :kept], mine.weights.float())
+
+
 def test_vllm_learns_the_engines_weight_scale_on_grouped_routers(tiny_models, profile_env):
     loaded = load_model(str(tiny_models["deepseek_v2"]), device="cpu")
     k = loaded.routing.top_k
@@ -242,7 +260,7 @@ def test_entry_points_are_declared_and_resolve():
     assert points["vllm.general_plugins"]["banpick"] == "banpick_cli.runtime.vllm_plugin:register"
     assert points["sglang.srt.plugins"]["banpick"] == "banpick_cli.runtime.sglang_plugin:register"
     assert callable(vllm_plugin.register) and callable(sglang_plugin.register)
-    assert set(engine_mod.ENGINE_METHODS) == {"baseline", "ban", "pick", "banpick", "dynamic"}
+    assert set(engine_mod.ENGINE_METHODS) == {"baseline", "ban", "pick", "banpick", "dynamic", "fixed-k"}
 
 
 def test_plugins_skip_a_dense_model_and_install_once(tiny_models, profile_env):

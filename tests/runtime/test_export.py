@@ -73,7 +73,7 @@ def test_method_chosen_at_serve_time(qwen, full_profile, tmp_path):
     assert sorted(result.manifest["served"]) == ["ban", "banpick/math", "pick/math"]
     ids = ids_for(qwen)
     with torch.inference_mode():
-        with apply(qwen, tmp_path / "b", method="pick", domain="math", strategy="A") as h:
+        with apply(qwen, tmp_path / "b", method="pick", domain="math", strategy="A", count_changes=True) as h:
             qwen.model(ids)
         with apply(qwen, tmp_path / "b") as base:  # no method anywhere: the model's own routing
             qwen.model(ids)

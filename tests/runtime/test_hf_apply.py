@@ -65,7 +65,7 @@ def test_ban_runs_the_core_k_per_token_and_stats_count_it(models, family):
         seen.append((position, int(k.sum())))
 
     ids = ids_for(loaded)
-    with torch.inference_mode(), apply(loaded, prof, "ban") as h:
+    with torch.inference_mode(), apply(loaded, prof, "ban", count_changes=True) as h:
         h.hooks.observers.append(check)
         loaded.model(ids)
     stats = h.stats()
@@ -88,7 +88,7 @@ def test_pick_acts_only_where_key_experts_are_and_counts_insertions(models, fami
     with torch.inference_mode():
         with RoutingHooks(loaded.layers, e, observers=[lambda p, lg, w, i: first.append(lg) if p == 0 else None]):
             loaded.model(ids)
-        with apply(loaded, prof, "pick", domain="math", strategy="A") as h:
+        with apply(loaded, prof, "pick", domain="math", strategy="A", count_changes=True) as h:
             loaded.model(ids)
     assert set(h.plan.rules) == {0}
     # Layer 0 sees the unmodified model's logits, so the core's answer is known exactly.
@@ -109,7 +109,7 @@ def test_banpick_changes_output_and_context_restores_the_model(models):
     flags = [layer.block.experts._is_expert_parallel for layer in loaded.layers]
     with torch.inference_mode():
         reference = loaded.model(ids).logits
-        handle = apply(loaded, prof, "banpick", domain="math")
+        handle = apply(loaded, prof, "banpick", domain="math", count_changes=True)
         changed = loaded.model(ids).logits
         handle.remove()
         after = loaded.model(ids).logits
