@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from banpick_cli.data.loading import check_data_file, root_cause
 from banpick_cli.errors import DataError
 from banpick_cli.paths import DEMO_DATA_DIR
 from banpick_cli.tasks import hub
@@ -176,12 +177,13 @@ def _hub_rows(source: TaskSource, file: str | None):
             builder = _BUILDERS.get(local.suffix)
             if not local.is_file() or builder is None:
                 raise DataError(f"task data file not found or not {'/'.join(_BUILDERS)}: {local}")
+            check_data_file(local)
             return datasets.load_dataset(builder, data_files=str(local), split="train")
         return datasets.load_dataset(source.hub_id, source.config, split=source.split)
     except DataError:
         raise
     except Exception as err:  # datasets raises many types for an unreachable hub, a gated set or a bad file
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        reason = root_cause(err)
         where = file or f"the hub dataset '{source.hub_id}'"
         raise DataError(f"cannot load task '{source.name}' from {where} ({reason}); "
                         f"pass a local copy as --task {source.name}=FILE") from None

@@ -45,16 +45,25 @@ class Task:
 def load_tasks(path: str | Path) -> list[Task]:
     """Returns the tasks of a JSON-lines file, one object per line, in file order."""
     path = Path(path)
+    from banpick_cli.data.loading import check_utf8_text
+
     if not path.is_file():
         raise DataError(f"task file not found: {path}")
+    try:
+        check_utf8_text(path)  # binary or non-UTF-8 files: one line naming the byte, not a traceback
+        text = path.read_text(encoding="utf-8")
+    except OSError as err:
+        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
     tasks = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
             raw = json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}:{number}: not JSON ({err.msg})") from None
+        if not isinstance(raw, dict):
+            raise DataError(f"{path}:{number}: a JSON {type(raw).__name__}, not a task object")
         missing = {"id", "domain", "kind", "prompt", "answer"} - set(raw)
         unknown = set(raw) - _FIELDS
         if missing or unknown:
@@ -69,5 +78,7 @@ def load_tasks(path: str | Path) -> list[Task]:
 
 def write_tasks(path: str | Path, tasks: list[Task]) -> None:
     """Writes tasks as JSON lines (the format `load_tasks` reads)."""
+    from banpick_cli.outputs import write_text_atomic
+
     lines = [json.dumps(t.to_record(), ensure_ascii=False) for t in tasks]
-    Path(path).write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text_atomic(path, "\n".join(lines) + "\n")
