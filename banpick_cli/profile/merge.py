@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from copy import deepcopy
+from pathlib import Path
 
-from banpick_cli.errors import ProfileError
+from banpick_cli.errors import BadSetting, ProfileError
 from banpick_cli.profile.format import RoutingProfile, check_fingerprint
 from banpick_cli.profile.stats import CandidateRule, candidate_mask
 
@@ -21,9 +23,11 @@ def merge_profiles(profiles: list[RoutingProfile], *, names: list[str] | None = 
         raise ProfileError("nothing to merge")
     names = names or [f"profile {i + 1}" for i in range(len(profiles))]
     merged = deepcopy(profiles[0])
-    for other, name in zip(profiles[1:], names[1:]):
+    for i, (other, name) in enumerate(zip(profiles[1:], names[1:]), start=1):
         check_fingerprint(other, merged.fingerprint, path=name)
         shared = set(merged.domains()) & set(other.domains())
+        for domain in sorted(shared):
+            _check_shard(merged, other, domain, names[:i], name)
         for key, tensor in other.tensors.items():
             parts = key.split("/")
             if parts[0] == "domain" and parts[1] in shared and parts[2] in ADDITIVE:
@@ -35,7 +39,7 @@ def merge_profiles(profiles: list[RoutingProfile], *, names: list[str] | None = 
             else:
                 merged.tensors[key] = tensor.clone()
         for domain in shared:
-            rule = CandidateRule(**merged.settings.get(f"domain/{domain}", {}).get("candidates", {}))
+            rule = _rule(merged, domain)
             merged.put(
                 f"domain/{domain}/candidates",
                 candidate_mask(merged.tensors[f"domain/{domain}/expert_counts"], merged.tensors[f"domain/{domain}/token_counts"], rule),
@@ -47,6 +51,50 @@ def merge_profiles(profiles: list[RoutingProfile], *, names: list[str] | None = 
                 merged.provenance[key] = record
         for key, value in other.settings.items():
             merged.settings.setdefault(key, value)
+    return merged
+
+
+def _check_shard(merged: RoutingProfile, other: RoutingProfile, domain: str, before: list[str], name: str) -> None:
+    """Raises unless `other`'s counts of `domain` are a new shard: not a run already in `merged` (which
+    would count its tokens twice), and made with the same candidate rule (else one would be dropped)."""
+    key = f"profile/{domain}"
+    seen = _as_list(merged.provenance.get(key, {})) if key in merged.provenance else []
+    for record in _as_list(other.provenance[key]) if key in other.provenance else []:
+        if "finished_utc" in record and record in seen:  # a record stamps one run: command, time, tokens
+            first = ", ".join(before) if len(before) == 1 else "an earlier input"
+            raise ProfileError(f"{name} holds the same '{domain}' run as {first} (finished {record.get('finished_utc', '?')}): "
+                               "merging it would count its tokens twice")
+    mine = _rule(merged, domain)
+    theirs = _rule(other, domain)
+    if mine != theirs:
+        raise ProfileError(f"cannot merge domain '{domain}': {name} marks candidates with ratio {theirs.min_ratio:g}, "
+                           f"top {theirs.top_n}, the others with ratio {mine.min_ratio:g}, top {mine.top_n}; "
+                           "profile every shard with the same --candidate-ratio and --candidate-top")
+
+
+def _rule(profile: RoutingProfile, domain: str) -> CandidateRule:
+    return CandidateRule(**profile.settings.get(f"domain/{domain}", {}).get("candidates", {}))
+
+
+def merge_files(inputs: list[str | os.PathLike], out: str | os.PathLike) -> RoutingProfile:
+    """Merges the profiles at `inputs` into `out` (written atomically); returns the merged profile.
+
+    `out` is checked before anything is read: it may not be one of the inputs (the same path twice
+    is refused too), and its folder must be writable.
+    """
+    from banpick_cli.outputs import check_output
+    from banpick_cli.profile.format import read_profile, write_profile
+
+    if len(inputs) < 2:
+        raise BadSetting("merge needs at least two profiles")
+    paths = [Path(p) for p in inputs]
+    for i, path in enumerate(paths):
+        for earlier in paths[:i]:
+            if path.resolve() == earlier.resolve() or (path.exists() and earlier.exists() and os.path.samefile(path, earlier)):
+                raise BadSetting(f"{path} is given twice: merging it with itself would count its tokens twice")
+    check_output(out, kind="file", inputs=paths, flag="--out")
+    merged = merge_profiles([read_profile(p) for p in paths], names=[str(p) for p in paths])
+    write_profile(merged, out)
     return merged
 
 

@@ -130,3 +130,54 @@ def test_merge_refuses_other_model():
     other.fingerprint = "sha256:" + "ef" * 32
     with pytest.raises(FingerprintMismatch):
         merge_profiles([_profile(), other])
+
+
+def _run_record(prof, when="2025-01-01T00:00:00Z", domain="math"):
+    prof.provenance[f"profile/{domain}"] = {"stage": "profile", "samples": 3, "finished_utc": when, "command": "banpick profile"}
+    return prof
+
+
+def test_merge_refuses_the_same_run_twice():
+    a, b = _run_record(_profile()), _run_record(_profile())
+    with pytest.raises(ProfileError, match="same 'math' run as a.safetensors .*count its tokens twice"):
+        merge_profiles([a, b], names=["a.safetensors", "b.safetensors"])
+    # A merged profile merged again with one of its parts is refused too.
+    both = merge_profiles([a, _run_record(_profile(), when="2025-01-02T00:00:00Z")])
+    with pytest.raises(ProfileError, match="count its tokens twice"):
+        merge_profiles([both, a])
+
+
+def test_merge_refuses_different_candidate_rules():
+    a, b = _profile(), _profile()
+    b.settings["domain/math"] = {"candidates": CandidateRule(2.0, 3).to_dict()}
+    with pytest.raises(ProfileError, match="ratio 2, top 3, the others with ratio 1.5, top 0"):
+        merge_profiles([a, b], names=["a", "b"])
+
+
+def test_merge_files_checks_paths_first(tmp_path):
+    from banpick_cli.errors import BadSetting
+    from banpick_cli.profile.merge import merge_files
+
+    a = write_profile(_run_record(_profile()), tmp_path / "a.safetensors")
+    b = write_profile(_run_record(_profile(), when="2025-01-02T00:00:00Z"), tmp_path / "b.safetensors")
+    before = a.read_bytes()
+    with pytest.raises(OutputError, match="is also an input"):
+        merge_files([a, b], a)
+    with pytest.raises(BadSetting, match="given twice"):
+        merge_files([a, tmp_path / "." / "a.safetensors"], tmp_path / "m.safetensors")
+    with pytest.raises(BadSetting, match="at least two"):
+        merge_files([a], tmp_path / "m.safetensors")
+    assert a.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["a.safetensors", "b.safetensors"]
+    merged = merge_files([a, b], tmp_path / "m.safetensors")
+    assert merged.get("domain/math/token_counts").tolist() == read_profile(a).get("domain/math/token_counts").mul(2).tolist()
+
+
+def test_negative_counts_are_refused_on_read(tmp_path):
+    path = write_profile(_profile(), tmp_path / "p.safetensors")
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+        tensors = {k: handle.get_tensor(k) for k in handle.keys()}
+    tensors["domain/math/expert_counts"][1, 2] = -1
+    save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ProfileError, match="negative counts"):
+        read_profile(path)
