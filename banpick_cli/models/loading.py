@@ -117,6 +117,16 @@ def build_meta(config: Any, dtype: torch.dtype) -> nn.Module:
     return model.eval()
 
 
+def check_model(name: str) -> tuple[str, Any, MoEAdapter]:
+    """Returns (resolved path or hub id, config, adapter) after reading only the model's config, or raises a
+    one-line ModelError: a missing path, a folder without config.json, a dense or unsupported model.
+
+    Stages call it before fetching any data, so a mistyped --model is reported as a model problem in
+    well under a second, not after a dataset download."""
+    resolved, config = load_config(name)
+    return resolved, config, adapter_for(config)
+
+
 def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_map: str | dict | None = None) -> LoadedModel:
     """Loads a supported MoE model with from_pretrained, in eval mode, with its adapter.
 

@@ -1,0 +1,30 @@
+"""Plain progress lines for logs: one every `every` seconds with done/total, rate, tokens/s and ETA."""
+
+from __future__ import annotations
+
+from banpick_cli.progress import PlainProgress, ProgressEvent
+
+
+def test_plain_progress_prints_every_interval_and_at_the_end():
+    now = [0.0]
+    lines: list[str] = []
+    bar = PlainProgress(lines.append, label="profile", every=30, clock=lambda: now[0])
+    for done in range(0, 101):
+        now[0] = done * 1.5  # 1.5 s a batch, 40 tokens a batch
+        bar(ProgressEvent("math", done, 100, tokens=40 * done))
+    # t=0 starts the clock; lines at t=30, 60, 90, 120 and the final batch at 150
+    assert len(lines) == 5
+    assert lines[0] == "profile math: 20/100 (20%), 0.67/s, 27 tok/s, elapsed 30s, eta 2m00s"
+    assert lines[-1] == "profile math: 100/100 (100%), 0.67/s, 27 tok/s, elapsed 2m30s"
+
+
+def test_plain_progress_tracks_tasks_apart():
+    now = [0.0]
+    lines: list[str] = []
+    bar = PlainProgress(lines.append, every=10, clock=lambda: now[0])
+    bar(ProgressEvent("layer 1", 0, 4))
+    bar(ProgressEvent("layer 2", 0, 2, note="stack 2"))
+    now[0] = 11.0
+    bar(ProgressEvent("layer 2", 1, 2, note="stack 2"))
+    bar(ProgressEvent("layer 1", 4, 4))
+    assert lines == ["layer 2: 1/2 (50%), 0.09/s, elapsed 11s, eta 11s [stack 2]", "layer 1: 4/4 (100%), 0.36/s, elapsed 11s"]
