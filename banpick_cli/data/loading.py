@@ -26,6 +26,7 @@ class CalibrationText:
     texts: list[str]
     source: str  # what was loaded: a path, "hub:<id>", or "embedded:<domain>"
     split: str
+    notes: tuple[str, ...] = ()  # what the user should know: fewer texts than --samples asked for
 
 
 def embedded_file(domain: Domain) -> Path:
@@ -61,7 +62,8 @@ def load_calibration_text(
     per_source = [samples // len(domain.sources) + (i < samples % len(domain.sources)) for i in range(len(domain.sources))]
     parts = [_from_source(src, n, seed, text_field, f"hub:{src.dataset}") for src, n in zip(domain.sources, per_source) if n]
     texts = [t for part in parts for t in part.texts]
-    return CalibrationText(texts, "+".join(p.source for p in parts), "+".join(p.split for p in parts))
+    notes = tuple(n for p in parts for n in p.notes)
+    return CalibrationText(texts, "+".join(p.source for p in parts), "+".join(p.split for p in parts), notes)
 
 
 def _template_of(domain: Domain) -> str:
@@ -104,7 +106,9 @@ def _from_source(source: Source, samples: int, seed: int, text_field: str | None
             break
     if not texts:
         raise DataError(f"no text found in {label}")
-    return CalibrationText(texts, label, split)
+    notes = () if len(texts) >= samples else (
+        f"{label} has {len(texts)} non-empty texts, fewer than the {samples} asked for (--samples); using all {len(texts)}",)
+    return CalibrationText(texts, label, split, notes)
 
 
 def _text_of(field: str, label: str):

@@ -72,3 +72,12 @@ def test_bad_task_file_is_one_line(tmp_path, name):
         with pytest.raises(DataError) as err:
             load_task_set(spec)
         assert "\n" not in str(err.value) and str(path) in str(err.value), str(err.value)
+
+
+def test_fewer_texts_than_asked_is_noted(tmp_path):
+    path = tmp_path / "calib.jsonl"
+    path.write_text("".join(json.dumps({"text": f"t {i}"}) + "\n" for i in range(5)))
+    text = load_calibration_text(get_domain("math"), str(path), samples=99999999999999999999, seed=0)
+    assert len(text.texts) == 5
+    assert text.notes == (f"{path} has 5 non-empty texts, fewer than the 99999999999999999999 asked for (--samples); using all 5",)
+    assert load_calibration_text(get_domain("math"), str(path), samples=5, seed=0).notes == ()
