@@ -1,17 +1,19 @@
 """The shared KL engine: the top-1000 KL of appendix B for many one-layer routing variants of a model.
 
-A variant changes how one MoE layer l routes and nothing before it. The engine runs the unmodified
-model once per batch (pass 1) and keeps only what later work needs: the top-k logits of its output
-(values and token ids, never the full [tokens, vocab] logits), the arguments the model passed each
-decoder layer (rotary embeddings, causal mask), and the hidden state at the input of the scanned
-layers. Each variant then replays decoder layers l..end from that hidden state, then the final norm
-and LM head; the variants of one layer are stacked along the batch dimension, each replica routed by
-its own rule at layer l. The work is one forward for pass 1 plus sum over variants of (L - l)/L
-forwards, plus at most one more when the stored hidden states are capped by `hidden_cache_mb` (the
-later layers' inputs are then recomputed from the last stored one, never from the embeddings).
+A variant changes how one MoE layer l routes and nothing before it. The engine runs layer-major: per
+window of calibration batches, each decoder layer is acquired once (moved to the device, or read from
+the checkpoint when the model is streamed, passes/streaming.py) and everything that needs it goes
+through it while it is resident: the unmodified model, and every variant whose layer is at or before
+it, forked from the unmodified state at its own layer. The window's states stay beside each other (on
+the device, then the CPU, then disk, within `hidden_cache_mb`). After the last layer the final norm
+and LM head give the unmodified model's top-k logits (values and ids, never the full [tokens, vocab]
+logits) and each variant's KL against them. The work is one forward for the unmodified model plus sum
+over variants of (L - l)/L forwards, as in the earlier replay order (one sweep of layers l..end per
+candidate layer), while the layer loads fall from one per candidate layer to one per window.
 
 `naive_kl` is the slow reference, one full forward per variant and batch; tests hold the engine equal
-to it to float32 rounding on every family.
+to it to float32 rounding on every family (not bit for bit: the stacked forwards batch the GEMMs
+differently).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from banpick_cli.passes.batches import Batch, batches
+from banpick_cli.passes.sequential import _layer_inputs, _to
+from banpick_cli.passes.streaming import LayerSource
 from banpick_cli.models.base import ObserveFn, RoutingHooks
 from banpick_cli.models.loading import LoadedModel
 from banpick_cli.progress import ProgressEvent, ProgressFn, silent
@@ -69,15 +73,13 @@ def topk_kl(log_p: torch.Tensor, indices: torch.Tensor, logits: torch.Tensor) ->
 
 
 @dataclass
-class _Stored:
-    """What pass 1 keeps of one batch."""
+class _Item:
+    """One calibration batch of a window: its mask, target rows, the layers' call arguments, the base state."""
 
     mask: torch.Tensor  # bool [B, T]: real (non-padding) tokens
-    offsets: list[int]  # row b's real tokens are rows offsets[b]:offsets[b+1] of values/indices
-    values: torch.Tensor  # [N, k] float32: the unmodified model's top-k logits per real token
-    indices: torch.Tensor  # [N, k] int32: their token ids
-    kwargs: dict[int, dict[str, Any]]  # decoder-layer index -> keyword arguments the model passed it
-    hidden: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index -> its input [B, T, H]
+    offsets: list[int]  # row b's real tokens are rows offsets[b]:offsets[b+1] of the targets
+    calls: list[tuple[tuple, dict[str, Any]]]  # per decoder layer: the (args, kwargs) the model passed it
+    hidden: torch.Tensor  # [B, T, H]: the unmodified model's input to the next layer to run
 
     @property
     def rows(self) -> int:
@@ -88,15 +90,82 @@ class _Stored:
         return self.offsets[-1]
 
 
+@dataclass
+class _Variant:
+    plan: int  # index into the sorted plans
+    start: int  # the decoder layer it routes differently
+    position: int  # that layer's MoE position
+    route: RouteVariant
+
+
+class _States:
+    """The variants' hidden states of one window: in memory up to a budget per tier, then on disk.
+
+    Tiers are tried in order (the run device, then the CPU on a GPU run); what fits none goes to a
+    temporary folder and is read back when its variant next runs.
+    """
+
+    def __init__(self, tiers: list[tuple[torch.device, int]]):
+        self.tiers = tiers
+        self.used = [0] * len(tiers)
+        self.held: dict[Any, tuple[int, torch.Tensor | str]] = {}
+        self.folder: str | None = None
+        self.spilled = 0  # tensors written to disk
+
+    def put(self, key: Any, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        for t, (device, budget) in enumerate(self.tiers):
+            if self.used[t] + size <= budget:
+                self.used[t] += size
+                self.held[key] = (t, tensor.to(device))
+                return
+        import os
+        import tempfile
+
+        self.folder = self.folder or tempfile.mkdtemp(prefix="banpick-states-")
+        path = os.path.join(self.folder, f"{len(self.held)}-{self.spilled}.pt")
+        torch.save(tensor.cpu().clone(), path)  # a view would save its whole stacked storage
+        self.spilled += 1
+        self.held[key] = (-1, path)
+
+    def pop(self, key: Any) -> torch.Tensor:
+        tier, value = self.held.pop(key)
+        if tier >= 0:
+            self.used[tier] -= value.numel() * value.element_size()
+            return value
+        import os
+
+        tensor = torch.load(value, weights_only=True)
+        os.unlink(value)
+        return tensor
+
+    def close(self) -> None:
+        self.held.clear()
+        if self.folder is not None:
+            import shutil
+
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+
 class KLEngine:
     """Top-k KL of one-layer routing variants against the unmodified model, on one calibration set.
 
-    `stack` variants of a layer share one forward (rows = stack x batch_size); 0 picks 8 on a GPU, where
-    bigger forwards amortise kernel launches, and 2 on a CPU, where they fall out of cache (measured in
-    docs/benchmarks.md). On a GPU out-of-memory the engine halves the variants per forward, then the
-    texts, and goes on; `notes` says so. Hidden states are parked on the CPU when the model is on a GPU;
-    `hidden_cache_mb` caps them. Texts are batched longest first (`sort_by_length`), so the padding
-    that every variant's replay pays again stays small.
+    Layer-major: the calibration batches are cut into windows whose hidden states fit `hidden_cache_mb`
+    (one window unless the variants are many); per window every decoder layer is acquired once (moved
+    to the device, or read from the checkpoint when the model is streamed) and everything that needs it
+    runs through it while it is resident: the unmodified model (whose routing the observers see), and
+    every variant whose layer is at or before it, starting from the unmodified state at its layer.
+    The final norm and LM head come last. Layers before a variant's are never run for it, so the work
+    is that of the replay order (one unmodified forward plus sum over variants of (L - l)/L forwards)
+    while the layer loads fall from one per variant to one per window.
+
+    `stack` variants of one plan share one forward (rows = stack x batch rows); 0 picks 8 on a GPU and
+    2 on a CPU (docs/benchmarks.md). Variants of different plans are never stacked together, so a plan's
+    numbers do not depend on which other plans run (a resumed scan gives the same bits). On an
+    out-of-memory the engine halves the variants per forward, then the texts, and goes on; `notes` says
+    so. Texts are batched longest first (`sort_by_length`), so the padding that every variant pays
+    again stays small.
     """
 
     def __init__(
@@ -113,33 +182,38 @@ class KLEngine:
         progress: ProgressFn = silent,
     ):
         self.loaded = loaded
-        # Batches of texts of similar length waste little on padding, and every replay of every variant
-        # pays for the padding again; the mean over tokens does not depend on the order.
+        # Batches of texts of similar length waste little on padding, and every variant pays for the
+        # padding again; the mean over tokens does not depend on the order.
         self.texts = _longest_first(loaded.tokenizer, list(texts), seq_len) if sort_by_length else list(texts)
         self.seq_len = seq_len
         self.batch_size = batch_size
-        self.stack = stack or (8 if loaded.device.type == "cuda" else 2)
+        self.device = loaded.device
+        self.stack = stack or (8 if self.device.type == "cuda" else 2)
         self.row_limit: int | None = None  # texts per forward, set only after an out-of-memory
         self.hidden_cache_mb = hidden_cache_mb
         self.progress = progress
         self.notes: list[str] = []
         self.decoder = loaded.adapter.decoder(loaded.model)
-        self.norm, self.head = loaded.adapter.output_head(loaded.model)
-        self.vocab = int(self.head.weight.shape[0])
+        self.vocab = int(loaded.model.config.get_text_config().vocab_size)
         self.top_tokens = min(top_tokens, self.vocab)
         if top_tokens > self.vocab:
             self.notes.append(f"--top-tokens {top_tokens} is larger than the vocabulary ({self.vocab}); using {self.vocab}")
-        self.park = torch.device("cpu") if loaded.device.type == "cuda" else loaded.device
+        self.park = torch.device("cpu") if self.device.type == "cuda" else self.device
         self._tokens: int | None = None
         self.variant_tokens = 0  # tokens run through modified layers so far (for tokens/s)
+        self.layer_loads: list[int] = []  # per decoder layer, after `run`
+        self.windows = 0  # windows of the last `run`
 
     @property
     def tokens(self) -> int:
         """Returns the number of real tokens in the calibration set (each KL is a mean over them)."""
         if self._tokens is None:
-            self._tokens = sum(b.tokens for b in batches(self.loaded.tokenizer, self.texts, seq_len=self.seq_len,
-                                                         batch_size=self.batch_size, device=torch.device("cpu")))
+            self._tokens = sum(b.tokens for b in self._batches())
         return self._tokens
+
+    def _batches(self) -> list[Batch]:
+        return list(batches(self.loaded.tokenizer, self.texts, seq_len=self.seq_len, batch_size=self.batch_size,
+                            device=torch.device("cpu")))
 
     # --- the scan --------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -152,41 +226,108 @@ class KLEngine:
     ) -> dict[int, torch.Tensor]:
         """Returns position -> mean top-k KL of each variant [n] (float64) over every real token.
 
-        Layers run in order; `on_layer(position, kl)` is called as each finishes (to checkpoint).
-        `observers` see the unmodified routing of every MoE layer in pass 1, real tokens only.
+        `on_layer(position, kl)` is called for each plan once its numbers are final (to checkpoint),
+        in position order. `observers` see the unmodified routing of every MoE layer, real tokens only.
         """
         plans = sorted(plans, key=lambda p: p.position)
         if not plans and not observers:
             return {}
         index = {layer.position: layer.layer_index for layer in self.loaded.layers}
-        starts = [index[plan.position] for plan in plans]
-        results: dict[int, torch.Tensor] = {}
+        self.position_of = {layer.layer_index: layer.position for layer in self.loaded.layers}
+        variants = [_Variant(p, index[plan.position], plan.position, route)
+                    for p, plan in enumerate(plans) for route in plan.variants]
+        # Observers need the decoder up to the last MoE layer; KL needs all of it and the head.
+        last = len(self.decoder.layers) - 1 if plans else max(index.values())
+        windows = self._windows(self._batches(), len(variants))
+        self.windows = len(windows)
+        source = LayerSource(self.loaded)
+        sums = torch.zeros(len(variants), dtype=torch.float64)
+        rows_total = sum(b.input_ids.shape[0] for w in windows for b in w)
+        self._work = [0, sum((last + 1 - v.start) for v in variants) * rows_total]  # candidates progress
+        self._layer_steps = [0, len(windows) * (last + 1)]
+        tokens = 0
         with RoutingHooks(self.loaded.layers, self.loaded.routing.num_experts) as hooks:
-            stored = self._base_pass(hooks, starts, observers)
-            for n, (plan, start) in enumerate(zip(plans, starts)):
-                self._advance(hooks, stored, start)
-                results[plan.position] = kl = self._scan_layer(hooks, plan, start, stored)
-                if on_layer is not None:
-                    on_layer(plan.position, kl)
-                self.progress(ProgressEvent("layers", n + 1, len(plans), note=f"L{start}"))
+            for window in windows:
+                tokens += self._window(hooks, source, window, variants, observers, sums, last)
+        self._tokens = tokens
+        self.layer_loads = source.loads
+        results: dict[int, torch.Tensor] = {}
+        first = 0
+        for n, plan in enumerate(plans):
+            count = len(plan.variants)
+            results[plan.position] = kl = sums[first : first + count] / max(tokens, 1)
+            first += count
+            if on_layer is not None:
+                on_layer(plan.position, kl)
+            self.progress(ProgressEvent("layers", n + 1, len(plans), note=f"L{index[plan.position]}"))
         return results
 
-    def _base_pass(self, hooks: RoutingHooks, starts: list[int], observers: Sequence[ObserveFn]) -> list[_Stored]:
-        layers = self.decoder.layers
-        first = min(starts) if starts else len(layers)
-        cached = set(self._cached(starts))
-        capture: dict[str, dict] = {}
+    def _windows(self, all_batches: list[Batch], variants: int) -> list[list[Batch]]:
+        """Returns the batches cut into windows whose states (the base's and every variant's) fit the budget."""
+        width = int(self.loaded.model.config.get_text_config().hidden_size)
+        itemsize = torch.empty((), dtype=self._dtype()).element_size()
+        budget = sum(b for _, b in self._tiers())
+        windows: list[list[Batch]] = [[]]
+        used = 0
+        for batch in all_batches:
+            size = batch.input_ids.numel() * width * itemsize * (variants + 1)
+            if windows[-1] and used + size > budget:
+                windows.append([])
+                used = 0
+            windows[-1].append(batch)
+            used += size
+        if len(windows) > 1:
+            self.notes.append(f"the hidden states of {variants} variants fit --hidden-cache-mb {self.hidden_cache_mb} "
+                              f"in {len(windows)} windows of batches: each decoder layer is loaded once per window")
+        return windows
 
-        def pre_hook(index: int):
-            def hook(module, args, kwargs):
-                capture["kwargs"][index] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-                if index in cached:
-                    capture["hidden"][index] = (args[0] if args else kwargs["hidden_states"]).to(self.park)
+    def _tiers(self) -> list[tuple[torch.device, int]]:
+        budget = self.hidden_cache_mb * 2**20
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return [(self.device, free // 4), (torch.device("cpu"), budget)]
+        return [(self.device, budget)]
 
-            return hook
+    def _dtype(self) -> torch.dtype:
+        return self.loaded.model.get_input_embeddings().weight.dtype
 
-        # Observer calls wait in `pending` until their batch succeeds, so an out-of-memory retry
-        # never shows an observer the same tokens twice.
+    def _window(self, hooks: RoutingHooks, source: LayerSource, window: list[Batch], variants: list[_Variant],
+                observers: Sequence[ObserveFn], sums: torch.Tensor, last: int) -> int:
+        """Runs one window through every layer and the head, adding each variant's KL sum into `sums`."""
+        items = []
+        for batch in window:
+            hidden, calls = _layer_inputs(self.decoder, batch, last, self.device)
+            mask = batch.attention_mask.bool()
+            offsets = [0]
+            for c in mask.sum(dim=1).tolist():
+                offsets.append(offsets[-1] + int(c))
+            items.append(_Item(mask, offsets, calls, hidden.to(self.park)))
+        states = _States(self._tiers())
+        try:
+            for j in range(last + 1):
+                layer = source.acquire(j, self.device)
+                try:
+                    for b, item in enumerate(items):
+                        self._variants_through(hooks, layer, j, b, item, variants, states)
+                        item.hidden = self._base_through(hooks, layer, j, item, observers)
+                finally:
+                    source.release(j)
+                self._layer_steps[0] += 1
+                self.progress(ProgressEvent("decoder layers", *self._layer_steps, self.variant_tokens,
+                                            note=f"layer {j + 1}/{last + 1}"))
+            if variants:
+                with source.head(self.device) as (norm, head):
+                    for b, item in enumerate(items):
+                        self._kl(norm, head, b, item, variants, states, sums)
+            if states.spilled and not any("disk" in note for note in self.notes):
+                self.notes.append(f"variant hidden states beyond --hidden-cache-mb {self.hidden_cache_mb} were kept on disk")
+        finally:
+            states.close()
+        return sum(item.tokens for item in items)
+
+    def _base_through(self, hooks: RoutingHooks, layer: torch.nn.Module, j: int, item: _Item,
+                      observers: Sequence[ObserveFn]) -> torch.Tensor:
+        """Returns the unmodified state after layer j; observers see its routing (real tokens only)."""
         pending: list[tuple] = []
         real: dict[str, torch.Tensor] = {}
 
@@ -194,154 +335,115 @@ class KLEngine:
             m = real["flat"].to(logits.device)
             pending.append((position, logits[m], weights[m], indices[m]))
 
-        handles = [layers[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True) for i in range(first, len(layers))]
-        hooks.observers = [observe] if observers else []
-        stored: list[_Stored] = []
-        done_texts = done_tokens = 0
+        hooks.overrides = {}
+        hooks.observers = [observe] if observers and j in self.position_of else []
+        parts: list[torch.Tensor] = []
+        rows = self.row_limit or item.rows
+        queue = [(r, min(r + rows, item.rows)) for r in range(0, item.rows, rows)]
         try:
-            for batch in batches(self.loaded.tokenizer, self.texts, seq_len=self.seq_len, batch_size=self.batch_size,
-                                 device=self.loaded.device):
-                parts = [batch]
-                while parts:
-                    part = parts.pop(0)
-                    capture.update(kwargs={}, hidden={})
-                    real["flat"] = part.attention_mask.reshape(-1).bool()
-                    pending.clear()
-                    try:
-                        stored.append(self._base_forward(part, capture, bool(starts)))
-                    except torch.OutOfMemoryError:
-                        parts[:0] = self._halve_batch(part)
-                        continue
-                    for call in pending:
-                        for observer in observers:
-                            observer(*call)
-                done_texts += batch.input_ids.shape[0]
-                done_tokens += batch.tokens
-                self.progress(ProgressEvent("base pass", done_texts, len(self.texts), done_tokens))
-        finally:
-            for handle in handles:
-                handle.remove()
-            hooks.observers = []
-            pending.clear()
-        self._tokens = sum(item.tokens for item in stored)
-        return stored
-
-    def _halve_batch(self, batch: Batch) -> list[Batch]:
-        rows = batch.input_ids.shape[0]
-        if rows == 1:
-            raise torch.OutOfMemoryError(f"out of memory in the unmodified pass with one text of {self.seq_len} tokens")
-        mid = rows // 2
-        self._free(f"out of memory in the unmodified pass: now {rows - mid} texts per forward")
-        halves = [slice(0, mid), slice(mid, rows)]
-        return [Batch(batch.input_ids[h], batch.attention_mask[h], int(batch.attention_mask[h].sum())) for h in halves]
-
-    def _base_forward(self, batch: Batch, capture: dict, targets: bool) -> _Stored:
-        mask = batch.attention_mask.bool()
-        out = self.decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-        counts = mask.sum(dim=1).tolist()
-        offsets = [0]
-        for c in counts:
-            offsets.append(offsets[-1] + int(c))
-        k = self.top_tokens
-        values = torch.empty(offsets[-1] if targets else 0, k, dtype=torch.float32, device=self.park)
-        indices = torch.empty(values.shape, dtype=torch.int32, device=self.park)
-        if targets:
-            hidden = out.last_hidden_state[mask]  # [N, H], after the final norm
-            step = self._token_chunk()
-            for s in range(0, hidden.shape[0], step):
-                v, i = top_targets(self.head(hidden[s : s + step]), k)
-                values[s : s + step], indices[s : s + step] = v.to(self.park), i.to(self.park)
-        return _Stored(mask, offsets, values, indices, capture["kwargs"], capture["hidden"])
-
-    def _cached(self, starts: list[int]) -> list[int]:
-        """Returns the layers whose input pass 1 stores (the first always; the rest as the cap allows)."""
-        order = sorted(set(starts))
-        width = self.loaded.model.get_input_embeddings().weight.shape[1]
-        itemsize = self.loaded.model.get_input_embeddings().weight.element_size()
-        per_layer = len(self.texts) * self.seq_len * width * itemsize
-        keep = max(1, int(self.hidden_cache_mb * 2**20 // max(per_layer, 1)))
-        if keep < len(order):
-            self.notes.append(
-                f"hidden states of {keep} of {len(order)} layers fit --hidden-cache-mb {self.hidden_cache_mb}; "
-                "the others are recomputed from the last stored layer"
-            )
-        return order[:keep]
-
-    def _advance(self, hooks: RoutingHooks, stored: list[_Stored], start: int) -> None:
-        """Makes every batch hold the unmodified hidden state at `start`, dropping earlier ones."""
-        for item in stored:
-            if start not in item.hidden:
-                source = max(i for i in item.hidden if i < start)
-                h = item.hidden[source].to(self.loaded.device)
-                hooks.overrides = {}
-                for j in range(source, start):
-                    h = _call(self.decoder.layers[j], h, item.kwargs[j])
-                item.hidden[start] = h.to(self.park)
-            item.hidden = {i: t for i, t in item.hidden.items() if i >= start}
-
-    def _scan_layer(self, hooks: RoutingHooks, plan: LayerPlan, start: int, stored: list[_Stored]) -> torch.Tensor:
-        n = len(plan.variants)
-        sums = torch.zeros(n, dtype=torch.float64)
-        total = n * sum(item.rows for item in stored)
-        done = 0
-        for item in stored:
-            rows = self.row_limit or item.rows
-            queue = [(v, min(v + self.stack, n), r, min(r + rows, item.rows))
-                     for v in range(0, n, self.stack) for r in range(0, item.rows, rows)]
             while queue:
-                v0, v1, r0, r1 = queue.pop(0)
+                r0, r1 = queue.pop(0)
+                real["flat"] = item.mask[r0:r1].reshape(-1)
+                pending.clear()
                 try:
-                    part = self._chunk(hooks, plan, start, item, v0, v1, r0, r1)
+                    out = self._call(layer, item, j, item.hidden[r0:r1], r0, r1, 1)
                 except torch.OutOfMemoryError:
-                    queue[:0] = self._halve(v0, v1, r0, r1, start)
+                    if r1 - r0 == 1:
+                        raise torch.OutOfMemoryError(
+                            f"out of memory in the unmodified pass with one text of {self.seq_len} tokens") from None
+                    mid = (r0 + r1) // 2
+                    self.row_limit = max(1, mid - r0)
+                    self._free(f"out of memory in the unmodified pass: now {self.row_limit} texts per forward")
+                    queue[:0] = [(r0, mid), (mid, r1)]
                     continue
-                sums[v0:v1] += part
-                done += (v1 - v0) * (r1 - r0)
-                self.variant_tokens += (v1 - v0) * (item.offsets[r1] - item.offsets[r0])
-                self.progress(ProgressEvent("candidates", done, total, self.variant_tokens, note=f"L{start}"))
-        return sums / max(sum(item.tokens for item in stored), 1)
+                # Observer calls wait until their rows succeed: an out-of-memory retry never shows the same tokens twice.
+                for call in pending:
+                    for observer in observers:
+                        observer(*call)
+                parts.append(out.to(self.park))
+        finally:
+            hooks.observers = []
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
-    def _halve(self, v0: int, v1: int, r0: int, r1: int, start: int) -> list[tuple[int, int, int, int]]:
-        if v1 - v0 > 1:
-            mid = (v0 + v1) // 2
-            self.stack = max(1, (v1 - v0) // 2)
-            self._free(f"out of memory at layer {start}: now {self.stack} variants per forward")
-            return [(v0, mid, r0, r1), (mid, v1, r0, r1)]
+    def _variants_through(self, hooks: RoutingHooks, layer: torch.nn.Module, j: int, b: int, item: _Item,
+                          variants: list[_Variant], states: _States) -> None:
+        """Advances every variant that routes at or before layer j through it, for one batch."""
+        chunks: list[list[int]] = []  # at most `stack` variants, all of one plan
+        for k, variant in enumerate(variants):
+            if variant.start > j:
+                continue
+            if chunks and variants[chunks[-1][-1]].plan == variant.plan and len(chunks[-1]) < self.stack:
+                chunks[-1].append(k)
+            else:
+                chunks.append([k])
+        for chunk in chunks:
+            starting = variants[chunk[0]].start == j  # a plan's variants all start at its layer
+            inputs = {k: item.hidden if starting else states.pop((k, b)) for k in chunk}
+            parts: dict[int, list[torch.Tensor]] = {k: [] for k in chunk}
+            rows = self.row_limit or item.rows
+            queue = [(chunk, r0, min(r0 + rows, item.rows)) for r0 in range(0, item.rows, rows)]
+            while queue:
+                sub, r0, r1 = queue.pop(0)
+                h = torch.cat([inputs[k][r0:r1].to(self.device) for k in sub])
+                hooks.overrides = {variants[sub[0]].position: _per_replica([variants[k].route for k in sub])} if starting else {}
+                try:
+                    out = self._call(layer, item, j, h, r0, r1, len(sub))
+                except torch.OutOfMemoryError:
+                    queue[:0] = self._halve(sub, r0, r1, j)
+                    continue
+                finally:
+                    hooks.overrides = {}
+                n = r1 - r0
+                for i, k in enumerate(sub):  # replica-major: rows of variant i are contiguous
+                    parts[k].append(out[i * n : (i + 1) * n])
+                self.variant_tokens += len(sub) * (item.offsets[r1] - item.offsets[r0])
+                self._work[0] += len(sub) * n
+                self.progress(ProgressEvent("candidates", *self._work, self.variant_tokens, note=f"L{variants[sub[0]].start}"))
+            for k in chunk:
+                found = parts[k]
+                states.put((k, b), found[0] if len(found) == 1 else torch.cat(found))
+
+    def _halve(self, chunk: list[int], r0: int, r1: int, j: int) -> list[tuple[list[int], int, int]]:
+        if len(chunk) > 1:
+            mid = len(chunk) // 2
+            self.stack = max(1, mid)
+            self._free(f"out of memory at layer {j}: now {self.stack} variants per forward")
+            return [(chunk[:mid], r0, r1), (chunk[mid:], r0, r1)]
         if r1 - r0 > 1:
             mid = (r0 + r1) // 2
-            self.row_limit = max(1, (r1 - r0) // 2)
-            self._free(f"out of memory at layer {start}: now 1 variant x {self.row_limit} texts per forward")
-            return [(v0, v1, r0, mid), (v0, v1, mid, r1)]
-        raise torch.OutOfMemoryError(f"out of memory at layer {start} with one text of {self.seq_len} tokens per forward")
+            self.row_limit = max(1, mid - r0)
+            self._free(f"out of memory at layer {j}: now 1 variant x {self.row_limit} texts per forward")
+            return [(chunk, r0, mid), (chunk, mid, r1)]
+        raise torch.OutOfMemoryError(f"out of memory at layer {j} with one text of {self.seq_len} tokens per forward")
 
-    def _chunk(self, hooks: RoutingHooks, plan: LayerPlan, start: int, item: _Stored,
-               v0: int, v1: int, r0: int, r1: int) -> torch.Tensor:
-        """Returns the summed KL [v1 - v0] of variants v0..v1 on texts r0..r1 of one stored batch."""
-        replicas = v1 - v0
-        h = item.hidden[start][r0:r1].to(self.loaded.device)
-        h = h.repeat(replicas, 1, 1) if replicas > 1 else h  # replica-major: rows of variant v are contiguous
-        hooks.overrides = {plan.position: _per_replica(plan.variants[v0:v1])}
-        try:
-            for j in range(start, len(self.decoder.layers)):
-                h = _call(self.decoder.layers[j], h, _select_rows(item.kwargs[j], item.rows, r0, r1, replicas))
-        finally:
-            hooks.overrides = {}
-        h = self.norm(h)
-        mask = item.mask[r0:r1].to(h.device)
-        lo, hi = item.offsets[r0], item.offsets[r1]
-        # Each replica is held against the same targets: p' once, never repeated per replica.
-        log_p = target_log_probs(item.values[lo:hi].to(h.device))
-        indices = item.indices[lo:hi].to(h.device)
-        rows, step = r1 - r0, self._token_chunk()
-        sums = torch.zeros(replicas, dtype=torch.float64, device=h.device)
-        for v in range(replicas):
-            real = h[v * rows : (v + 1) * rows][mask]  # [n, H]: this replica's real tokens
-            for s in range(0, real.shape[0], step):
-                sums[v] += topk_kl(log_p[s : s + step], indices[s : s + step], self.head(real[s : s + step])).sum()
-        return sums.cpu()
+    def _call(self, layer: torch.nn.Module, item: _Item, j: int, h: torch.Tensor, r0: int, r1: int,
+              replicas: int) -> torch.Tensor:
+        """Returns layer j's output for texts r0..r1 of a batch, `replicas` stacked copies (replica-major)."""
+        args, kwargs = item.calls[j]
+        args = _select_rows(dict(enumerate(args)), item.rows, r0, r1, replicas)
+        kwargs = _select_rows(kwargs, item.rows, r0, r1, replicas)
+        out = layer(h.to(self.device), *_to(tuple(args.values()), self.device), **_to(kwargs, self.device))
+        return out[0] if isinstance(out, tuple) else out
+
+    def _kl(self, norm: torch.nn.Module, head: torch.nn.Module, b: int, item: _Item, variants: list[_Variant],
+            states: _States, sums: torch.Tensor) -> None:
+        """Adds each variant's summed top-k KL on one batch into `sums`, against the unmodified targets."""
+        mask = item.mask.to(self.device)
+        step = self._token_chunk()
+        base = norm(item.hidden.to(self.device))[mask]  # [N, H]
+        targets = [top_targets(head(base[s : s + step]), self.top_tokens) for s in range(0, base.shape[0], step)]
+        # p' once per batch, held against every variant.
+        log_p = [(target_log_probs(v), i) for v, i in targets]
+        for k in range(len(variants)):
+            real = norm(states.pop((k, b)).to(self.device))[mask]
+            total = torch.zeros((), dtype=torch.float64, device=self.device)
+            for n, s in enumerate(range(0, real.shape[0], step)):
+                lp, idx = log_p[n]
+                total += topk_kl(lp, idx, head(real[s : s + step])).sum()
+            sums[k] += total.cpu()
 
     def _token_chunk(self) -> int:
-        return max(1, LOGITS_BUDGET.get(self.loaded.device.type, LOGITS_BUDGET["cpu"]) // self.vocab)
+        return max(1, LOGITS_BUDGET.get(self.device.type, LOGITS_BUDGET["cpu"]) // self.vocab)
 
     def _free(self, note: str) -> None:
         if note not in self.notes:
@@ -383,11 +485,6 @@ def _select_rows(kwargs: dict[str, Any], rows: int, r0: int, r1: int, replicas: 
         return x
 
     return {key: pick(value) for key, value in kwargs.items()}
-
-
-def _call(layer: torch.nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
-    out = layer(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.inference_mode()
