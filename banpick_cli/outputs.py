@@ -5,8 +5,9 @@ renamed into place; a failure (a full disk, a read-only folder) leaves nothing p
     with atomic_path(out) as tmp:                       # after it: write tmp however you like
         fig.savefig(tmp)
     write_text_atomic(out / "report.html", html)
-    with atomic_folder(bundle) as stage:                # several files that appear together
-        write_bytes_atomic(stage.path("a.json"), ...)   # (each staged beside its final name)
+    with atomic_folder(bundle) as stage:                # several files that appear together, or none
+        stage.write_text("manifest.json", text)         # (each staged beside its final name)
+        write_profile(profile, stage.path("profile.safetensors"))
 
 Profiles add a lock around read-merge-write (`profile.format.update_profile`), so concurrent stages
 writing one profile all land.
@@ -106,14 +107,18 @@ def write_bytes_atomic(target: str | os.PathLike, data: bytes, *, what: str = ""
     """Writes `data` to `target` atomically; returns the path."""
     target = Path(target)
     with atomic_path(target, what=what) as tmp:
-        fd = os.open(tmp, os.O_WRONLY | os.O_TRUNC)
-        try:
-            view = memoryview(data)
-            while view:  # os.write may write less than asked
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
+        _write_all(tmp, data)
     return target
+
+
+def _write_all(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_TRUNC | os.O_CREAT, 0o600)
+    try:
+        view = memoryview(data)
+        while view:  # os.write may write less than asked
+            view = view[os.write(fd, view):]
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(target: str | os.PathLike, text: str, *, what: str = "") -> Path:
@@ -140,6 +145,19 @@ class Staging:
             raise output_error(final, err) from None
         self._staged.append((Path(tmp), final))
         return Path(tmp)
+
+    def write_bytes(self, name: str, data: bytes) -> Path:
+        """Stages `data` as the folder's file `name`; returns its final path."""
+        tmp = self.path(name)
+        try:
+            _write_all(tmp, data)
+        except OSError as err:
+            raise output_error(self.folder / name, err) from None
+        return self.folder / name
+
+    def write_text(self, name: str, text: str) -> Path:
+        """Stages UTF-8 `text` as the folder's file `name`; returns its final path."""
+        return self.write_bytes(name, text.encode("utf-8"))
 
     def final(self, tmp: Path) -> Path:
         """Returns where a staged temporary file will land."""

@@ -108,39 +108,39 @@ def build_report(
                      lambda: figures.candidate_overlap(prof)))
     else:
         report.skipped.append(("candidates", "cross-domain overlap needs at least two domains in the profile"))
+    pick_figures = (
+        ("kl", "kl", "KL per candidate", figures.kl_per_candidate,
+         "Top-1000 KL of the output when each candidate expert is pruned (paper figure 3, left axis); "
+         "key experts in red. Green diamonds: accuracy gain when forced in, where probed (right axis)."),
+        ("accuracy_gain", "accuracy-gain", "Accuracy gain per probed candidate", figures.accuracy_gain,
+         "Accuracy gain on the failure set when each probed candidate is forced in (paper figure 3, "
+         "right axis); outlined bars are the chosen key experts."),
+    )
     for d in domains:
-        if prof.domain(d).has("kl"):
-            plan.append(("pick", f"kl-{d}", f"KL per candidate, domain '{d}'",
-                         "Top-1000 KL of the output when each candidate expert is pruned (paper figure 3, left axis); "
-                         "key experts in red. Green diamonds: accuracy gain when forced in, where probed (right axis).",
-                         lambda d=d: figures.kl_per_candidate(prof, d)))
-        else:
-            report.skipped.append(("pick", _missing(prof, f"domain/{d}/kl", f"KL per candidate for '{d}'")))
-        if prof.domain(d).has("accuracy_gain"):
-            plan.append(("pick", f"accuracy-gain-{d}", f"Accuracy gain per probed candidate, domain '{d}'",
-                         "Accuracy gain on the failure set when each probed candidate is forced in (paper figure 3, "
-                         "right axis); outlined bars are the chosen key experts.",
-                         lambda d=d: figures.accuracy_gain(prof, d)))
-        else:
-            report.skipped.append(("pick", _missing(prof, f"domain/{d}/accuracy_gain", f"accuracy gain for '{d}'")))
+        for part, slug, title, draw, caption in pick_figures:
+            if prof.domain(d).has(part):
+                plan.append(("pick", f"{slug}-{d}", f"{title}, domain '{d}'", caption, lambda d=d, draw=draw: draw(prof, d)))
+            else:
+                what = "KL per candidate" if part == "kl" else "accuracy gain"
+                report.skipped.append(("pick", _missing(prof.domain(d), part, f"{what} for '{d}'")))
     if prof.ban.has("layer_kl"):
         plan.append(("ban", "layer-sensitivity", "Layer sensitivity W_l",
                      "KL of the output when one layer alone drops from K_base to K_min experts (paper figure 5a).",
                      lambda: figures.layer_sensitivity(prof)))
     else:
-        report.skipped.append(("ban", _missing(prof, "ban/layer_kl", "layer sensitivity (figure 5a)")))
+        report.skipped.append(("ban", _missing(prof.ban, "layer_kl", "layer sensitivity (figure 5a)")))
     if prof.ban.has("ratio_hist"):
         plan.append(("ban", "token-ratio", "Token ratio R per layer",
                      "Distribution of each token's ratio R of the top-K_min to the top-K_base routing weight, per layer, "
                      "on the calibration set (paper figure 5b, as a histogram per layer).",
                      lambda: figures.token_ratio(prof)))
-        if all(prof.has(t) for t in ("ban/layer_sensitivity", "ban/ratio_min", "ban/ratio_max")):
+        if all(prof.ban.has(t) for t in ("layer_sensitivity", "ratio_min", "ratio_max")):
             plan.append(("ban", "ban-k", "Ban's K per layer",
                          "How many experts Ban keeps per token in each layer at the stored λ, β and K_min, computed with "
                          "the routing core's ban_k from the R histogram (each bin at its centre).",
                          lambda: figures.ban_k(prof)))
     else:
-        report.skipped.append(("ban", _missing(prof, "ban/ratio_hist", "token ratio and Ban's K (figure 5b)")))
+        report.skipped.append(("ban", _missing(prof.ban, "ratio_hist", "token ratio and Ban's K (figure 5b)")))
 
     # Every file is staged beside its final name and renamed in only when the page is written too: a
     # failure (a full disk) leaves no 0-byte PNG and no page that points at missing figures.
@@ -155,18 +155,14 @@ def build_report(
                 raise output_error(path, err) from None
             report.figures.append(ReportFigure(section, path, title, caption))
             progress(ProgressEvent("report", i + 1, len(plan), note=stem))
-        html = render_page(prof, report, source=source, images=images)
-        tmp = stage.path(report.html.name)
-        try:
-            tmp.write_text(html, encoding="utf-8")
-        except OSError as err:
-            raise output_error(report.html, err) from None
+        stage.write_text(report.html.name, render_page(prof, report, source=source, images=images))
     return report
 
 
-def _missing(profile: RoutingProfile, name: str, what: str) -> str:
+def _missing(group, part: str, what: str) -> str:
+    """Returns why a figure is skipped: the one-line error naming the stage that writes `part`."""
     try:
-        profile.get(name)
+        group.get(part)
     except ProfileError as err:
         return f"{what}: {err}"
     return what
