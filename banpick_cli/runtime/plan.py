@@ -15,7 +15,7 @@ import torch
 
 from banpick_cli.errors import BadSetting, ProfileError
 from banpick_cli.profile.format import RoutingProfile
-from banpick_cli.routing import RouterSpec, Routing, ban, ban_pick, pick, rice
+from banpick_cli.routing import BETA, K_MIN, LAM, RouterSpec, Routing, ban, ban_pick, check_ban_params, pick, rice
 from banpick_cli.runtime.methods import Method, allowed_params, get_method
 
 AUTO = "auto"  # a domain chosen per request (runtime/auto.py)
@@ -208,6 +208,13 @@ def _ban_setup(profile: RoutingProfile, record: Method, overrides: dict) -> tupl
     sensitivity = profile.ban.layer_sensitivity
     r_min, r_max = profile.ban.ratio_min, profile.ban.ratio_max
     params = {**record.defaults(), **_recorded(profile.ban.settings, record), **overrides}
+    # The routing core's own rule, against this model's K_base: K_min above it would leave every layer
+    # untouched (the baseline, reported as Ban), and lambda inf/NaN would make K meaningless.
+    try:
+        check_ban_params(k_base=profile.model.k_base, k_min=params.get("k_min", K_MIN), lam=params.get("lam", LAM),
+                         beta=params.get("beta", BETA))
+    except ValueError as err:
+        raise BadSetting(f"Ban setting: {err}") from None
     scope = params.pop("ratio_scope", "layer")
     if scope not in RATIO_SCOPES:
         raise BadSetting(f"ratio_scope must be one of {RATIO_SCOPES}, got {scope!r}")
