@@ -28,9 +28,12 @@ def mounted_tmpfs(where: Path, *options: str) -> Iterator[Path]:
 
 
 @contextmanager
-def full_disk(where: Path, free_bytes: int = 0) -> Iterator[Path]:
-    """A 64 KiB tmpfs at `where`, filled to leave about `free_bytes` free (files written there fail with ENOSPC)."""
-    with mounted_tmpfs(where, "size=64k") as mount:
+def full_disk(where: Path, free_bytes: int = 0, *, files: dict[str, bytes] | None = None, size: str = "64k") -> Iterator[Path]:
+    """A small tmpfs at `where` holding `files`, then filled to leave about `free_bytes` free (files written
+    there fail with ENOSPC)."""
+    with mounted_tmpfs(where, f"size={size}") as mount:
+        for name, data in (files or {}).items():
+            (mount / name).write_bytes(data)
         filler = mount / ".filler"
         try:
             with open(filler, "wb") as handle:
