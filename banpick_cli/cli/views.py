@@ -49,7 +49,7 @@ def profile_summary(profile: RoutingProfile) -> dict:
             "tokens": int(tokens[0]) if len(tokens) else 0,
             "candidates": int(profile.domain(name).candidates.sum()),
             "max_over_mean_per_layer": [round(float(r), 3) for r in ratio.max(dim=-1).values],
-            "stages": sorted(k.split("/")[2] for k in profile.tensors if k.startswith(f"domain/{name}/")),
+            "stages": sorted(profile.domain(name).present()),
         }
     return {
         "model": profile.model.to_dict(),

@@ -6,7 +6,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from banpick_cli.errors import DataError
+from banpick_cli.checks import domain_name
+from banpick_cli.errors import BadSetting, DataError
 
 BUILTIN_DIR = Path(__file__).with_name("domains")
 _SOURCE_KEYS = {"dataset", "config", "split", "template", "streaming", "data_files"}
@@ -63,10 +64,10 @@ def load_domain_file(path: Path) -> Domain:
     unknown = set(raw) - _DOMAIN_KEYS
     if unknown:
         raise DataError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: {sorted(_DOMAIN_KEYS)}")
-    if not isinstance(raw.get("name"), str) or not raw["name"]:
-        raise DataError(f"{path}: 'name' must be a non-empty string")
-    if "/" in raw["name"]:
-        raise DataError(f"{path}: domain name may not contain '/'")
+    try:
+        domain_name(raw.get("name"), flag=f"{path}: 'name'")
+    except BadSetting as err:
+        raise DataError(str(err)) from None
     sources = []
     for i, item in enumerate(raw.get("sources", [])):
         bad = set(item) - _SOURCE_KEYS

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
+from banpick_cli.checks import number, one_of
 from banpick_cli.errors import BadSetting, DataError
 from banpick_cli.models.loading import LoadedModel
 from banpick_cli.progress import ProgressFn, silent
@@ -38,20 +39,13 @@ class EvalOptions:
     clock: str = "wall"
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise BadSetting(f"--batch-size must be >= 1, got {self.batch_size}")
-        if self.sampling not in SAMPLING:
-            raise BadSetting(f"--sampling must be one of {', '.join(SAMPLING)}, got '{self.sampling}'")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise BadSetting(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.mc_scoring not in MC_SCORING:
-            raise BadSetting(f"--mc-scoring must be one of {', '.join(MC_SCORING)}, got '{self.mc_scoring}'")
-        if self.chat not in CHAT:
-            raise BadSetting(f"--chat must be one of {', '.join(CHAT)}, got '{self.chat}'")
-        if self.clock not in CLOCKS:
-            raise BadSetting(f"--clock must be one of {', '.join(CLOCKS)}, got '{self.clock}'")
-        if self.code_timeout_s <= 0:
-            raise BadSetting(f"--code-timeout must be > 0 seconds, got {self.code_timeout_s}")
+        number("--batch-size", self.batch_size, low=1, integer=True)
+        if self.max_new_tokens is not None:
+            number("--max-new-tokens", self.max_new_tokens, low=1, integer=True)
+        for flag, value, choices in (("--sampling", self.sampling, SAMPLING), ("--mc-scoring", self.mc_scoring, MC_SCORING),
+                                     ("--chat", self.chat, CHAT), ("--clock", self.clock, CLOCKS)):
+            one_of(flag, value, choices)
+        number("--code-timeout", self.code_timeout_s, low=0, low_open=True)
 
 
 @dataclass

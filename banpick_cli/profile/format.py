@@ -83,6 +83,14 @@ class RoutingProfile:
         found = {m.group(1) for name in self.tensors if (m := re.fullmatch(r"domain/([^/]+)/key_experts", name))}
         return sorted(found)
 
+    def record(self, stage: str, domain: str | None, record: dict[str, Any]) -> None:
+        """Stores how a stage made what it wrote (per domain for profile, kl-scan and failure-probe)."""
+        self.provenance[stage_key(stage, domain)] = record
+
+    def recorded(self, stage: str, domain: str | None = None) -> dict[str, Any]:
+        """Returns a stage's provenance record, or {} when it has not run."""
+        return self.provenance.get(stage_key(stage, domain), {})
+
     def has(self, name: str) -> bool:
         return name in self.tensors
 
@@ -95,6 +103,11 @@ class RoutingProfile:
     def put(self, name: str, tensor: torch.Tensor) -> None:
         """Stores a tensor after checking its name, dtype and shape against the schema."""
         self.tensors[name] = _checked(name, tensor.detach().cpu().contiguous(), self.shape)
+
+
+def stage_key(stage: str, domain: str | None = None) -> str:
+    """Returns the provenance key of a stage's run: "profile/math", "layer-sensitivity"."""
+    return stage if domain is None else f"{stage}/{domain}"
 
 
 def stage_of(name: str) -> str:

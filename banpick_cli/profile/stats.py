@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from banpick_cli.errors import BadSetting
+from banpick_cli.checks import number
 
 
 @dataclass(frozen=True)
@@ -22,10 +22,8 @@ class CandidateRule:
     top_n: int = 0
 
     def __post_init__(self) -> None:
-        if not self.min_ratio > 0:
-            raise BadSetting(f"--candidate-ratio must be > 0, got {self.min_ratio}")
-        if self.top_n < 0:
-            raise BadSetting(f"--candidate-top must be >= 0, got {self.top_n}")
+        number("--candidate-ratio", self.min_ratio, low=0, low_open=True)
+        number("--candidate-top", self.top_n, low=0, integer=True)
 
     def to_dict(self) -> dict:
         return asdict(self)

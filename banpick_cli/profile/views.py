@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from banpick_cli.checks import domain_name
 from banpick_cli.errors import ProfileError
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ class DomainView(_Group):
     parts = DOMAIN_PARTS
 
     def __init__(self, profile: "RoutingProfile", name: str):
-        super().__init__(profile, f"domain/{name}/")
+        super().__init__(profile, f"domain/{domain_name(name)}/")
         self.name = name
 
     expert_counts = property(lambda self: self.get("expert_counts"))  # int64 [M, E]
@@ -79,11 +80,6 @@ class DomainView(_Group):
     def settings(self) -> dict[str, Any]:
         """Returns (creating it) the domain's settings record: its candidate rule and key-expert rule."""
         return self._profile.settings.setdefault(f"domain/{self.name}", {})
-
-    @property
-    def pick_settings(self) -> dict[str, Any]:
-        """Returns (creating it) how Pick reinforces this domain's key experts (failure-probe records it)."""
-        return self._profile.settings.setdefault(f"pick/{self.name}", {})
 
     def recorded_pick(self) -> dict[str, Any]:
         """Returns the recorded Pick settings without creating an empty record."""

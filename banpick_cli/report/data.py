@@ -76,9 +76,10 @@ class ScannedExpert:
 
 def scanned(profile: RoutingProfile, domain: str, part: str) -> list[ScannedExpert]:
     """Returns every expert with a finite value in `domain/<d>/<part>` (kl, accuracy_gain), in layer order."""
-    values = profile.get(f"domain/{domain}/{part}")
-    name = f"domain/{domain}/key_experts"
-    keys = profile.get(name) if profile.has(name) else torch.zeros_like(values, dtype=torch.bool)
+    view = profile.domain(domain)
+    values = view.get(part)
+    keys = view.find("key_experts")
+    keys = torch.zeros_like(values, dtype=torch.bool) if keys is None else keys
     found = torch.isfinite(values).nonzero().tolist()
     layers = profile.model.moe_layers
     return [ScannedExpert(p, layers[p], e, float(values[p, e]), bool(keys[p, e])) for p, e in found]

@@ -123,15 +123,15 @@ def _ban(plan: RoutingPlan, profile: RoutingProfile | None) -> tuple[list[float]
 def _pick(plan: RoutingPlan, profile: RoutingProfile | None, low: list[float], high: list[float]) -> ExpectedK:
     strategy = plan.params.get("strategy", "C")
     k = float(plan.params.get("k") or plan.k_base)
-    counts_name, tokens_name = f"domain/{plan.domain}/expert_counts", f"domain/{plan.domain}/token_counts"
-    has_usage = profile is not None and counts_name in profile.tensors and tokens_name in profile.tensors
+    usage = profile.domain(plan.domain) if profile is not None else None
+    has_usage = usage is not None and usage.has("expert_counts") and usage.has("token_counts")
     for position, rule in plan.rules.items():
         key = rule.key_experts
         if strategy in "BDE":
             low[position] = high[position] = k
             continue
         if has_usage:
-            freq = profile.get(counts_name)[position].double() / max(int(profile.get(tokens_name)[position]), 1)
+            freq = usage.expert_counts[position].double() / max(int(usage.token_counts[position]), 1)
             missing = float((1.0 - freq.clamp(max=1.0))[key].sum())  # key experts the router leaves out
         else:
             missing = float(key.sum())

@@ -1,29 +1,74 @@
-"""What every stage shares: provenance records and opening the profile a stage updates."""
+"""The skeleton every stage shares: its calibration text, the model, the profile it updates, a resumable
+loop, and the provenance it stores.
+
+    text settings (TextSettings) -> load_domain_text -> load the model -> open_for_update
+    -> with resumable(...): the pass, saving to its sidecar -> store with provenance() -> write_profile
+"""
 
 from __future__ import annotations
 
 import shlex
 import sys
-from dataclasses import asdict, is_dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
-from banpick_cli.errors import BadSetting, ProfileError
-from banpick_cli.routing import BETA, K_MIN, LAM, check_ban_params
+from banpick_cli.checks import at_least, number
+from banpick_cli.errors import BadSetting, Interrupted, ProfileError
+from banpick_cli.routing import BETA, K_MIN, LAM
 from banpick_cli.models.loading import LoadedModel
 from banpick_cli.profile.format import RoutingProfile, check_fingerprint, new_profile, read_metadata, read_profile
 
 
-def check_ban_knobs(*, k_min: int = K_MIN, lam: float = LAM, beta: float = BETA, k_base: int | None = None) -> None:
-    """Raises a one-line BadSetting unless Ban's knobs pass the routing core's own rule, the one check every
-    command uses (K_min an integer in [1, K_base], lambda finite and >= 0, beta in [0, 1]). Without k_base
-    (before the model is known) K_min is only checked to be >= 1."""
-    upper = k_base if k_base is not None else (k_min if isinstance(k_min, int) and k_min >= 1 else 1)
+@dataclass(frozen=True)
+class TextSettings:
+    """The calibration text a stage runs on (profile, kl-scan, layer-sensitivity); each stage's settings extend it."""
+
+    domain: str | None = None  # a domain name or .toml file; None only where the stage can infer it
+    data: str | None = None  # a local file, hub dataset id or "embedded"; None: the domain's own sources
+    text_field: str | None = None
+    samples: int = 128
+    seq_len: int = 256
+    batch_size: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        at_least((("--samples", self.samples, 1), ("--seq-len", self.seq_len, 2), ("--batch-size", self.batch_size, 1),
+                  ("--seed", self.seed, 0)))
+
+
+def load_domain_text(settings: TextSettings, *, model: str):
+    """Returns (domain, calibration text); the demo model defaults to the embedded data."""
+    from banpick_cli.data import get_domain, load_calibration_text
+    from banpick_cli.paths import DEMO_MODEL_NAME
+
+    if settings.domain is None:
+        raise BadSetting("--domain is required")
+    domain = get_domain(settings.domain)
+    text = load_calibration_text(domain, settings.data, samples=settings.samples, seed=settings.seed,
+                                 text_field=settings.text_field, use_embedded=model == DEMO_MODEL_NAME)
+    return domain, text
+
+
+@contextmanager
+def resumable(stage: str, out: Path, done: Callable[[], int], total: int, unit: str = "layers") -> Iterator[None]:
+    """Turns Ctrl-C / SIGTERM inside the block into Interrupted (exit 3), saying what was saved where."""
     try:
-        check_ban_params(k_base=upper, k_min=k_min, lam=lam, beta=beta)
-    except ValueError as err:
-        raise BadSetting(f"Ban setting: {err} (flags --k-min, --lambda, --beta)") from None
+        yield
+    except KeyboardInterrupt:
+        raise Interrupted(f"{stage} stopped: {done()} of {total} {unit} finished and saved beside {out}; "
+                          "rerun the same command to resume") from None
+
+
+def check_ban_knobs(*, k_min: int = K_MIN, lam: float = LAM, beta: float = BETA, k_base: int | None = None) -> None:
+    """Raises a one-line BadSetting naming the flag unless Ban's knobs are valid: the rule every command uses
+    (K_min an integer in [1, K_base], lambda finite and >= 0, beta in [0, 1]; the routing core refuses the same).
+    Without k_base (before the model is known) K_min is only checked to be >= 1."""
+    number("--k-min", k_min, low=1, high=k_base, integer=True)
+    number("--lambda", lam, low=0)
+    number("--beta", beta, low=0, high=1)
 
 
 def command_line() -> str:

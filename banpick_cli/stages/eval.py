@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from banpick_cli.evaluation.harness import EvalOptions, MethodRun, require_answers, run_method, run_tasks
+from banpick_cli.checks import at_least, number, one_of
 from banpick_cli.errors import BadSetting, ProfileError
 from banpick_cli.models.loading import LoadedModel, load_model
 from banpick_cli.paths import DEMO_MODEL_NAME
@@ -61,24 +62,17 @@ class EvalSettings:
         for lam in self.lambdas:
             check_ban_knobs(lam=lam)
         for tau in self.taus:
-            if not 0 < tau <= 1:
-                raise BadSetting(f"--tau must be in (0, 1], got {tau}")
+            number("--tau", tau, low=0, high=1, low_open=True)
         if self.k_min is not None:
             check_ban_knobs(k_min=self.k_min)
-        if self.strategy is not None and self.strategy not in PICK_STRATEGIES:
-            raise BadSetting(f"--strategy must be one of {', '.join(PICK_STRATEGIES)}, got '{self.strategy}'")
-        if self.range_factor is not None and self.range_factor <= 0:
-            raise BadSetting(f"--range-factor must be > 0, got {self.range_factor}")
-        if self.calib_samples < 1:
-            raise BadSetting(f"--calib-samples must be >= 1, got {self.calib_samples}")
-        if not 0 <= self.odp_protect <= 1:
-            raise BadSetting(f"--odp-protect must be in [0, 1], got {self.odp_protect}")
-        if self.rice_factor <= 0:
-            raise BadSetting(f"--rice-factor must be > 0, got {self.rice_factor}")
-        if self.rice_top < 1:
-            raise BadSetting(f"--rice-top must be >= 1, got {self.rice_top}")
-        if self.repeats < 1:
-            raise BadSetting(f"--repeats must be >= 1, got {self.repeats}")
+        if self.strategy is not None:
+            one_of("--strategy", self.strategy, PICK_STRATEGIES)
+        if self.range_factor is not None:
+            number("--range-factor", self.range_factor, low=0, low_open=True)
+        at_least((("--calib-samples", self.calib_samples, 1), ("--rice-top", self.rice_top, 1),
+                  ("--repeats", self.repeats, 1)))
+        number("--odp-protect", self.odp_protect, low=0, high=1)
+        number("--rice-factor", self.rice_factor, low=0, low_open=True)
 
 
 @dataclass

@@ -21,8 +21,6 @@ candidate done. The profile is written once, at the end.
 from __future__ import annotations
 
 import copy
-import math
-import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -32,7 +30,8 @@ import torch
 from banpick_cli.passes.resume import Partial, Sidecar, run_fingerprint, terminate_as_interrupt
 from banpick_cli.stages.common import open_for_update, provenance
 from banpick_cli.evaluation.harness import EvalOptions, TaskRun, require_answers, run_tasks
-from banpick_cli.errors import BadSetting, BanpickError, ProfileError
+from banpick_cli.checks import at_least, domain_name, expert_choice, number, one_of
+from banpick_cli.errors import BanpickError, ProfileError
 from banpick_cli.models.loading import LoadedModel, load_model
 from banpick_cli.paths import DEMO_MODEL_NAME
 from banpick_cli.profile.format import RoutingProfile, ensure_writable, write_profile
@@ -65,24 +64,13 @@ class FailureProbeSettings:
     options: EvalOptions = field(default_factory=EvalOptions)
 
     def __post_init__(self) -> None:
-        if "/" in self.domain or not self.domain:
-            raise BadSetting(f"--domain must be a domain name, got '{self.domain}'")
-        if self.strategy not in STRATEGIES:
-            raise BadSetting(f"--strategy must be one of {', '.join(STRATEGIES)}, got '{self.strategy}'")
-        if not (self.range_factor > 0 and math.isfinite(self.range_factor)):
-            raise BadSetting(f"--range-factor must be > 0, got {self.range_factor}")
-        if self.candidates not in ("mask", "all") and not re.fullmatch(r"top-[1-9][0-9]*", self.candidates):
-            raise BadSetting(f"--candidates must be 'mask', 'all' or 'top-N' (N >= 1), got {self.candidates!r}")
-        if self.probe_top < 0:
-            raise BadSetting(f"--probe-top must be >= 0, got {self.probe_top}")
-        if self.min_fixed < 1:
-            raise BadSetting(f"--min-fixed must be >= 1, got {self.min_fixed}")
-        if not 0 <= self.kl_quantile <= 1:
-            raise BadSetting(f"--kl-quantile must be in [0, 1], got {self.kl_quantile}")
-        if self.max_per_layer < 1:
-            raise BadSetting(f"--max-per-layer must be >= 1, got {self.max_per_layer}")
-        if self.max_key < 0:
-            raise BadSetting(f"--max-key must be >= 0, got {self.max_key}")
+        domain_name(self.domain)
+        one_of("--strategy", self.strategy, STRATEGIES)
+        number("--range-factor", self.range_factor, low=0, low_open=True)
+        expert_choice("--candidates", self.candidates)
+        at_least((("--probe-top", self.probe_top, 0), ("--min-fixed", self.min_fixed, 1),
+                  ("--max-per-layer", self.max_per_layer, 1), ("--max-key", self.max_key, 0)))
+        number("--kl-quantile", self.kl_quantile, low=0, high=1)
 
 
 @dataclass
@@ -170,8 +158,8 @@ def forced_profile(profile: RoutingProfile, domain: str, layer: int, expert: int
     """Returns an in-memory copy of the profile whose only key expert in `domain` is (layer, expert)."""
     probe = copy.copy(profile)
     probe.tensors = dict(profile.tensors)
-    probe.settings = {**profile.settings, f"pick/{domain}": {"strategy": settings.strategy,
-                                                               "range_factor": settings.range_factor}}
+    probe.settings = dict(profile.settings)
+    probe.domain(domain).set_pick({"strategy": settings.strategy, "range_factor": settings.range_factor})
     key = torch.zeros(profile.shape, dtype=torch.bool)
     key[layer, expert] = True
     probe.domain(domain).put("key_experts", key)
@@ -267,16 +255,16 @@ def _store(prof: RoutingProfile, loaded: LoadedModel, settings: FailureProbeSett
     d = settings.domain
     prof.domain(d).put("accuracy_gain", accuracy_gain(fixed, len(failure_ids)))
     prof.domain(d).put("key_experts", key)
-    prof.settings[f"pick/{d}"] = {
+    prof.domain(d).set_pick({
         "strategy": settings.strategy,
         "range_factor": settings.range_factor,
         "failure_set": failure_ids,
         "task": task_set.name,
         "rule": {"min_fixed": settings.min_fixed, "kl_quantile": settings.kl_quantile, "kl_floor": floor,
                  "max_per_layer": settings.max_per_layer, "max_key": settings.max_key},
-    }
-    prof.provenance[f"failure-probe/{d}"] = provenance(
+    })
+    prof.record("failure-probe", d, provenance(
         "failure-probe", settings, loaded, dataset=task_set.source, split=f"offset {settings.offset}",
         samples=len(task_set.tasks), baseline_correct=baseline_correct, failures=len(failure_ids),
         candidates_probed=probed, key_experts=int(key.sum()), wall_s=round(wall, 3), seed=settings.options.seed,
-    )
+    ))

@@ -392,7 +392,7 @@ def run_import(settings: ImportSettings, *, model: str, out: str | Path) -> Impo
     name = settings.domain
     dropped = profile.domain(name).store_usage(usage.expert_counts, usage.token_counts, settings.rule)
     wall = time.perf_counter() - start
-    profile.provenance[f"profile/{name}"] = {
+    profile.record("profile", name, {
         "stage": "import-usage",
         "settings": asdict(settings),
         "dataset": f"{settings.engine} dump: " + ", ".join(Path(f).name for f in usage.files[:5])
@@ -409,6 +409,6 @@ def run_import(settings: ImportSettings, *, model: str, out: str | Path) -> Impo
         "device": "none (read from serving dumps)",
         "dtype": None,
         "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
+    })
     write_profile(profile, out)
     return ImportResult(profile, out, usage, dropped, wall)

@@ -8,7 +8,6 @@ B's, averaged over every real token position of the calibration set (reading 25)
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,10 +15,10 @@ from pathlib import Path
 import torch
 
 from banpick_cli.passes.resume import LayerCheckpoint, digest, mask_digest, previous_output, texts_digest
-from banpick_cli.stages.common import provenance
+from banpick_cli.stages.common import TextSettings, load_domain_text, provenance, resumable
 from banpick_cli.passes.kl import TOP_TOKENS, KLEngine, LayerPlan, RouteVariant
-from banpick_cli.stages.profile import load_domain_text
-from banpick_cli.errors import BadSetting, Interrupted, ProfileError
+from banpick_cli.checks import at_least, expert_choice, number, one_of
+from banpick_cli.errors import ProfileError
 from banpick_cli.models.loading import LoadedModel, load_model
 from banpick_cli.paths import DEMO_MODEL_NAME
 from banpick_cli.profile.format import RoutingProfile, check_fingerprint, ensure_writable, read_profile, write_profile
@@ -46,12 +45,9 @@ class KeyExpertRule:
     min_kl: float = 0.0
 
     def __post_init__(self) -> None:
-        if not self.factor > 0:
-            raise BadSetting(f"--key-factor must be > 0, got {self.factor}")
-        if self.top < 0:
-            raise BadSetting(f"--key-top must be >= 0, got {self.top}")
-        if not self.min_kl >= 0:
-            raise BadSetting(f"--key-min-kl must be >= 0, got {self.min_kl}")
+        number("--key-factor", self.factor, low=0, low_open=True)
+        number("--key-top", self.top, low=0, integer=True)
+        number("--key-min-kl", self.min_kl, low=0)
 
     def choose(self, kl: torch.Tensor) -> torch.Tensor:
         """Returns the key experts (bool [moe_layers, experts]) given KL with NaN where not scanned."""
@@ -87,16 +83,9 @@ def _median(x: torch.Tensor) -> float:
 
 
 @dataclass(frozen=True)
-class KLScanSettings:
+class KLScanSettings(TextSettings):
     """Settings of one `kl-scan` run; recorded verbatim in the profile's provenance."""
 
-    domain: str
-    data: str | None = None
-    text_field: str | None = None
-    samples: int = 128
-    seq_len: int = 256
-    batch_size: int = 8
-    seed: int = 0
     candidates: str = "mask"  # "mask" (the profile's candidates) | "top-N" (N most used per layer) | "all"
     top_tokens: int = TOP_TOKENS
     prune: str = "refill"  # reading 26; "drop": K_base - 1 for tokens that chose the expert
@@ -107,15 +96,11 @@ class KLScanSettings:
     key_min_kl: float = 0.0
 
     def __post_init__(self) -> None:
-        for flag, value, low in (("--samples", self.samples, 1), ("--seq-len", self.seq_len, 2),
-                                 ("--batch-size", self.batch_size, 1), ("--top-tokens", self.top_tokens, 1),
-                                 ("--stack", self.stack, 0), ("--hidden-cache-mb", self.hidden_cache_mb, 0)):
-            if value < low:
-                raise BadSetting(f"{flag} must be >= {low}, got {value}")
-        if self.prune not in PRUNE_MODES:
-            raise BadSetting(f"--prune must be one of {', '.join(PRUNE_MODES)}, got {self.prune!r}")
-        if self.candidates not in ("mask", "all") and not re.fullmatch(r"top-[1-9][0-9]*", self.candidates):
-            raise BadSetting(f"--candidates must be 'mask', 'all' or 'top-N' (N >= 1), got {self.candidates!r}")
+        super().__post_init__()
+        at_least((("--top-tokens", self.top_tokens, 1), ("--stack", self.stack, 0),
+                  ("--hidden-cache-mb", self.hidden_cache_mb, 0)))
+        one_of("--prune", self.prune, PRUNE_MODES)
+        expert_choice("--candidates", self.candidates)
         self.key_rule  # validates the key-expert knobs
 
     @property
@@ -225,14 +210,13 @@ def run_kl_scan(
     engine = KLEngine(loaded, text.texts, seq_len=settings.seq_len, batch_size=settings.batch_size,
                       top_tokens=settings.top_tokens, stack=settings.stack,
                       hidden_cache_mb=settings.hidden_cache_mb, progress=progress)
-    stage = f"kl-scan/{domain.name}"
-    run = digest(dict(stage=stage, model=loaded.fingerprint, data=texts_digest(text.texts), seq_len=settings.seq_len,
+    run = digest(dict(stage=f"kl-scan/{domain.name}", model=loaded.fingerprint, data=texts_digest(text.texts), seq_len=settings.seq_len,
                        top_tokens=engine.top_tokens, prune=settings.prune, experts=mask_digest(scanned),
                        dtype=str(next(loaded.model.parameters()).dtype)))
     empty = torch.full(prof.shape, float("nan"), dtype=torch.float32)
     checkpoint = LayerCheckpoint(out, "kl-scan", domain.name, run, empty, restart=restart)
     layers = scanned.any(dim=1).nonzero().flatten().tolist()
-    finished = None if restart else _finished(previous or prof, stage, run, domain.name)
+    finished = None if restart else _finished(previous or prof, run, domain.name)
     if finished is not None:  # the same scan already completed: nothing to recompute
         checkpoint.values, checkpoint.done = finished.clone(), layers
     resumed = len(checkpoint.done)
@@ -246,13 +230,8 @@ def run_kl_scan(
         checkpoint.save(position, row)
 
     start = time.perf_counter()
-    try:
+    with resumable("kl-scan", out, lambda: len(checkpoint.done), len(layers)):
         engine.run(plans, on_layer=save)
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"kl-scan stopped: {len(checkpoint.done)} of {len(layers)} layers finished and saved in {out}; "
-            "rerun the same command to resume"
-        ) from None
     wall = time.perf_counter() - start
 
     kl = checkpoint.values.masked_fill(~scanned, float("nan"))
@@ -262,18 +241,18 @@ def run_kl_scan(
     prof.domain(domain.name).settings["key_experts"] = {
         "rule": asdict(settings.key_rule), "source": "kl-scan", "prune": settings.prune, "top_tokens": engine.top_tokens,
     }
-    old = prof.provenance.get(stage, {})
+    old = prof.recorded("kl-scan", domain.name)
     facts = dict(dataset=text.source, split=text.split, samples=len(text.texts), seq_len=settings.seq_len, seed=settings.seed,
                  tokens=engine.tokens, wall_s=round(wall, 3) if plans else old.get("wall_s"))
-    prof.provenance[stage] = provenance("kl-scan", settings, loaded, **facts, run=run, top_tokens=engine.top_tokens,
-                                        experts_scanned=int(scanned.sum()), layers_resumed=resumed)
+    prof.record("kl-scan", domain.name, provenance("kl-scan", settings, loaded, **facts, run=run, top_tokens=engine.top_tokens,
+                                                   experts_scanned=int(scanned.sum()), layers_resumed=resumed))
     write_profile(prof, out)
     checkpoint.finish()
     return KLScanResult(prof, out, domain.name, kl, key, resumed, len(plans), engine.tokens, wall, engine.notes)
 
 
-def _finished(prof: RoutingProfile, stage: str, run: str, domain: str) -> torch.Tensor | None:
+def _finished(prof: RoutingProfile, run: str, domain: str) -> torch.Tensor | None:
     """Returns the stored KL of a completed run with this identity, else None."""
-    if prof.provenance.get(stage, {}).get("run") == run:
+    if prof.recorded("kl-scan", domain).get("run") == run:
         return prof.domain(domain).find("kl")
     return None

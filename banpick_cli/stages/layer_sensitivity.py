@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 
 from banpick_cli.passes.resume import LayerCheckpoint, digest, previous_output, texts_digest
-from banpick_cli.stages.common import check_ban_knobs, open_for_update, provenance
+from banpick_cli.stages.common import TextSettings, check_ban_knobs, load_domain_text, open_for_update, provenance, resumable
 from banpick_cli.passes.kl import TOP_TOKENS, KLEngine, LayerPlan, RouteVariant
-from banpick_cli.stages.profile import load_domain_text
-from banpick_cli.errors import BadSetting, Interrupted
+from banpick_cli.checks import at_least, number, one_of
+from banpick_cli.errors import BadSetting
 from banpick_cli.models.loading import LoadedModel, load_model
 from banpick_cli.paths import DEMO_MODEL_NAME
 from banpick_cli.profile.format import RoutingProfile, ensure_writable, read_profile, write_profile
@@ -32,16 +32,10 @@ RATIO_SCOPES = ("layer", "pooled")  # as the runtime reads it (runtime/plan.py)
 
 
 @dataclass(frozen=True)
-class LayerSensitivitySettings:
+class LayerSensitivitySettings(TextSettings):
     """Settings of one `layer-sensitivity` run; recorded verbatim in the profile's provenance."""
 
-    domain: str | None = None  # whose calibration text; default: the profile's only domain
-    data: str | None = None
-    text_field: str | None = None
-    samples: int = 128
-    seq_len: int = 256
-    batch_size: int = 8
-    seed: int = 0
+    # domain: whose calibration text; default: the profile's only domain
     k_min: int = K_MIN
     lam: float = LAM  # --lambda
     beta: float = BETA
@@ -53,19 +47,14 @@ class LayerSensitivitySettings:
     hidden_cache_mb: int = 2048
 
     def __post_init__(self) -> None:
-        for flag, value, low in (("--samples", self.samples, 1), ("--seq-len", self.seq_len, 2),
-                                 ("--batch-size", self.batch_size, 1), ("--top-tokens", self.top_tokens, 1),
-                                 ("--k-min", self.k_min, 1), ("--ratio-bins", self.ratio_bins, 1),
-                                 ("--hidden-cache-mb", self.hidden_cache_mb, 0)):
-            if value < low:
-                raise BadSetting(f"{flag} must be >= {low}, got {value}")
-        if self.ratio_k_num is not None and self.ratio_k_num < 1:
-            raise BadSetting(f"--ratio-k-num must be >= 1, got {self.ratio_k_num}")
+        super().__post_init__()
+        at_least((("--top-tokens", self.top_tokens, 1), ("--ratio-bins", self.ratio_bins, 1),
+                  ("--hidden-cache-mb", self.hidden_cache_mb, 0)))
+        if self.ratio_k_num is not None:
+            number("--ratio-k-num", self.ratio_k_num, low=1, integer=True)
         check_ban_knobs(k_min=self.k_min, lam=self.lam, beta=self.beta)
-        if not 0 <= self.ratio_percentile < 50:
-            raise BadSetting(f"--ratio-percentile must be in [0, 50), got {self.ratio_percentile}")
-        if self.ratio_scope not in RATIO_SCOPES:
-            raise BadSetting(f"--ratio-scope must be one of {', '.join(RATIO_SCOPES)}, got {self.ratio_scope!r}")
+        number("--ratio-percentile", self.ratio_percentile, low=0, high=50, high_open=True)
+        one_of("--ratio-scope", self.ratio_scope, RATIO_SCOPES)
 
     @property
     def k_num(self) -> int:
@@ -201,7 +190,7 @@ def run_layer_sensitivity(
     empty = torch.full((prof.shape[0],), float("nan"), dtype=torch.float32)
     checkpoint = LayerCheckpoint(out, stage, "", run, empty, restart=restart)
     done_before = previous or prof
-    if not restart and done_before.provenance.get(stage, {}).get("run") == run and done_before.ban.has("layer_kl"):
+    if not restart and done_before.recorded(stage).get("run") == run and done_before.ban.has("layer_kl"):
         checkpoint.values, checkpoint.done = done_before.ban.layer_kl.clone(), list(range(prof.shape[0]))
     resumed = len(checkpoint.done)
     specs = loaded.router_specs()
@@ -209,13 +198,8 @@ def run_layer_sensitivity(
     ratios = RatioStats(specs, settings.k_num, k_base, settings.ratio_bins, keep_values=settings.ratio_percentile > 0)
 
     start = time.perf_counter()
-    try:
+    with resumable(stage, out, lambda: len(checkpoint.done), prof.shape[0]):
         engine.run(plans, observers=[ratios], on_layer=lambda position, kl: checkpoint.save(position, kl.float()))
-    except KeyboardInterrupt:
-        raise Interrupted(
-            f"layer-sensitivity stopped: {len(checkpoint.done)} of {prof.shape[0]} layers finished and saved in {out}; "
-            "rerun the same command to resume"
-        ) from None
     wall = time.perf_counter() - start
 
     w = checkpoint.values.clone()
@@ -231,11 +215,11 @@ def run_layer_sensitivity(
         "top_tokens": engine.top_tokens,
     }
     prof.ban.set_settings(ban)
-    prof.provenance[stage] = provenance(
+    prof.record(stage, None, provenance(
         stage, settings, loaded, dataset=text.source, split=text.split, samples=len(text.texts), tokens=engine.tokens,
         seq_len=settings.seq_len, seed=settings.seed, wall_s=round(wall, 3), run=run, top_tokens=engine.top_tokens,
         layers_resumed=resumed,
-    )
+    ))
     write_profile(prof, out)
     checkpoint.finish()
     return LayerSensitivityResult(prof, out, domain.name, w, sensitivity, r_min, r_max, ratios.hist, ban, resumed,

@@ -11,11 +11,11 @@ from typing import Any
 import torch
 
 from banpick_cli.passes.resume import Sidecar, run_fingerprint, texts_digest
-from banpick_cli.stages.common import open_for_update, provenance
+from banpick_cli.stages.common import TextSettings, load_domain_text, open_for_update, provenance
 from banpick_cli.passes.distributed import Dist, init_from_env
 from banpick_cli.passes.usage import UsageCounts, count_usage
 from banpick_cli.passes.usage_pass import RunOptions, count_usage_pass
-from banpick_cli.data import CalibrationText, Domain, get_domain, load_calibration_text
+from banpick_cli.data import CalibrationText, Domain
 from banpick_cli.errors import BadSetting
 from banpick_cli.models.loading import LoadedModel, load_model, resolve_device
 from banpick_cli.paths import DEMO_MODEL_NAME
@@ -27,26 +27,16 @@ from banpick_cli.progress import ProgressFn, silent
 
 
 @dataclass(frozen=True)
-class ProfileSettings:
+class ProfileSettings(TextSettings):
     """Settings of one `profile` run; recorded verbatim in the profile's provenance."""
 
-    domain: str
-    data: str | None = None
-    text_field: str | None = None
     samples: int = 256
     seq_len: int = 512
-    batch_size: int = 8
-    seed: int = 0
     candidate_ratio: float = 2.0
     candidate_top: int = 0
 
     def __post_init__(self) -> None:
-        if self.samples < 1:
-            raise BadSetting(f"--samples must be >= 1, got {self.samples}")
-        if self.seq_len < 2:
-            raise BadSetting(f"--seq-len must be >= 2, got {self.seq_len}")
-        if self.batch_size < 1:
-            raise BadSetting(f"--batch-size must be >= 1, got {self.batch_size}")
+        super().__post_init__()
         self.rule  # validates the candidate knobs
 
     @property
@@ -73,19 +63,6 @@ class ProfileResult:
     def tokens_per_s(self) -> float:
         return self.usage.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
-
-def load_domain_text(settings: ProfileSettings, *, model: str) -> tuple[Domain, CalibrationText]:
-    """Returns the domain and its calibration text (the demo model defaults to the embedded data)."""
-    domain = get_domain(settings.domain)
-    text = load_calibration_text(
-        domain,
-        settings.data,
-        samples=settings.samples,
-        seed=settings.seed,
-        text_field=settings.text_field,
-        use_embedded=model == DEMO_MODEL_NAME,
-    )
-    return domain, text
 
 
 def profile_domain(
@@ -119,7 +96,7 @@ def store_usage(
     """Stores a domain's counts, candidates and provenance in `profile`; returns the stale tensors it dropped."""
     name = domain.name
     dropped = profile.domain(name).store_usage(usage.expert_counts, usage.token_counts, settings.rule)
-    profile.provenance[f"profile/{name}"] = provenance(
+    profile.record("profile", name, provenance(
         "profile",
         settings,
         loaded,
@@ -131,7 +108,7 @@ def store_usage(
         seed=settings.seed,
         wall_s=round(wall, 3),
         **facts,
-    )
+    ))
     return dropped
 
 
