@@ -100,25 +100,12 @@ class MethodRun:
         """Returns the experts actually run per token, averaged over every MoE layer and token."""
         return self.experts / self.routed if self.routed else 0.0
 
-    @property
-    def tokens(self) -> int:
-        return sum(r.tokens for r in self.runs.values())
-
-    @property
-    def seconds(self) -> float:
-        return sum(r.seconds for r in self.runs.values())
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-    @property
-    def positions(self) -> int:
-        return sum(r.positions for r in self.runs.values())
-
-    @property
-    def positions_per_s(self) -> float:
-        return self.positions / self.seconds if self.seconds > 0 else 0.0
+    # Totals over the task sets, and rates over the total seconds.
+    tokens = property(lambda self: sum(r.tokens for r in self.runs.values()))
+    seconds = property(lambda self: sum(r.seconds for r in self.runs.values()))
+    positions = property(lambda self: sum(r.positions for r in self.runs.values()))
+    tokens_per_s = property(lambda self: self.tokens / self.seconds if self.seconds > 0 else 0.0)
+    positions_per_s = property(lambda self: self.positions / self.seconds if self.seconds > 0 else 0.0)
 
 
 def render_prompt(tokenizer, prompt: str, chat: str) -> str:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from fractions import Fraction
+
+from banpick_cli.tasks.math_equiv import as_number, math_equal
 
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -39,27 +40,16 @@ def extract_math_answer(text: str) -> str | None:
     return numbers[-1] if numbers else None
 
 
-def parse_number(text: str) -> Fraction | None:
-    """Returns the exact value of "1,234", "-3.5", "7/2" or "$12." as a Fraction, or None."""
-    cleaned = text.strip().strip("$").rstrip(".").replace(",", "").replace(" ", "")
-    try:
-        return Fraction(cleaned)
-    except (ValueError, ZeroDivisionError):
-        return None
-
-
 def numbers_equal(predicted: str | None, expected: str) -> bool:
     """Returns whether two numeric strings have the same value ("12" == "12.0" == "24/2")."""
     if predicted is None:
         return False
-    a, b = parse_number(predicted), parse_number(expected)
+    a, b = as_number(predicted), as_number(expected)
     return a is not None and b is not None and a == b
 
 
 def score_math(completion: str, answer: str) -> tuple[bool, str | None]:
     """Returns (correct, extracted answer) for a math completion (numeric or normalised-LaTeX equality)."""
-    from banpick_cli.tasks.math_equiv import math_equal
-
     predicted = extract_math_answer(completion)
     return math_equal(predicted, answer), predicted
 
