@@ -19,6 +19,7 @@ from banpick_cli.checks import at_least, number
 from banpick_cli.errors import BadSetting, Interrupted, ProfileError
 from banpick_cli.routing import BETA, K_MIN, LAM
 from banpick_cli.models.loading import LoadedModel
+from banpick_cli.profile.stats import CandidateRule
 from banpick_cli.profile.format import RoutingProfile, check_fingerprint, new_profile, read_metadata, read_profile
 
 
@@ -37,6 +38,24 @@ class TextSettings:
     def __post_init__(self) -> None:
         at_least((("--samples", self.samples, 1), ("--seq-len", self.seq_len, 2), ("--batch-size", self.batch_size, 1),
                   ("--seed", self.seed, 0)))
+
+
+class CandidateKnobs:
+    """The candidate rule's two flags (--candidate-ratio, --candidate-top), shared by profile and import-usage;
+    validated after the settings' own checks."""
+
+    candidate_ratio: float
+    candidate_top: int
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+        self.rule  # validates the candidate knobs
+
+    @property
+    def rule(self) -> CandidateRule:
+        return CandidateRule(self.candidate_ratio, self.candidate_top)
 
 
 def load_domain_text(settings: TextSettings, *, model: str):

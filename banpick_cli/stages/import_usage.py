@@ -26,20 +26,19 @@ from typing import Any, Iterable, Iterator
 
 import torch
 
-from banpick_cli.stages.common import command_line
+from banpick_cli.stages.common import CandidateKnobs, command_line
 from banpick_cli.checks import domain_name, number, one_of
 from banpick_cli.errors import BadSetting, DataError
 from banpick_cli.profile.fingerprint import router_fingerprint
 from banpick_cli.profile.identity import ModelIdentity
 from banpick_cli.profile.format import RoutingProfile, check_fingerprint, ensure_writable, new_profile, read_profile, write_profile
-from banpick_cli.profile.stats import CandidateRule
 
 ENGINES = ("sglang", "vllm")
 SGLANG_DEFAULT_BUFFER = 1000  # --expert-distribution-recorder-buffer-size: a circular buffer of forward passes
 
 
 @dataclass(frozen=True)
-class ImportSettings:
+class ImportSettings(CandidateKnobs):
     """Settings of one `import-usage` run; recorded verbatim in the profile's provenance."""
 
     engine: str
@@ -55,11 +54,7 @@ class ImportSettings:
         if not self.files:
             raise BadSetting("give at least one dump file or folder")
         number("--replicas", self.replicas, low=1, integer=True)
-        self.rule  # validates the candidate knobs
-
-    @property
-    def rule(self) -> CandidateRule:
-        return CandidateRule(self.candidate_ratio, self.candidate_top)
+        super().__post_init__()
 
 
 @dataclass

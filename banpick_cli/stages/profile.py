@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from banpick_cli.passes.resume import Sidecar, run_fingerprint, texts_digest
-from banpick_cli.stages.common import TextSettings, load_domain_text, open_for_update, provenance
+from banpick_cli.stages.common import CandidateKnobs, TextSettings, load_domain_text, open_for_update, provenance
 from banpick_cli.passes.distributed import Dist, init_from_env
 from banpick_cli.passes.usage import UsageCounts, count_usage
 from banpick_cli.passes.usage_pass import RunOptions, count_usage_pass
@@ -20,28 +20,19 @@ from banpick_cli.errors import BadSetting
 from banpick_cli.models.loading import LoadedModel, load_model, resolve_device
 from banpick_cli.paths import DEMO_MODEL_NAME
 from banpick_cli.profile.format import RoutingProfile, ensure_writable, write_profile
-from banpick_cli.profile.stats import CandidateRule
 from banpick_cli.progress import ProgressFn, silent
 
 # Stage results computed from a domain's usage; stale once its counts change.
 
 
 @dataclass(frozen=True)
-class ProfileSettings(TextSettings):
+class ProfileSettings(CandidateKnobs, TextSettings):
     """Settings of one `profile` run; recorded verbatim in the profile's provenance."""
 
     samples: int = 256
     seq_len: int = 512
     candidate_ratio: float = 2.0
     candidate_top: int = 0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        self.rule  # validates the candidate knobs
-
-    @property
-    def rule(self) -> CandidateRule:
-        return CandidateRule(self.candidate_ratio, self.candidate_top)
 
 
 @dataclass
