@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from banpick_cli.models.base import MoEAdapter
@@ -72,7 +73,7 @@ class DeepseekV2Adapter(MoEAdapter):
             scoring="softmax",
             renormalize=False,
             routed_scaling_factor=float(config.routed_scaling_factor),
-            topk_method=config.topk_method,
+            topk_method=getattr(config, "topk_method", "greedy"),  # V3 configs have none: set below
             n_group=int(config.n_group or 1),
             topk_group=int(config.topk_group or 1),
         )
@@ -86,13 +87,6 @@ class DeepseekV3Adapter(DeepseekV2Adapter):
     family = "DeepSeek-V3"
 
     def routing_config(self, config: Any) -> RouterSpec:
-        return RouterSpec(
-            num_experts=config.n_routed_experts,
-            top_k=config.num_experts_per_tok,
-            scoring="sigmoid",
-            renormalize=bool(config.norm_topk_prob),
-            routed_scaling_factor=float(config.routed_scaling_factor),
-            topk_method="noaux_tc",
-            n_group=int(config.n_group or 1),
-            topk_group=int(config.topk_group or 1),
-        )
+        # DeepSeek-V2's router with sigmoid scores, the bias-corrected group choice and optional renorm.
+        return replace(super().routing_config(config), scoring="sigmoid", renormalize=bool(config.norm_topk_prob),
+                       topk_method="noaux_tc")
