@@ -19,16 +19,18 @@ MaxNewOpt = typer.Option(None, "--max-new-tokens", help="Generation limit (defau
 McOpt = typer.Option("generate", "--mc-scoring", help="Multiple choice: generate (extract the letter) or loglik (most probable option).")
 ChatOpt = typer.Option("auto", "--chat", help="Wrap prompts in the tokenizer's chat template: auto (when it has one), on, off.")
 CodeTimeoutOpt = typer.Option(5.0, "--code-timeout", help="Seconds each code task's tests may run in the sandbox.")
+UnsafeCodeOpt = typer.Option(False, "--allow-unsafe-code", help="Where the system forbids the namespaces that isolate model-written code, run it anyway with only rlimits (unsafe: it can write files and leave processes).")
 ClockOpt = typer.Option("wall", "--clock", help="Time generation by wall clock, or by this process's CPU time (cpu: steady on a shared CPU; not for GPUs).")
 LimitOpt = typer.Option(None, "--limit", help="Use at most N tasks.")
 OffsetOpt = typer.Option(0, "--offset", help="Skip the first N tasks (e.g. probe on one half, eval on the other).")
 
 
-def _options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout, clock="wall"):
+def _options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout, unsafe_code, clock="wall"):
     from banpick_cli.evaluation.harness import EvalOptions
 
     return EvalOptions(batch_size=batch_size, sampling=sampling, seed=seed, max_new_tokens=max_new_tokens,
-                       mc_scoring=mc_scoring, chat=chat, code_timeout_s=code_timeout, clock=clock)
+                       mc_scoring=mc_scoring, chat=chat, code_timeout_s=code_timeout, allow_unsafe_code=unsafe_code,
+                       clock=clock)
 
 
 def _floats(text: Optional[str], flag: str) -> tuple[float, ...]:
@@ -70,6 +72,7 @@ def failure_probe(
     mc_scoring: str = McOpt,
     chat: str = ChatOpt,
     code_timeout: float = CodeTimeoutOpt,
+    unsafe_code: bool = UnsafeCodeOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
     show_progress: bool = ProgressOpt,
@@ -81,7 +84,7 @@ def failure_probe(
     settings = FailureProbeSettings(
         domain=domain, task=task, limit=limit, offset=offset, strategy=strategy, range_factor=range_factor,
         candidates=candidates, probe_top=probe_top, min_fixed=min_fixed, kl_quantile=kl_quantile, max_per_layer=max_per_layer,
-        max_key=max_key, options=_options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout),
+        max_key=max_key, options=_options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout, unsafe_code),
     )
     with progress_bar(show_progress and not as_json, "failure-probe") as progress:
         result = run_failure_probe(settings, profile=profile, model=model, device=device, dtype=dtype, progress=progress)
@@ -149,6 +152,7 @@ def evaluate(
     mc_scoring: str = McOpt,
     chat: str = ChatOpt,
     code_timeout: float = CodeTimeoutOpt,
+    unsafe_code: bool = UnsafeCodeOpt,
     clock: str = ClockOpt,
     repeats: int = typer.Option(1, "--repeats", help="Timing passes, interleaved over methods; tokens/s is each method's median."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the table as JSON to this file."),
@@ -160,6 +164,7 @@ def evaluate(
     """Accuracy, Avg-TopK, tokens/s and speed ratio of routing methods on task sets (the paper's Tables 2-3)."""
     import json
 
+    from banpick_cli.outputs import check_output, write_text_atomic
     from banpick_cli.stages.eval import EvalSettings, run_eval
 
     settings = EvalSettings(
@@ -167,13 +172,15 @@ def evaluate(
         taus=_floats(tau, "--tau"), strategy=strategy, range_factor=range_factor, limit=limit, offset=offset,
         calib_data=calib_data, calib_samples=calib_samples, odp_protect=odp_protect,
         rice_markers=_names(rice_markers or ""), rice_factor=rice_factor, rice_top=rice_top, repeats=repeats,
-        options=_options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout, clock),
+        options=_options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout, unsafe_code, clock),
     )
+    if out is not None:  # before the run, not after it
+        check_output(out, kind="file", inputs=[profile] if profile else ())
     with progress_bar(show_progress and not as_json, "eval") as progress:
         report = run_eval(settings, model=model, profile=profile, device=device, dtype=dtype, progress=progress)
     data = report.to_dict()
     if out is not None:
-        out.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        write_text_atomic(out, json.dumps(data, indent=2, sort_keys=True) + "\n")
     if as_json:
         print_json(data)
         return

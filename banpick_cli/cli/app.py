@@ -144,15 +144,9 @@ def merge(
     as_json: bool = JsonOpt,
 ) -> None:
     """Merge profiles of one model: add usage counts of shared domains (data shards), union the rest."""
-    from banpick_cli.errors import BadSetting
-    from banpick_cli.profile import merge_profiles, read_profile, write_profile
-    from banpick_cli.profile.format import ensure_writable
+    from banpick_cli.profile.merge import merge_files
 
-    if len(inputs) < 2:
-        raise BadSetting("merge needs at least two profiles")
-    ensure_writable(out)
-    merged = merge_profiles([read_profile(p) for p in inputs], names=[str(p) for p in inputs])
-    write_profile(merged, out)
+    merged = merge_files(inputs, out)
     if as_json:
         print_json({"profile": str(out), "domains": merged.domains(), "inputs": [str(p) for p in inputs]})
         return

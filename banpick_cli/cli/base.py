@@ -8,6 +8,7 @@ EXIT_CODES = "Exit codes: 0 done, 1 user error (bad input, wrong model, missing 
 
 app = typer.Typer(
     name="banpick",
+    context_settings={"help_option_names": ["-h", "--help"]},
     help=f"Calibrate Mixture-of-Experts routing after training (Ban&Pick) and write routing profiles.\n\n{EXIT_CODES}",
     no_args_is_help=True,
     add_completion=False,
@@ -20,3 +21,18 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (off for CI logs).")
 JsonOpt = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of tables.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from banpick_cli import __version__
+
+        typer.echo(f"banpick {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Calibrate Mixture-of-Experts routing after training (Ban&Pick) and write routing profiles."""

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import functools
+import os
 import json
 import sys
 from contextlib import contextmanager
@@ -33,6 +35,14 @@ def handle_errors(func: Callable) -> Callable:
         except KeyboardInterrupt:
             err_console.print("interrupted: finished work is saved; rerun the same command to resume")
             raise typer.Exit(EXIT_INTERRUPTED) from None
+        except OSError as err:
+            # A safety net for writes the library did not route through outputs.py: a full disk, a quota, a
+            # read-only or forbidden folder is the user's to fix, and deserves one line, not a traceback.
+            if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            where = f" {err.filename}" if err.filename else ""
+            err_console.print(f"[bold red]error:[/] cannot write{where}: {err.strerror}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -58,13 +68,20 @@ def _quiet_libraries() -> None:
 
 @contextmanager
 def progress_bar(enabled: bool, description: str) -> Iterator[Callable]:
-    """Yields a library progress callback drawn as a Rich bar with tokens/s and ETA (or a no-op)."""
+    """Yields a library progress callback: a Rich bar with tokens/s and ETA on a terminal; in a log (CI, a
+    pipe) a plain line about every 30 s (BANPICK_PROGRESS_EVERY seconds), so a long run shows it is alive;
+    nothing when disabled (--no-progress, --json)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from banpick_cli.progress import ProgressEvent
+    from banpick_cli.progress import PlainProgress, ProgressEvent
 
-    if not enabled or not sys.stderr.isatty() and not console.is_terminal:
+    if not enabled:
         yield lambda event: None
+        return
+    if not sys.stderr.isatty() and not err_console.is_terminal:
+        every = float(os.environ.get("BANPICK_PROGRESS_EVERY", "30"))
+        yield PlainProgress(lambda line: err_console.print(line, highlight=False, soft_wrap=True),
+                            label=description, every=every)
         return
     columns = (
         TextColumn("[bold]{task.description}"),

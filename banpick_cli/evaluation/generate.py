@@ -144,8 +144,10 @@ def _generated_length(ids: list[int], stop: set[int]) -> int:
 
 def score_tasks(
     tasks: Sequence[Task], completions: Sequence[str], *, code_timeout_s: float = 5.0, workers: int = 2,
+    allow_unsafe_code: bool = False,
 ) -> list[TaskOutcome]:
-    """Returns each task's outcome for its completion; code runs against its unit tests in a sandbox."""
+    """Returns each task's outcome for its completion; code runs against its unit tests in a sandbox
+    (tasks/sandbox.py; without kernel isolation only when `allow_unsafe_code`)."""
 
     def score(pair: tuple[Task, str]) -> TaskOutcome:
         task, completion = pair
@@ -159,7 +161,7 @@ def score_tasks(
             # a body under the prompt's signature, or the whole function written out
             answered = bool(code_body(completion).strip()) or f"def {task.entry_point}" in completion
             program = code_program(task.prompt, completion, task.tests, task.entry_point)
-            result = run_tests(program, timeout_s=code_timeout_s)
+            result = run_tests(program, timeout_s=code_timeout_s, allow_unsafe=allow_unsafe_code)
             correct, predicted = result.passed, result.status
         return TaskOutcome(task.id, task.domain, task.kind, correct, predicted, completion, answered)
 
@@ -169,14 +171,14 @@ def score_tasks(
 
 def evaluate_tasks(
     model, tokenizer, tasks: Sequence[Task], *, max_new_tokens: int = 64, batch_size: int = 16,
-    code_timeout_s: float = 5.0, progress: ProgressFn = silent,
+    code_timeout_s: float = 5.0, allow_unsafe_code: bool = False, progress: ProgressFn = silent,
 ) -> list[TaskOutcome]:
     """Returns one outcome per task, in task order, from batched greedy generation with the KV cache."""
     completions = generate_completions(
         model, tokenizer, [t.prompt for t in tasks], max_new_tokens=max_new_tokens, batch_size=batch_size,
         progress=progress,
     )
-    return score_tasks(tasks, completions, code_timeout_s=code_timeout_s)
+    return score_tasks(tasks, completions, code_timeout_s=code_timeout_s, allow_unsafe_code=allow_unsafe_code)
 
 
 def accuracy(outcomes: Sequence[TaskOutcome]) -> float:

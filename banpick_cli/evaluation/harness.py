@@ -36,6 +36,7 @@ class EvalOptions:
     mc_scoring: str = "generate"
     chat: str = "auto"
     code_timeout_s: float = 5.0
+    allow_unsafe_code: bool = False  # code tasks without kernel isolation where the system forbids it
     clock: str = "wall"
 
     def __post_init__(self) -> None:
@@ -132,6 +133,15 @@ def clock_of(options: EvalOptions):
     return time.process_time if options.clock == "cpu" else time.perf_counter
 
 
+def check_code_sandbox(task_sets: list[TaskSet], options: EvalOptions) -> None:
+    """Raises SandboxUnavailable before any generation when code tasks could not run isolated and the
+    caller did not opt in to unsafe runs."""
+    from banpick_cli.tasks.sandbox import require_sandbox
+
+    if any(t.kind == "code" for task_set in task_sets for t in task_set.tasks):
+        require_sandbox(options.allow_unsafe_code)
+
+
 def run_tasks(
     loaded: LoadedModel, task_set: TaskSet, options: EvalOptions, *, tasks: Sequence[Task] | None = None,
     progress: ProgressFn = silent,
@@ -145,7 +155,8 @@ def run_tasks(
     gen = generate(loaded.model, tok, prompts, max_new_tokens=options.max_new_tokens or task_set.max_new_tokens,
                    batch_size=options.batch_size, sampling=sampling_for(loaded, options), progress=progress,
                    clock=clock_of(options))
-    outcomes = score_tasks(chosen, gen.texts, code_timeout_s=options.code_timeout_s)
+    outcomes = score_tasks(chosen, gen.texts, code_timeout_s=options.code_timeout_s,
+                           allow_unsafe_code=options.allow_unsafe_code)
     return TaskRun(task_set.name, outcomes, gen.tokens, gen.seconds, gen.positions)
 
 

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from banpick_cli.evaluation.harness import EvalOptions, MethodRun, require_answers, run_method, run_tasks
+from banpick_cli.evaluation.harness import EvalOptions, check_code_sandbox, MethodRun, require_answers, run_method, run_tasks
 from banpick_cli.checks import at_least, number, one_of
 from banpick_cli.errors import BadSetting, ProfileError
 from banpick_cli.models.loading import LoadedModel, load_model
@@ -150,6 +150,7 @@ def run_eval(
 
     start = time.perf_counter()
     task_sets = _distinct([load_task_set(spec, limit=settings.limit, offset=settings.offset) for spec in settings.tasks])
+    check_code_sandbox(task_sets, settings.options)
     if profile is None and any(m in PROFILE_METHODS for m in settings.methods):
         needing = [m for m in settings.methods if m in PROFILE_METHODS]
         raise ProfileError(f"method(s) {', '.join(needing)} need a routing profile: pass --profile "

@@ -29,7 +29,7 @@ import torch
 
 from banpick_cli.passes.resume import Partial, Sidecar, run_fingerprint, terminate_as_interrupt
 from banpick_cli.stages.common import open_for_update, provenance
-from banpick_cli.evaluation.harness import EvalOptions, TaskRun, require_answers, run_tasks
+from banpick_cli.evaluation.harness import EvalOptions, check_code_sandbox, TaskRun, require_answers, run_tasks
 from banpick_cli.checks import at_least, domain_name, expert_choice, number, one_of
 from banpick_cli.errors import BanpickError, ProfileError
 from banpick_cli.models.loading import LoadedModel, load_model
@@ -189,6 +189,7 @@ def run_failure_probe(
         raise ProfileError(f"profile not found: {path}; run `banpick profile --domain {settings.domain} --out {path}` first")
     ensure_writable(path)
     task_set = load_task_set(settings.task, limit=settings.limit, offset=settings.offset)
+    check_code_sandbox([task_set], settings.options)
     if loaded is None:
         loaded = load_model(model, device=device, dtype=dtype)
     prof = open_for_update(path, loaded)

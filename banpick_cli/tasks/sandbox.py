@@ -473,6 +473,20 @@ def unsafe_allowed(allow_unsafe: bool = False) -> bool:
     return allow_unsafe or os.environ.get(ALLOW_UNSAFE_ENV, "") == "1"
 
 
+def require_sandbox(allow_unsafe: bool = False) -> bool:
+    """Returns True when programs will run isolated, False when unsafely by the caller's opt-in; raises
+    `SandboxUnavailable` when neither (callers check before a long run, not at its first code task)."""
+    available, reason = isolation_available()
+    if available:
+        return True
+    if not unsafe_allowed(allow_unsafe):
+        raise SandboxUnavailable(
+            f"cannot isolate model-written code here ({reason}); pass --allow-unsafe-code "
+            f"(or set {ALLOW_UNSAFE_ENV}=1) to run it without a sandbox"
+        )
+    return False
+
+
 def run_python(
     source: str, *, timeout_s: float = 5.0, memory_mb: int = 512, allow_unsafe: bool = False,
 ) -> SandboxResult:
@@ -481,14 +495,8 @@ def run_python(
     Isolated wherever the kernel allows it. Elsewhere raises `SandboxUnavailable`, unless `allow_unsafe`
     (or BANPICK_ALLOW_UNSAFE_CODE=1) permits the best-effort path. Never raises for what the program does.
     """
-    available, reason = isolation_available()
-    if available:
+    if require_sandbox(allow_unsafe):
         return _run_isolated(source, timeout_s=timeout_s, memory_mb=memory_mb)
-    if not unsafe_allowed(allow_unsafe):
-        raise SandboxUnavailable(
-            f"cannot isolate model-written code here ({reason}); pass --allow-unsafe-code "
-            f"(or set {ALLOW_UNSAFE_ENV}=1) to run it without a sandbox"
-        )
     return _run_unsafe(source, timeout_s=timeout_s, memory_mb=memory_mb)
 
 

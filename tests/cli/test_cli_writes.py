@@ -30,13 +30,10 @@ def _clean_failure(result, message: str) -> None:
     assert message in err, err
 
 
-# Waiting on code outside this change: the CLI (--version/-h, eval -o checked before the run and written
-# atomically) after the lead's "house: skeleton" refactor, and runtime/export.py's bundle (issue 12's owner).
-PENDING = {"export": "runtime/export.py: write the bundle through outputs.atomic_folder",
-           "eval -o": "cli eval: check_output before the run, write_text_atomic after"}
+# Waiting on code outside this change: runtime/export.py's bundle (issue 12's owner).
+PENDING = {"export": "runtime/export.py: write the bundle through outputs.atomic_folder"}
 
 
-@pytest.mark.xfail(reason="cli/base.py: --version and -h (after the skeleton refactor)", strict=False)
 def test_version_and_short_help():
     result = _run("--version")
     assert result.exit_code == 0 and result.stdout.strip() == f"banpick {__version__}"
