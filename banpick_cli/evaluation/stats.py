@@ -6,6 +6,7 @@ large a difference the tasks can tell apart. Pure functions over per-task outcom
     paired(base, other)      difference in accuracy points, its 95% paired-bootstrap interval, exact McNemar p
     mcnemar_exact(b, c)      two-sided exact McNemar p from the discordant counts
     probe_gain(fixed, n)     a failure-probe gain on n tasks (only failures rerun) as the same comparison
+    compare_sets(base, row)  a row against the baseline over several task sets: overall and per set
 """
 
 from __future__ import annotations
@@ -111,6 +112,24 @@ def probe_gain(fixed: int, failures: int, n: int, **kwargs: Any) -> Paired:
     base = [True] * (n - failures) + [False] * failures
     other = [True] * (n - failures) + [True] * fixed + [False] * (failures - fixed)
     return paired(base, other, **kwargs)
+
+
+def compare_sets(
+    base: dict[str, Sequence[bool]], row: dict[str, Sequence[bool]], **kwargs: Any
+) -> tuple[Paired, dict[str, Paired]]:
+    """Returns (over all task sets, per task set): `row`'s outcomes against the baseline's, set by set.
+
+    Overall, the bootstrap resamples within each set and averages the sets (eval's mean column);
+    McNemar pools the discordant tasks of every set.
+    """
+    names = list(base)
+    if set(names) != set(row):
+        raise ValueError(f"task sets differ: {sorted(base)} against {sorted(row)}")
+    per = {name: paired(base[name], row[name], **kwargs) for name in names}
+    flat_base = [x for name in names for x in base[name]]
+    flat_row = [x for name in names for x in row[name]]
+    groups = [name for name in names for _ in base[name]]
+    return paired(flat_base, flat_row, groups=groups, **kwargs), per
 
 
 def format_interval(p: Paired) -> str:

@@ -134,7 +134,7 @@ class RoutingHandle:
         rule = self.plan.rules[position]
         routing = rule.route(logits)
         self._count(position, indices, routing.indices, rule.key_experts)
-        return routing.weights, routing.indices
+        return _trimmed(routing)
 
     def _auto_override(self, position: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
         plan: AutoPlan = self.plan
@@ -258,6 +258,22 @@ class RoutingHandle:
         keep = real if mask is None else real & mask.unsqueeze(-1)
         flat = (row * e + indices.clamp(max=e - 1))[keep]
         return torch.bincount(flat, minlength=batch * e).view(batch, e).float().to(self._device)
+
+
+def _trimmed(routing) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (weights, indices) without the trailing slots no token of the batch fills, on a CPU.
+
+    The experts kernels do elementwise work (gating, masks, the weighted sum) on every slot, sentinel
+    or not: a rule of width W that runs k < W experts pays for W there. Real experts come first, so
+    the columns past the batch's largest k are empty. Reading that k is a host sync, free on a CPU
+    and not on an accelerator, where the routing keeps its width.
+    """
+    if routing.indices.device.type != "cpu":
+        return routing.weights, routing.indices
+    width = max(int(routing.k.max()), 1) if routing.k.numel() else routing.width
+    if width >= routing.width:
+        return routing.weights, routing.indices
+    return routing.weights[:, :width], routing.indices[:, :width]
 
 
 def apply(

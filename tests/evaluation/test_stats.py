@@ -49,3 +49,14 @@ def test_groups_resample_within_each_task_set_and_average_them():
     assert p.delta == pytest.approx((25 - 12.5) / 2)
     with pytest.raises(ValueError, match="same tasks"):
         paired([True], [True, False])
+
+
+def test_compare_sets_is_per_set_and_pooled():
+    from banpick_cli.evaluation.stats import compare_sets
+
+    base = {"math": [True, False, False, True], "code": [True] * 4}
+    row = {"math": [True, True, True, True], "code": [True, True, True, False]}
+    overall, per = compare_sets(base, row)
+    assert per["math"] == paired(base["math"], row["math"]) and per["code"].lost == 1
+    assert (overall.gained, overall.lost) == (2, 1) and overall.p_value == pytest.approx(mcnemar_exact(2, 1))
+    assert overall.delta == pytest.approx((50 - 25) / 2)

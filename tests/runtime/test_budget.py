@@ -109,3 +109,13 @@ def test_fixed_k_through_apply_runs_k_and_leaves_k_base_layers_alone(qwen):
         apply(qwen, None, "fixed-k", k=6)
     with pytest.raises(BadSetting, match="k has 3 values"):
         apply(qwen, None, "fixed-k", k=[2, 2, 2])
+
+
+def test_cpu_routing_drops_the_slots_no_token_fills(qwen):
+    ids = ids_for(qwen)
+    widths = []
+    with torch.inference_mode(), apply(qwen, None, "dynamic", tau=0.3) as h:  # width: every expert (8)
+        h.hooks.observers.append(lambda position, logits, weights, indices: widths.append(
+            (indices.shape[1], int((indices < 8).sum(-1).max()))))
+        qwen.model(ids)
+    assert widths and all(w == k_max for w, k_max in widths) and max(w for w, _ in widths) < 8
