@@ -1,6 +1,8 @@
 """Streaming a checkpoint one decoder layer at a time: calibrate models larger than the machine's memory.
 
-The model is built on the meta device from its config (no weights). What every pass needs all the time
+The model is built on the meta device from its config (no weights); the shards are read with plain
+reads of the layer's byte ranges (their headers give the offsets), so memory is the layer's size
+whatever the shard size. What every pass needs all the time
 stays resident: the embedding, the final norm, the rotary tables and the routers (they decide the
 fingerprint and the routing rule, and are small: E x H per MoE layer). Each decoder layer's other
 tensors are read from the safetensors shards when a pass runs the layer (`acquire`), through
@@ -17,6 +19,7 @@ one load per layer and window.
 from __future__ import annotations
 
 import json
+import os
 import re
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,43 +46,61 @@ class Checkpoint:
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {key: self.folder / shard for key, shard in weight_map.items()}
         elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(single), framework="pt") as handle:
-                self.files = dict.fromkeys(handle.keys(), single)  # noqa: SIM118 (a safe_open handle, not a dict)
+            self.files = {}
         else:
             raise ModelError(f"--stream reads safetensors shards, and {self.folder} has none (model.safetensors[.index.json])")
+        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
+        if not self.files:
+            self.files = {key: single for key in self.header(single)[1] if key != "__metadata__"}
 
-    @contextmanager
-    def open(self, keys: list[str]) -> Iterator[dict[str, Any]]:
-        """Yields {key: lazy slice} for `keys`, each shard memory-mapped only while the block runs."""
-        from safetensors import safe_open
+    def header(self, path: Path) -> tuple[int, dict[str, Any]]:
+        """Returns (where the data starts, the JSON header) of one shard; headers are read once."""
+        if path not in self._headers:
+            with open(path, "rb") as handle:
+                size = int.from_bytes(handle.read(8), "little")
+                self._headers[path] = (8 + size, json.loads(handle.read(size)))
+        return self._headers[path]
 
-        handles: dict[Path, Any] = {}
-        try:
-            sliced = {}
-            for key in keys:
-                path = self.files[key]
-                if path not in handles:
-                    handles[path] = safe_open(str(path), framework="pt").__enter__()
-                sliced[key] = handles[path].get_slice(key)
-            yield sliced
-        finally:
-            for handle in handles.values():
-                handle.__exit__(None, None, None)
+    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        """Returns {key: tensor} for `keys`, each read from its shard into fresh memory.
+
+        Plain reads, not a memory map: a private mapping of a shard would count the whole shard (often
+        several layers) against the process's memory, and keep it mapped while any tensor viewed it.
+        """
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[Path, list[str]] = {}
+        for key in keys:
+            by_file.setdefault(self.files[key], []).append(key)
+        for path, names in by_file.items():
+            start, header = self.header(path)
+            with open(path, "rb", buffering=0) as handle:
+                for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
+                    entry = header[name]
+                    begin, end = entry["data_offsets"]
+                    raw = torch.empty(end - begin, dtype=torch.uint8)
+                    handle.seek(start + begin)
+                    view = memoryview(raw.numpy())
+                    got = 0
+                    while got < len(view):
+                        n = handle.readinto(view[got:])
+                        if not n:
+                            raise ModelError(f"{path} is truncated at tensor {name}")
+                        got += n
+                    out[name] = raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        return out
 
     def nbytes(self, keys: list[str]) -> int:
         """Returns the bytes `keys` take on disk (from the shard headers; no tensor is read)."""
-        sizes = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1, "BOOL": 1,
-                 "F8_E4M3": 1, "F8_E5M2": 1}
         total = 0
-        with self.open(keys) as sliced:
-            for item in sliced.values():
-                n = 1
-                for d in item.get_shape():
-                    n *= d
-                total += n * sizes.get(item.get_dtype(), 4)
+        for key in keys:
+            begin, end = self.header(self.files[key])[1][key]["data_offsets"]
+            total += end - begin
         return total
+
+
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class StreamedWeights:
@@ -170,6 +191,8 @@ class StreamedWeights:
         prefix = self.router_prefix.get(index)
         keep = (self.model.get_submodule(prefix),) if prefix else ()
         _to_meta(layer, keep=keep)
+        _trim()
+
 
     def layer_bytes(self, index: int) -> int:
         return self.checkpoint.nbytes(self.layer_keys.get(index, []))
@@ -186,20 +209,30 @@ class StreamedWeights:
 
         quiet = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()  # transformers draws a bar per call; ours is the pass's
+        # Sequential conversion: transformers' default starts a pool of threads per call, and every new
+        # thread's malloc arena would stay reserved, layer after layer.
+        was = os.environ.get("HF_DEACTIVATE_ASYNC_LOAD")
+        os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = "1"
         try:
-            with self.checkpoint.open(keys) as sliced:
-                convert_and_load_state_dict_in_model(self.model, sliced, self._config)
-                self.bytes_read += sum(_slice_bytes(s) for s in sliced.values())
+            tensors = self.checkpoint.read(keys)
+            self.bytes_read += sum(t.numel() * t.element_size() for t in tensors.values())
+            info, _ = convert_and_load_state_dict_in_model(self.model, tensors, self._config)
+            del tensors
         finally:
+            if was is None:
+                os.environ.pop("HF_DEACTIVATE_ASYNC_LOAD", None)
+            else:
+                os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = was
             if quiet:
                 hf_logging.enable_progress_bar()
-
-
-def _slice_bytes(item: Any) -> int:
-    n = 1
-    for d in item.get_shape():
-        n *= d
-    return n * (2 if item.get_dtype() in ("BF16", "F16") else 4)
+        # transformers collects conversion failures (an allocation that failed among them) instead of raising.
+        problems = [*info.conversion_errors.values(), *info.error_msgs,
+                    *(f"{k}: checkpoint {a}, model {b}" for k, a, b in info.mismatched_keys)]
+        if problems:
+            first = str(problems[0]).strip().splitlines()
+            if any("memory" in str(p).lower() or "alloc" in str(p).lower() for p in problems):
+                raise MemoryError(f"out of memory reading {keys[0]} and {len(keys) - 1} more tensors: {first[-1][:200]}")
+            raise ModelError(f"--stream: cannot load {keys[0]} ...: {(first[-1] if first else '')[:200]}")
 
 
 def _to_meta(module: nn.Module, keep: tuple[nn.Module, ...]) -> None:
@@ -296,3 +329,22 @@ def _device_of(module: nn.Module) -> torch.device | None:
     for tensor in list(module.parameters()) + list(module.buffers()):
         return tensor.device
     return None
+
+
+def _trim() -> None:
+    """Hands freed heap memory back to the system (glibc keeps it otherwise: the peak would creep layer by layer)."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+        except (OSError, AttributeError):
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None

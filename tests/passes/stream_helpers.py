@@ -1,0 +1,142 @@
+"""A Qwen3-MoE checkpoint of real layer shapes, written shard by shard (never whole in memory), and a
+subprocess that calibrates a model under a hard memory limit (RLIMIT_DATA) and reports its peak.
+
+Shared by tests/passes/test_stream_limit.py (a scaled-down checkpoint) and bench/bench_scale.py (the
+full-size proof: hidden 2048 and expert width 768, Qwen3-30B-A3B's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def write_checkpoint(folder: Path, *, layers: int, hidden: int, width: int, experts: int, top_k: int,
+                     heads: int, kv_heads: int, head_dim: int, vocab: int = 512, seed: int = 0) -> int:
+    """Writes a random Qwen3-MoE in the hub's per-expert layout, one shard per decoder layer; returns its bytes.
+
+    The output is sharpened (a large LM head, strong experts) so that pruning one expert moves the KL
+    well above float32 noise.
+    """
+    from safetensors.torch import save_file
+    from transformers import Qwen3MoeConfig
+
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny import build_tokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    config = Qwen3MoeConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=4 * hidden, moe_intermediate_size=width,
+                            num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                            head_dim=head_dim, num_experts=experts, num_experts_per_tok=top_k, norm_topk_prob=True,
+                            max_position_embeddings=512, tie_word_embeddings=False)
+    config.save_pretrained(folder)
+    build_tokenizer(folder)
+    generator = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int, std: float) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator) * std
+
+    weight_map: dict[str, str] = {}
+    total = 0
+
+    def shard(name: str, tensors: dict[str, torch.Tensor]) -> None:
+        nonlocal total
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, name))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    shard("embed.safetensors", {"model.embed_tokens.weight": randn(vocab, hidden, std=1.0),
+                                "model.norm.weight": torch.ones(hidden),
+                                "lm_head.weight": randn(vocab, hidden, std=0.5)})
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        tensors = {
+            p + "input_layernorm.weight": torch.ones(hidden),
+            p + "post_attention_layernorm.weight": torch.ones(hidden),
+            p + "self_attn.q_proj.weight": randn(heads * head_dim, hidden, std=hidden**-0.5),
+            p + "self_attn.k_proj.weight": randn(kv_heads * head_dim, hidden, std=hidden**-0.5),
+            p + "self_attn.v_proj.weight": randn(kv_heads * head_dim, hidden, std=hidden**-0.5),
+            p + "self_attn.o_proj.weight": randn(hidden, heads * head_dim, std=(heads * head_dim) ** -0.5),
+            p + "self_attn.q_norm.weight": torch.ones(head_dim),
+            p + "self_attn.k_norm.weight": torch.ones(head_dim),
+            p + "mlp.gate.weight": randn(experts, hidden, std=0.5),
+        }
+        for e in range(experts):
+            q = f"{p}mlp.experts.{e}."
+            tensors[q + "gate_proj.weight"] = randn(width, hidden, std=hidden**-0.5)
+            tensors[q + "up_proj.weight"] = randn(width, hidden, std=hidden**-0.5)
+            tensors[q + "down_proj.weight"] = randn(hidden, width, std=3 * width**-0.5)
+        shard(f"layer-{i:03d}.safetensors", tensors)
+        del tensors
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    return total
+
+
+# Runs in a fresh process: optional RLIMIT_DATA first (before torch allocates anything), then profile
+# counts and the KL of pruning each layer's most used experts; prints one JSON line.
+RUN = r"""
+import json, resource, sys, time
+args = json.loads(sys.argv[1])
+if args["limit_mb"]:
+    limit = args["limit_mb"] << 20
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+import torch
+torch.set_num_threads(args.get("threads", 1))
+from banpick_cli.passes.kl import KLEngine, LayerPlan
+from banpick_cli.passes.usage_pass import RunOptions, count_usage_pass
+from banpick_cli.stages.kl_scan import prune_variant
+import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401  (imported before the limit, as the runtime)
+from transformers import AutoTokenizer  # noqa: F401
+if args.get("limit_above_mb"):
+    # The runtime (Python, torch, transformers) is what it is; the model gets only this much more.
+    data_now = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmData")) << 10
+    limit = data_now + (args["limit_above_mb"] << 20)
+    resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
+    args["limit_mb"] = limit >> 20
+texts = [json.loads(line)["text"] for line in open(args["data"])]
+start = time.perf_counter()
+if args["stream"]:
+    from banpick_cli.passes.streaming import load_streaming
+    loaded = load_streaming(args["model"], device="cpu", dtype="float32")
+else:
+    from banpick_cli.models.loading import load_model
+    loaded = load_model(args["model"], device="cpu", dtype="float32")
+load_s = time.perf_counter() - start
+start = time.perf_counter()
+usage = count_usage_pass(loaded, texts, seq_len=args["seq_len"], batch_size=args["batch_size"],
+                         options=RunOptions(checkpoint_every=0)).usage
+profile_s = time.perf_counter() - start
+counts = usage.expert_counts
+specs = loaded.router_specs()
+plans = [LayerPlan(layer.position, tuple(prune_variant(specs[layer.position], e)
+                                         for e in torch.topk(counts[layer.position], args["top"]).indices.tolist()))
+         for layer in loaded.layers[-args.get("scan_layers", len(loaded.layers)):]]
+start = time.perf_counter()
+engine = KLEngine(loaded, texts, seq_len=args["seq_len"], batch_size=args["batch_size"], top_tokens=args["top_tokens"],
+                  hidden_cache_mb=args["hidden_cache_mb"])
+kl = engine.run(plans)
+kl_s = time.perf_counter() - start
+status = {k: int(v.split()[0]) // 1024 for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
+          if k in ("VmHWM", "VmData", "VmPeak")}
+print(json.dumps({"limit_mb": args["limit_mb"], "counts": counts.tolist(), "tokens": usage.tokens, "kl": {p: v.tolist() for p, v in kl.items()},
+                  "load_s": round(load_s, 3), "profile_s": round(profile_s, 3), "kl_s": round(kl_s, 3),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "proc": status,
+                  "layer_loads": sum(engine.layer_loads), "windows": engine.windows, "notes": engine.notes,
+                  "bytes_read": getattr(loaded.streamed, "bytes_read", 0)}))
+"""
+
+
+def run_limited(args: dict) -> tuple[dict | None, str]:
+    """Runs RUN in a fresh process; returns (its JSON, or None when it failed, and the tail of its stderr)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.get("threads", 1))}
+    done = subprocess.run([sys.executable, "-c", RUN, json.dumps(args)], capture_output=True, text=True, env=env)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    return (json.loads(lines[-1]) if done.returncode == 0 and lines else None), done.stderr[-3000:]
