@@ -4,19 +4,30 @@ The bundle's profile is a valid v1 profile holding only what inference reads (ke
 chosen domains, the Ban tensors, their settings) plus `settings["runtime"]`: the method, domain,
 hyperparameters and expected experts per token per layer. The manifest records the same with the
 model fingerprint, banpick version and the profile's sha256; runtimes check it on load.
+
+An engine bundle (vllm, sglang) also carries the banpick it needs, as `wheels/banpick-<v>-py3-none-any.whl`
+built from this source tree (or the wheel this banpick was installed from), and its Dockerfile installs
+that file with `--no-deps --no-index`: nothing of the engine image moves. The bundle is built in a
+temporary folder beside `out` and renamed into place, so a failure leaves nothing partial.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from banpick_cli import __version__
-from banpick_cli.errors import BadSetting, BanpickError, ProfileError
+from banpick_cli.errors import BadSetting, BanpickError, OutputError, ProfileError
+from banpick_cli.outputs import check_output, output_error
 from banpick_cli.profile.format import RoutingProfile, new_profile, read_profile, write_profile
 
 from banpick_cli.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, PROFILE, sha256_of
@@ -29,6 +40,12 @@ BAN_TENSORS = ("layer_sensitivity", "ratio_min", "ratio_max", "ratio_hist")  # w
 # The serving images the Dockerfile lines start from: the engine versions the plugins target.
 BASE_IMAGES = {"vllm": "vllm/vllm-openai:v0.33.0", "sglang": "lmsysorg/sglang:v0.5.23",
                "hf": "python:3.11.7-slim"}
+WHEELS = "wheels"  # the bundle's folder for the banpick wheel its Dockerfile installs
+ENGINE_TARGETS = ("vllm", "sglang")
+
+
+class ExportError(BanpickError):
+    """The bundle cannot carry banpick (no source tree or wheel to put in it, or the wheel build failed)."""
 
 
 @dataclass(frozen=True)
@@ -75,14 +92,180 @@ def export_bundle(
     runtime = _runtime_settings(source, plans, method, domain, overrides, target)
     compact = _compact(source, domains if (method or domain) else source.key_domains(), keep_usage,
                        with_ban=any(p.method in ("ban", "banpick") for p in plans.values()), runtime=runtime)
-    target_dir = Path(out)
-    target_dir.mkdir(parents=True, exist_ok=True)
-    profile_file = write_profile(compact, target_dir / PROFILE)
-    profile_file.chmod(0o644)  # written through a private temp file; the serving user must read it
-    manifest = _manifest(source, compact, profile_file, profile_path, target, method, domain, overrides, runtime, model)
-    (target_dir / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    files = [profile_file, target_dir / MANIFEST, *_write_snippets(target_dir, manifest)]
-    return ExportResult(target_dir, profile_file, manifest, files)
+    target_dir = check_output(out, kind="folder", inputs=[profile_path])
+    _check_replaceable(target_dir)
+    with _staged_folder(target_dir) as stage:
+        wheel = _bundle_wheel(stage / WHEELS) if target in ENGINE_TARGETS else None
+        staged_profile = write_profile(compact, stage / PROFILE)
+        manifest = _manifest(source, compact, staged_profile, profile_path, target, method, domain, overrides, runtime,
+                             model, wheel=wheel)
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        names = [PROFILE, MANIFEST, *_write_snippets(stage, manifest, target_dir.name)]
+        if wheel is not None:
+            names.append(manifest["wheel"]["file"])
+    files = [target_dir / name for name in names]
+    return ExportResult(target_dir, target_dir / PROFILE, manifest, files)
+
+
+# --- the bundle's folder: staged beside the target, renamed into place ------------------------------
+def _check_replaceable(target: Path) -> None:
+    """Raises unless `target` is missing, empty, or an earlier bundle (which the new one replaces whole)."""
+    if not target.is_dir() or not any(target.iterdir()):
+        return
+    if not (target / MANIFEST).is_file() or _manifest_format(target / MANIFEST) != BUNDLE_FORMAT:
+        raise OutputError(f"--out {target}: the folder holds files that are not a banpick bundle; give a new or empty "
+                          "folder (an earlier bundle there is replaced)")
+
+
+def _manifest_format(path: Path) -> str | None:
+    try:
+        return json.loads(path.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+@contextmanager
+def _staged_folder(target: Path) -> Iterator[Path]:
+    """Yields a temporary folder beside `target`; on a clean exit its files are made readable by every user
+    (0644, folders 0755: the serving user is rarely the one who exported), synced, and the folder is renamed
+    onto `target` (an earlier bundle there is swapped out and removed). On any failure nothing is left:
+    the temporary folder and any parent folders this call created are removed; OSErrors are one line."""
+    created = _make_parents(target.parent)
+    stage: Path | None = None
+    try:
+        try:
+            stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+            yield stage
+            _publish(stage, target)
+        except OSError as err:
+            raise output_error(target, err, what="bundle") from None
+        except OutputError as err:  # a staged write (write_profile) names its temporary path: name the bundle
+            raise OutputError(str(err).replace(str(stage), str(target))) from None
+    except BaseException:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        for folder in created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def _make_parents(folder: Path) -> list[Path]:
+    if folder.is_dir():
+        return []
+    missing = [p for p in [folder, *folder.parents] if not p.exists()]
+    try:
+        folder.mkdir(parents=True)
+    except OSError as err:
+        raise output_error(folder, err) from None
+    return [missing[-1]]
+
+
+def _publish(stage: Path, target: Path) -> None:
+    for root, folders, names in os.walk(stage):
+        for name in names:
+            path = Path(root) / name
+            os.chmod(path, 0o644)
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+        for name in folders:
+            os.chmod(Path(root) / name, 0o755)
+    os.chmod(stage, 0o755)
+    _fsync_folder(stage)
+    if target.is_dir() and any(target.iterdir()):  # an earlier bundle (checked): swap it out, then drop it
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", suffix=".tmp", dir=target.parent))
+        os.replace(target, old)
+        try:
+            os.replace(stage, target)
+        except OSError:
+            os.replace(old, target)  # put the earlier bundle back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(stage, target)  # onto a missing or empty folder
+    _fsync_folder(target.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems refuse fsync on a folder; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- the banpick the bundle installs ----------------------------------------------------------------
+def wheel_name(version: str = __version__) -> str:
+    """Returns the file name of banpick's pure-Python wheel."""
+    return f"banpick-{version}-py3-none-any.whl"
+
+
+def source_tree() -> Path | None:
+    """Returns the source checkout this banpick runs from (a folder with its pyproject.toml), or None."""
+    root = Path(__file__).resolve().parents[2]
+    pyproject = root / "pyproject.toml"
+    try:
+        text = pyproject.read_text()
+    except OSError:
+        return None
+    return root if '\nname = "banpick"' in text and (root / "banpick_cli" / "__init__.py").is_file() else None
+
+
+def installed_wheel() -> Path | None:
+    """Returns the wheel file this banpick was installed from, if pip recorded it and it is still there."""
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    try:
+        record = metadata.distribution("banpick").read_text("direct_url.json")
+    except metadata.PackageNotFoundError:
+        return None
+    try:
+        url = json.loads(record or "{}").get("url", "")
+    except ValueError:
+        return None
+    parsed = urlparse(url)
+    path = Path(unquote(parsed.path)) if parsed.scheme == "file" else None
+    return path if path is not None and path.name == wheel_name() and path.is_file() else None
+
+
+def _bundle_wheel(folder: Path) -> dict[str, str]:
+    """Puts banpick's wheel into `folder`; returns how it got there. Raises ExportError when it cannot."""
+    folder.mkdir()
+    source = source_tree()
+    if source is None:
+        found = installed_wheel()
+        if found is None:
+            raise ExportError(f"cannot put banpick {__version__} into the bundle: it was installed without its source "
+                              "tree or a wheel file pip recorded; install it from a source checkout (pip install -e .) "
+                              "or from a wheel file, then export again")
+        shutil.copyfile(found, folder / found.name)
+        return {"file": f"{WHEELS}/{found.name}", "sha256": sha256_of(folder / found.name), "from": f"copied {found}"}
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "--disable-pip-version-check",
+               *(["--no-build-isolation"] if _has_build_backend() else []), "--wheel-dir", str(folder), str(source)]
+    run = subprocess.run(command, capture_output=True, text=True)
+    built = sorted(p.name for p in folder.iterdir())
+    if run.returncode != 0 or built != [wheel_name()]:
+        last = (run.stderr.strip().splitlines() or ["no output"])[-1][:200]
+        what = f"it built {built}" if run.returncode == 0 else f"pip wheel exited {run.returncode}: {last}"
+        raise ExportError(f"cannot build banpick {__version__}'s wheel from {source} ({what})")
+    return {"file": f"{WHEELS}/{wheel_name()}", "sha256": sha256_of(folder / wheel_name()), "from": f"built from {source}"}
+
+
+def _has_build_backend() -> bool:
+    """Returns whether this environment holds the setuptools pyproject.toml asks for (then no isolated build env,
+    which would need an index)."""
+    from importlib import metadata
+
+    try:
+        major = int(metadata.version("setuptools").split(".")[0])
+    except (metadata.PackageNotFoundError, ValueError):
+        return False
+    return major >= 77
 
 
 def _plans(profile: RoutingProfile, specs, method, domain, overrides) -> dict[str, RoutingPlan]:
@@ -141,9 +324,10 @@ def _compact(source: RoutingProfile, domains, keep_usage: bool, *, with_ban: boo
     return compact
 
 
-def _manifest(source, compact, profile_file: Path, source_path, target, method, domain, overrides, runtime, model) -> dict:
+def _manifest(source, compact, profile_file: Path, source_path, target, method, domain, overrides, runtime, model, *,
+              wheel: dict[str, str] | None) -> dict:
     chosen = next(iter(runtime["served"].values())) if method is not None and domain != AUTO else None
-    return {
+    manifest = {
         "format": BUNDLE_FORMAT,
         "bundle_version": BUNDLE_VERSION,
         "banpick_version": __version__,
@@ -161,17 +345,19 @@ def _manifest(source, compact, profile_file: Path, source_path, target, method, 
                     "tensors": sorted(compact.tensors)},
         "source_profile": {"path": str(source_path), "sha256": sha256_of(source_path)},
     }
+    if wheel is not None:
+        manifest["wheel"] = wheel
+    return manifest
 
 
-def _write_snippets(out: Path, manifest: dict) -> list[Path]:
+def _write_snippets(stage: Path, manifest: dict, bundle_name: str) -> list[str]:
     from banpick_cli.runtime.snippets import dockerfile, readme, serve_env
 
-    files = {"README.md": readme(manifest, out.name), "Dockerfile.banpick": dockerfile(manifest), "serve.env": serve_env(manifest)}
-    written = []
+    files = {"README.md": readme(manifest, bundle_name), "Dockerfile.banpick": dockerfile(manifest),
+             "serve.env": serve_env(manifest)}
     for name, text in files.items():
-        (out / name).write_text(text)
-        written.append(out / name)
-    return written
+        (stage / name).write_text(text)
+    return list(files)
 
 
 def _auto_domains(profile: RoutingProfile) -> set[str]:

@@ -64,12 +64,19 @@ def dockerfile(manifest: dict[str, Any]) -> str:
     from banpick_cli.runtime.export import BASE_IMAGES
 
     env = engine_env(manifest)
+    wheel = manifest.get("wheel")
+    if wheel is not None:
+        # The wheel the bundle carries, alone: the engine image already holds every dependency, and
+        # --no-deps --no-index guarantee that nothing of it moves and nothing comes from an index.
+        install = [f"COPY . {BUNDLE_DIR_IN_IMAGE}",
+                   f"RUN pip install --no-cache-dir --no-deps --no-index {BUNDLE_DIR_IN_IMAGE}/{wheel['file']}"]
+    else:
+        install = [f"RUN pip install --no-cache-dir 'banpick=={manifest['banpick_version']}'", f"COPY . {BUNDLE_DIR_IN_IMAGE}"]
     lines = [
         f"# banpick {manifest['banpick_version']}: {manifest['method'] or 'method chosen at serve time'}"
         f"{' / ' + manifest['domain'] if manifest['domain'] else ''} for {manifest['model']['name_or_path']}",
         f"FROM {BASE_IMAGES[manifest['target']]}",
-        f"RUN pip install --no-cache-dir 'banpick=={manifest['banpick_version']}'",
-        f"COPY . {BUNDLE_DIR_IN_IMAGE}",
+        *install,
         *(f"ENV {k}={v.split('  #')[0]}" for k, v in env.items()),
     ]
     if manifest["target"] != "hf":
@@ -100,7 +107,7 @@ def readme(manifest: dict[str, Any], bundle: str = "banpick-bundle") -> str:
         three_lines(manifest, bundle).rstrip(),
         "```",
         "",
-        f"`pip install banpick` first; `{bundle}` is this folder. Choose another method or domain with "
+        f"`pip install {manifest['wheel']['file'] if manifest.get('wheel') else 'banpick'}` first; `{bundle}` is this folder. Choose another method or domain with "
         f"`banpick.apply(model, '{bundle}', method='ban')` or `domain='code'`; remove with `handle.remove()` or use `with banpick.apply(...):`.",
         "",
     ]
@@ -134,5 +141,8 @@ def readme(manifest: dict[str, Any], bundle: str = "banpick-bundle") -> str:
     lines += ["## Files", "", "- `profile.safetensors`: the runtime profile (a v1 banpick profile; `settings.runtime` "
               "holds the method, hyperparameters and expected experts per layer)",
               "- `manifest.json`: fingerprint, method, domain, hyperparameters, versions, sha256",
-              "- `Dockerfile.banpick`, `serve.env`: serving image lines and environment", ""]
+              "- `Dockerfile.banpick`, `serve.env`: serving image lines and environment",
+              *([f"- `{manifest['wheel']['file']}`: the banpick this bundle was made with; the Dockerfile installs it "
+                 "with `--no-deps --no-index`, so nothing of the engine image moves"] if manifest.get("wheel") else []),
+              ""]
     return "\n".join(lines)

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import shutil
+import stat
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -13,14 +18,16 @@ from typer.testing import CliRunner
 import typer
 
 from banpick_cli.cli.runtime import export as export_command
-from banpick_cli.errors import BadSetting, ProfileError
+from banpick_cli import __version__
+from banpick_cli.errors import BadSetting, OutputError, ProfileError
 from banpick_cli.models.base import RoutingHooks
 from banpick_cli.models.loading import load_model
 from banpick_cli.profile.format import new_profile, read_profile, write_profile
 from banpick_cli.routing import ban_k, token_ratio
 from banpick_cli.runtime import apply
 from banpick_cli.runtime.bundle import sha256_of
-from banpick_cli.runtime.export import export_bundle
+from banpick_cli.runtime import export as export_module
+from banpick_cli.runtime.export import ExportError, export_bundle, wheel_name
 from banpick_cli.runtime.snippets import three_lines
 from rt_helpers import ids_for, key_at, make_profile
 
@@ -47,11 +54,27 @@ def full_profile(qwen, tmp_path):
     return write_profile(prof, tmp_path / "full.safetensors")
 
 
-def test_bundle_holds_what_inference_needs(qwen, full_profile, tmp_path):
-    result = export_bundle(full_profile, "vllm", tmp_path / "bundle", method="banpick", domain="math")
-    names = sorted(p.name for p in result.files)
-    assert names == ["Dockerfile.banpick", "README.md", "manifest.json", "profile.safetensors", "serve.env"]
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+@pytest.fixture(scope="module")
+def vllm_bundle(qwen, tiny_models, tmp_path_factory):
+    """One vLLM bundle (its wheel built from this source tree) for the tests that only read it."""
+    root = tmp_path_factory.mktemp("vllm-bundle")
+    m, e = len(qwen.layers), qwen.routing.num_experts
+    prof = make_profile(qwen, key=key_at(qwen, 0, [1, 2]), counts=torch.randint(1, 50, (m, e)))
+    prof.put("domain/math/kl", torch.rand(m, e))
+    prof.put("ban/layer_kl", torch.rand(m))
+    prof.settings["pick/math"] = {"strategy": "C", "range_factor": 2.0}
+    source = write_profile(prof, root / "full.safetensors")
+    return export_bundle(source, "vllm", root / "bundle", method="banpick", domain="math")
+
+
+def test_bundle_holds_what_inference_needs(qwen, vllm_bundle):
+    result = vllm_bundle
+    bundle = result.out
+    names = sorted(str(p.relative_to(bundle)) for p in result.files)
+    assert names == ["Dockerfile.banpick", "README.md", "manifest.json", "profile.safetensors", "serve.env",
+                     f"wheels/{wheel_name()}"]
+    assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*")) == sorted([*names, "wheels"])
+    manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["model"]["fingerprint"] == qwen.fingerprint
     assert (manifest["method"], manifest["domain"], manifest["target"]) == ("banpick", "math", "vllm")
     assert manifest["hyperparameters"]["lam"] == 1.0 and manifest["hyperparameters"]["range_factor"] == 2.0
@@ -63,8 +86,92 @@ def test_bundle_holds_what_inference_needs(qwen, full_profile, tmp_path):
     runtime = compact.settings["runtime"]["served"]["banpick/math"]
     assert len(runtime["expected_avg_experts"]["per_layer_low"]) == len(qwen.layers)
     assert manifest["engine_slots"] == runtime["engine_slots"] == 4  # Ban keeps <= 2 at layer 0, + 2 key experts
-    assert "BANPICK_PROFILE=/opt/banpick/bundle" in (tmp_path / "bundle" / "Dockerfile.banpick").read_text()
-    assert "vllm serve" in (tmp_path / "bundle" / "README.md").read_text()
+    assert "BANPICK_PROFILE=/opt/banpick/bundle" in (bundle / "Dockerfile.banpick").read_text()
+    assert "vllm serve" in (bundle / "README.md").read_text()
+
+
+def test_an_engine_bundle_carries_the_wheel_its_dockerfile_installs_alone(vllm_bundle):
+    bundle, manifest = vllm_bundle.out, vllm_bundle.manifest
+    wheel = bundle / "wheels" / wheel_name()
+    assert manifest["wheel"]["file"] == f"wheels/{wheel_name()}" and manifest["wheel"]["sha256"] == sha256_of(wheel)
+    assert manifest["wheel"]["from"].startswith("built from ")
+    with zipfile.ZipFile(wheel) as archive:  # this source's package, its engine entry points, no dependency pulled in
+        files = set(archive.namelist())
+        assert {"banpick_cli/__init__.py", "banpick_cli/runtime/vllm_plugin.py", "banpick_cli/runtime/sglang_plugin.py"} <= files
+        entry_points = archive.read(f"banpick-{__version__}.dist-info/entry_points.txt").decode()
+        assert "vllm.general_plugins" in entry_points and "sglang.srt.plugins" in entry_points
+        source = (export_module.source_tree() / "banpick_cli" / "runtime" / "engine.py").read_bytes()
+        assert archive.read("banpick_cli/runtime/engine.py") == source
+    docker = (bundle / "Dockerfile.banpick").read_text().splitlines()
+    runs = [line for line in docker if line.startswith("RUN ")]
+    assert runs == [f"RUN pip install --no-cache-dir --no-deps --no-index /opt/banpick/bundle/wheels/{wheel_name()}"]
+    assert docker[1] == "FROM vllm/vllm-openai:v0.33.0" and docker.index("COPY . /opt/banpick/bundle") < docker.index(runs[0])
+    # Readable by a serving user who is not the exporter: files 0644, folders 0755.
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o755 and stat.S_IMODE((bundle / "wheels").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in bundle.rglob("*") if p.is_file()} == {0o644}
+
+
+def _fake_install_from(wheel, monkeypatch):
+    """This process as an install from a wheel file: no source tree, pip's record names `wheel`."""
+    monkeypatch.setattr(export_module, "source_tree", lambda: None)
+    monkeypatch.setattr(export_module, "installed_wheel", lambda: wheel)
+
+
+def test_an_install_from_a_wheel_copies_it_and_one_without_sources_fails_leaving_nothing(vllm_bundle, full_profile,
+                                                                                        tmp_path, monkeypatch):
+    wheel = shutil.copy(vllm_bundle.out / "wheels" / wheel_name(), tmp_path / wheel_name())
+    _fake_install_from(wheel, monkeypatch)
+    os.umask(0o077)  # a private umask must not make the bundle unreadable for the serving user
+    try:
+        result = export_bundle(full_profile, "sglang", tmp_path / "out" / "bundle", method="ban")
+    finally:
+        os.umask(0o022)
+    assert result.manifest["wheel"]["from"] == f"copied {wheel}"
+    assert (result.out / "wheels" / wheel_name()).read_bytes() == (tmp_path / wheel_name()).read_bytes()
+    assert {stat.S_IMODE(p.stat().st_mode) for p in result.out.rglob("*")} == {0o644, 0o755}
+    assert "lmsysorg/sglang:v0.5.23" in (result.out / "Dockerfile.banpick").read_text()
+
+    _fake_install_from(None, monkeypatch)  # installed from an index: neither sources nor a wheel file
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(ExportError, match="installed without its source tree") as failed:
+        export_bundle(full_profile, "vllm", tmp_path / "new" / "bundle", method="ban")
+    assert "\n" not in str(failed.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no bundle, no temporary folder, no parent made
+    # The HF target carries no wheel (the user's own Python installs banpick), so it still exports.
+    assert "wheel" not in export_bundle(full_profile, "hf", tmp_path / "hf", method="ban").manifest
+
+
+def test_a_failed_export_leaves_nothing_and_an_earlier_bundle_whole(vllm_bundle, full_profile, tmp_path, monkeypatch):
+    _fake_install_from(shutil.copy(vllm_bundle.out / "wheels" / wheel_name(), tmp_path / wheel_name()), monkeypatch)
+    out = tmp_path / "bundle"
+    first = export_bundle(full_profile, "vllm", out, method="ban")
+    kept = {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    real_write_text = type(out).write_text
+
+    def full_disk_on_readme(self, text, *args, **kwargs):
+        if self.name == "README.md":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real_write_text(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(out), "write_text", full_disk_on_readme)
+    with pytest.raises(OutputError) as failed:
+        export_bundle(full_profile, "vllm", out, method="banpick", domain="math")
+    message = str(failed.value)
+    assert "\n" not in message and "No space left on device" in message and str(out) in message
+    assert ".tmp" not in message  # names the bundle, not its staging folder
+    assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bundle", "full.safetensors", wheel_name()])
+    monkeypatch.setattr(type(out), "write_text", real_write_text)
+    # A successful export replaces the earlier bundle whole: the hf bundle has no wheels folder.
+    again = export_bundle(full_profile, "hf", out, method="ban")
+    assert not (out / "wheels").exists() and again.manifest["target"] == "hf" and first.manifest["target"] == "vllm"
+    # A folder holding something else is not overwritten.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep")
+    with pytest.raises(OutputError, match="not a banpick bundle"):
+        export_bundle(full_profile, "hf", other, method="ban")
+    assert [p.name for p in other.iterdir()] == ["mine.txt"]
 
 
 def test_method_chosen_at_serve_time(qwen, full_profile, tmp_path):
