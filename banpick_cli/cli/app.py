@@ -59,6 +59,8 @@ def profile(
         return  # rank 0 reports for the whole data-parallel run
     if result.stale_sidecar:
         err_console.print("note: discarded partial counts of an earlier run with other settings, data or model")
+    for note in result.notes:
+        err_console.print(f"note: {note}", highlight=False)
     summary = {
         "profile": str(result.path),
         "domain": result.domain,

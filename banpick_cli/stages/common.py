@@ -1,12 +1,14 @@
 """The skeleton every stage shares: its calibration text, the model, the profile it updates, a resumable
 loop, and the provenance it stores.
 
-    text settings (TextSettings) -> load_domain_text -> load the model -> open_for_update
-    -> with resumable(...): the pass, saving to its sidecar -> store with provenance() -> write_profile
+    text settings (TextSettings) -> check_model -> load_domain_text -> load the model -> open_for_update
+    -> with resumable(...): the pass, saving to its sidecar -> store(): under the profile's lock, re-read,
+       set the stage's own entries and provenance(), write atomically
 """
 
 from __future__ import annotations
 
+import copy
 import shlex
 import sys
 from contextlib import contextmanager
@@ -79,6 +81,43 @@ def resumable(stage: str, out: Path, done: Callable[[], int], total: int, unit: 
     except KeyboardInterrupt:
         raise Interrupted(f"{stage} stopped: {done()} of {total} {unit} finished and saved beside {out}; "
                           "rerun the same command to resume") from None
+
+
+def check_model_first(model: str, loaded) -> None:
+    """Reads the model's config (no weights) before any data is fetched: a mistyped --model, an empty folder
+    or a dense model is reported as such, at once, not as a dataset problem after a download."""
+    if loaded is None:
+        from banpick_cli.models.loading import check_model
+
+        check_model(model)
+
+
+def store(out: Path, source: RoutingProfile, loaded: LoadedModel, change: Callable[[RoutingProfile], Any], *,
+          domain: str | None = None) -> RoutingProfile:
+    """Writes a stage's results into the profile at `out` under its lock and returns what was written.
+
+    The file is read again under the lock, so whatever other writers stored meanwhile (other domains,
+    other stages) is kept and `change` sets only this stage's entries; a new `out` starts from `source`,
+    the profile the stage read. With `domain`, refuses when that domain's usage counts in `out` changed
+    since the stage read them (its results would belong to other counts).
+    """
+    import torch
+
+    from banpick_cli.profile.format import update_profile
+
+    def apply(current: RoutingProfile) -> None:
+        if not current.tensors and not current.provenance:  # a new file: what the stage read, then its results
+            current.tensors.update(source.tensors)
+            current.settings.update(copy.deepcopy(source.settings))
+            current.provenance.update(copy.deepcopy(source.provenance))
+        if domain is not None:
+            read, now = source.domain(domain).find("expert_counts"), current.domain(domain).find("expert_counts")
+            if read is not None and (now is None or not torch.equal(read, now)):
+                raise ProfileError(f"the usage counts of '{domain}' in {out} changed while this stage ran "
+                                   "(another `banpick profile` wrote them); rerun this stage")
+        change(current)
+
+    return update_profile(out, apply, model=loaded.identity, fingerprint=loaded.fingerprint)[0]
 
 
 def check_ban_knobs(*, k_min: int = K_MIN, lam: float = LAM, beta: float = BETA, k_base: int | None = None) -> None:

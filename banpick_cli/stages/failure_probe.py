@@ -28,13 +28,13 @@ from pathlib import Path
 import torch
 
 from banpick_cli.passes.resume import Partial, Sidecar, run_fingerprint, terminate_as_interrupt
-from banpick_cli.stages.common import open_for_update, provenance
+from banpick_cli.stages.common import check_model_first, open_for_update, provenance, store
 from banpick_cli.evaluation.harness import EvalOptions, check_code_sandbox, TaskRun, require_answers, run_tasks
 from banpick_cli.checks import at_least, domain_name, expert_choice, number, one_of
 from banpick_cli.errors import BanpickError, ProfileError
 from banpick_cli.models.loading import LoadedModel, load_model
 from banpick_cli.paths import DEMO_MODEL_NAME
-from banpick_cli.profile.format import RoutingProfile, ensure_writable, write_profile
+from banpick_cli.profile.format import RoutingProfile, ensure_writable
 from banpick_cli.progress import ProgressEvent, ProgressFn, silent
 from banpick_cli.tasks.registry import TaskSet, load_task_set
 
@@ -188,6 +188,7 @@ def run_failure_probe(
     if not path.is_file():
         raise ProfileError(f"profile not found: {path}; run `banpick profile --domain {settings.domain} --out {path}` first")
     ensure_writable(path)
+    check_model_first(model, loaded)
     task_set = load_task_set(settings.task, limit=settings.limit, offset=settings.offset)
     check_code_sandbox([task_set], settings.options)
     if loaded is None:
@@ -243,8 +244,8 @@ def run_failure_probe(
                                    note=f"L{loaded.identity.moe_layers[layer]}E{expert}: {run.correct}/{len(failures)}"))
     key, floor = choose_key_experts(fixed, kl, settings)
     wall = time.perf_counter() - start
-    _store(prof, loaded, settings, task_set, failure_ids, baseline_correct, fixed, key, floor, wall, len(candidates))
-    write_profile(prof, path)
+    prof = store(path, prof, loaded, lambda p: _store(p, loaded, settings, task_set, failure_ids, baseline_correct, fixed,
+                                                      key, floor, wall, len(candidates)), domain=settings.domain)
     sidecar.remove()
     return FailureProbeResult(prof, path, settings.domain, task_set.name, len(task_set.tasks), baseline_correct,
                               failure_ids, fixed, key, floor, wall, resumed=done, stale_sidecar=sidecar.stale)

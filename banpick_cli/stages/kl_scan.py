@@ -15,13 +15,13 @@ from pathlib import Path
 import torch
 
 from banpick_cli.passes.resume import LayerCheckpoint, digest, mask_digest, previous_output, texts_digest
-from banpick_cli.stages.common import TextSettings, load_domain_text, provenance, resumable
+from banpick_cli.stages.common import TextSettings, check_model_first, load_domain_text, provenance, resumable, store
 from banpick_cli.passes.kl import TOP_TOKENS, KLEngine, LayerPlan, RouteVariant
 from banpick_cli.checks import at_least, expert_choice, number, one_of
 from banpick_cli.errors import ProfileError
 from banpick_cli.models.loading import LoadedModel, load_model
 from banpick_cli.paths import DEMO_MODEL_NAME
-from banpick_cli.profile.format import RoutingProfile, check_fingerprint, ensure_writable, read_profile, write_profile
+from banpick_cli.profile.format import RoutingProfile, check_fingerprint, ensure_writable, read_profile
 from banpick_cli.progress import ProgressFn, silent
 from banpick_cli.routing import RouterSpec, route, weights_for
 
@@ -202,6 +202,7 @@ def run_kl_scan(
     ensure_writable(out)
     prof = read_profile(source)
     scanned = scanned_experts(prof, settings)
+    check_model_first(model, loaded)
     domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
     loaded = loaded or load_model(model, device=device, dtype=dtype)
     check_fingerprint(prof, loaded.fingerprint, path=source)
@@ -236,19 +237,23 @@ def run_kl_scan(
 
     kl = checkpoint.values.masked_fill(~scanned, float("nan"))
     key = settings.key_rule.choose(kl)
-    prof.domain(domain.name).put("kl", kl)
-    prof.domain(domain.name).put("key_experts", key)
-    prof.domain(domain.name).settings["key_experts"] = {
-        "rule": asdict(settings.key_rule), "source": "kl-scan", "prune": settings.prune, "top_tokens": engine.top_tokens,
-    }
     old = prof.recorded("kl-scan", domain.name)
     facts = dict(dataset=text.source, split=text.split, samples=len(text.texts), seq_len=settings.seq_len, seed=settings.seed,
                  tokens=engine.tokens, wall_s=round(wall, 3) if plans else old.get("wall_s"))
-    prof.record("kl-scan", domain.name, provenance("kl-scan", settings, loaded, **facts, run=run, top_tokens=engine.top_tokens,
-                                                   experts_scanned=int(scanned.sum()), layers_resumed=resumed))
-    write_profile(prof, out)
+    record = provenance("kl-scan", settings, loaded, **facts, run=run, top_tokens=engine.top_tokens,
+                        experts_scanned=int(scanned.sum()), layers_resumed=resumed)
+
+    def change(p: RoutingProfile) -> None:
+        view = p.domain(domain.name)
+        view.put("kl", kl)
+        view.put("key_experts", key)
+        view.settings["key_experts"] = {"rule": asdict(settings.key_rule), "source": "kl-scan", "prune": settings.prune,
+                                        "top_tokens": engine.top_tokens}
+        p.record("kl-scan", domain.name, record)
+
+    prof = store(out, prof, loaded, change, domain=domain.name)
     checkpoint.finish()
-    return KLScanResult(prof, out, domain.name, kl, key, resumed, len(plans), engine.tokens, wall, engine.notes)
+    return KLScanResult(prof, out, domain.name, kl, key, resumed, len(plans), engine.tokens, wall, [*text.notes, *engine.notes])
 
 
 def _finished(prof: RoutingProfile, run: str, domain: str) -> torch.Tensor | None:

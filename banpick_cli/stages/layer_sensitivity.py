@@ -18,13 +18,15 @@ from pathlib import Path
 import torch
 
 from banpick_cli.passes.resume import LayerCheckpoint, digest, previous_output, texts_digest
-from banpick_cli.stages.common import TextSettings, check_ban_knobs, load_domain_text, open_for_update, provenance, resumable
+from banpick_cli.stages.common import (
+    TextSettings, check_ban_knobs, check_model_first, load_domain_text, open_for_update, provenance, resumable, store,
+)
 from banpick_cli.passes.kl import TOP_TOKENS, KLEngine, LayerPlan, RouteVariant
 from banpick_cli.checks import at_least, number, one_of
 from banpick_cli.errors import BadSetting
 from banpick_cli.models.loading import LoadedModel, load_model
 from banpick_cli.paths import DEMO_MODEL_NAME
-from banpick_cli.profile.format import RoutingProfile, ensure_writable, read_profile, write_profile
+from banpick_cli.profile.format import RoutingProfile, ensure_writable, read_profile
 from banpick_cli.progress import ProgressFn, silent
 from banpick_cli.routing import BETA, K_MIN, LAM, RouterSpec, keep_top, token_ratio
 
@@ -175,6 +177,7 @@ def run_layer_sensitivity(
     if existing is not None:
         settings.check_model(existing.model.k_base)
     settings = replace(settings, domain=resolve_domain(settings, existing))
+    check_model_first(model, loaded)
     domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
     loaded = loaded or load_model(model, device=device, dtype=dtype)
     k_base = loaded.routing.top_k
@@ -205,23 +208,27 @@ def run_layer_sensitivity(
     w = checkpoint.values.clone()
     sensitivity = normalised(w)
     r_min, r_max, pooled_min, pooled_max = ratios.ranges(settings.ratio_percentile)
-    for part, tensor in (("layer_kl", w), ("layer_sensitivity", sensitivity), ("ratio_min", r_min),
-                         ("ratio_max", r_max), ("ratio_hist", ratios.hist)):
-        prof.ban.put(part, tensor)
     ban = {
         "k_base": k_base, "k_min": settings.k_min, "lam": settings.lam, "beta": settings.beta,
         "ratio_k_num": settings.k_num, "ratio_scope": settings.ratio_scope, "ratio_percentile": settings.ratio_percentile,
         "ratio_min_global": pooled_min, "ratio_max_global": pooled_max, "ratio_bins": settings.ratio_bins,
         "top_tokens": engine.top_tokens,
     }
-    prof.ban.set_settings(ban)
-    prof.record(stage, None, provenance(
+    record = provenance(
         stage, settings, loaded, dataset=text.source, split=text.split, samples=len(text.texts), tokens=engine.tokens,
         seq_len=settings.seq_len, seed=settings.seed, wall_s=round(wall, 3), run=run, top_tokens=engine.top_tokens,
         layers_resumed=resumed,
-    ))
-    write_profile(prof, out)
+    )
+
+    def change(p: RoutingProfile) -> None:
+        for part, tensor in (("layer_kl", w), ("layer_sensitivity", sensitivity), ("ratio_min", r_min),
+                             ("ratio_max", r_max), ("ratio_hist", ratios.hist)):
+            p.ban.put(part, tensor)
+        p.ban.set_settings(ban)
+        p.record(stage, None, record)
+
+    prof = store(out, prof, loaded, change)
     checkpoint.finish()
     return LayerSensitivityResult(prof, out, domain.name, w, sensitivity, r_min, r_max, ratios.hist, ban, resumed,
-                                  len(plans), engine.tokens, wall, engine.notes)
+                                  len(plans), engine.tokens, wall, [*text.notes, *engine.notes])
 

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from banpick_cli.passes.resume import Sidecar, run_fingerprint, texts_digest
-from banpick_cli.stages.common import CandidateKnobs, TextSettings, load_domain_text, open_for_update, provenance
+from banpick_cli.stages.common import CandidateKnobs, TextSettings, check_model_first, store, load_domain_text, open_for_update, provenance
 from banpick_cli.passes.distributed import Dist, init_from_env
 from banpick_cli.passes.usage import UsageCounts, count_usage
 from banpick_cli.passes.usage_pass import RunOptions, count_usage_pass
@@ -19,7 +19,7 @@ from banpick_cli.data import CalibrationText, Domain
 from banpick_cli.errors import BadSetting
 from banpick_cli.models.loading import LoadedModel, load_model, resolve_device
 from banpick_cli.paths import DEMO_MODEL_NAME
-from banpick_cli.profile.format import RoutingProfile, ensure_writable, write_profile
+from banpick_cli.profile.format import RoutingProfile, ensure_writable
 from banpick_cli.progress import ProgressFn, silent
 
 # Stage results computed from a domain's usage; stale once its counts change.
@@ -49,6 +49,7 @@ class ProfileResult:
     world: int = 1
     resumed_batches: int = 0  # batches taken from a checkpoint sidecar instead of recomputed
     stale_sidecar: bool = False  # a sidecar of another run (other settings, data or model) was discarded
+    notes: tuple[str, ...] = ()  # what the user should know (fewer texts than asked for)
 
     @property
     def tokens_per_s(self) -> float:
@@ -128,6 +129,7 @@ def run_profile(
                              "--nproc-per-node 1 (one rank per machine), or drop it and let each rank take one GPU")
         if dist.is_main:
             ensure_writable(out)
+        check_model_first(model, loaded)
         domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
         run_device = _run_device(device, dist)
         if loaded is None and options.sequential:
@@ -137,6 +139,9 @@ def run_profile(
             loaded = load_model(model, device=str(run_device), dtype=dtype, device_map=options.device_map)
         if not options.sequential:
             run_device = loaded.device
+        if settings.candidate_top >= loaded.routing.num_experts:
+            raise BadSetting(f"--candidate-top {settings.candidate_top} would mark every used expert: this model has "
+                             f"{loaded.routing.num_experts} per layer (give fewer, or 0 for the ratio rule alone)")
         profile = open_for_update(out, loaded) if dist.is_main else None
         sidecar = _sidecar(out, loaded, settings, domain, text, dist) if options.checkpoint_every else None
         start = time.perf_counter()
@@ -152,13 +157,14 @@ def run_profile(
                 facts.update(sequential=True, run_device=str(run_device))
             if options.device_map:
                 facts["device_map"] = options.device_map
-            dropped = store_usage(profile, loaded, settings, domain, text, done.usage, wall, **facts)
-            write_profile(profile, out)
+            profile = store(out, profile, loaded,
+                            lambda p: dropped.extend(store_usage(p, loaded, settings, domain, text, done.usage, wall, **facts)))
         dist.barrier()  # every rank's sidecar stays until the profile is safely written
         if sidecar is not None:
             sidecar.remove()
         return ProfileResult(profile, out, domain.name, done.usage, wall, dropped, rank=dist.rank, world=dist.world,
-                             resumed_batches=done.resumed_batches, stale_sidecar=bool(sidecar and sidecar.stale))
+                             resumed_batches=done.resumed_batches, stale_sidecar=bool(sidecar and sidecar.stale),
+                             notes=text.notes)
     finally:
         dist.close()
 

@@ -90,3 +90,18 @@ def test_full_disk_is_one_line_and_leaves_nothing(made, tmp_path, name):
         assert leftovers(disk) == []
         assert sorted(p.name for p in disk.iterdir() if p.name != ".filler" and not p.name.endswith(".lock")) == ["p.safetensors"]
         assert (disk / "p.safetensors").read_bytes() == kept
+
+
+def test_candidate_top_at_or_above_the_experts_is_refused_before_counting(tiny_models, data_file, tmp_path):
+    out = tmp_path / "p.safetensors"
+    result = _run("profile", "--model", tiny_models["qwen3_moe"], "--domain", "math", "--data", data_file, "--samples", 2,
+                  "--candidate-top", 1000, "--out", out, "--device", "cpu", "--no-progress")
+    _clean_failure(result, "--candidate-top 1000 would mark every used expert")
+    assert not out.exists()
+
+
+def test_a_mistyped_model_is_reported_as_a_model_before_any_data(tmp_path):
+    result = _run("profile", "--model", tmp_path / "no-such-model", "--domain", "math", "--out", tmp_path / "p.safetensors",
+                  "--no-progress")
+    _clean_failure(result, "no-such-model")
+    assert "dataset" not in result.output
