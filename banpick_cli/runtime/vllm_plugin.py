@@ -4,7 +4,7 @@ With BANPICK_PROFILE set, every vLLM process that loads the model (each worker, 
 the profile against the loaded routers after weights are loaded, and reroutes each MoE layer the
 plan changes by shadowing that layer router's `_compute_routing` (vLLM's routers are objects since
 the MoE router refactor, PR #30623; see docs/runtimes.md for the source lines). Without
-BANPICK_PROFILE the plugin does nothing. Targets vLLM >=0.23,<0.27.
+BANPICK_PROFILE the plugin does nothing. Targets vLLM >=0.26,<0.34 (SUPPORTED).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from banpick_cli.runtime.engine import (
 )
 
 logger = logging.getLogger("banpick")
-# Versions whose loader, MoE runner and router seams tests/engines/ has run (docs/runtimes.md).
-SUPPORTED = ((0, 33), (0, 34))
+# tests/engines/ ran on 0.26.0 and 0.33.0; the seams in between were read in each release's wheel
+# (docs/runtimes.md, "vLLM versions").
+SUPPORTED = ((0, 26), (0, 34))
 _MARK = "_banpick_wrapped"
 _armed = False
 
@@ -76,6 +77,10 @@ def install(model: torch.nn.Module, *, engine: str = "vLLM", enforce_eager: bool
     if len(slots) != 1:
         raise EngineUnsupported(f"{engine}: MoE layers disagree on top_k ({sorted(slots)})")
     router = EngineRouter(settings, gates, engine=engine, slots=slots.pop())
+    unreachable = sorted(set(router.position) - set(runners))
+    if unreachable:  # a layer whose router we cannot shadow would silently keep its own routing
+        raise EngineUnsupported(f"{engine}: MoE layers {unreachable[:8]} have no router object to reroute (module with "
+                                "`.router` and `.layer_name`): this vLLM version or model is not supported")
     if enforce_eager is False and not router.capture_safe:
         raise EngineUnsupported(f"Pick {router.plan.params.get('strategy')} cannot run inside CUDA graphs: add --enforce-eager")
     for index, runner in runners.items():

@@ -234,25 +234,64 @@ def _vllm_arrays(path: Path) -> Iterator[Any]:
     if suffix == ".npy":
         import numpy as np
 
-        array = np.load(path, allow_pickle=False)
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError, EOFError) as err:
+            raise DataError(f"{path}: not a readable .npy array ({_first_line(err)})") from None
         yield from (array if array.ndim == 4 else [array])
     elif suffix == ".npz":
+        import zipfile
+
         import numpy as np
 
-        with np.load(path, allow_pickle=False) as archive:
-            for name in archive.files:
-                yield archive[name]
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = [archive[name] for name in archive.files]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+            raise DataError(f"{path}: not a readable .npz archive ({_first_line(err)})") from None
+        yield from arrays
     elif suffix in (".pt", ".pth"):
         data = _load_torch(path)
         items = data.values() if isinstance(data, dict) else data if isinstance(data, (list, tuple)) else [data]
         yield from items
     elif suffix in (".json", ".jsonl"):
-        text = path.read_text()
-        objects = [json.loads(line) for line in text.splitlines() if line.strip()] if suffix == ".jsonl" else [json.loads(text)]
-        for obj in objects:
+        for obj in _json_objects(path, lines=suffix == ".jsonl"):
             yield from _from_response(obj, path)
     else:
         raise DataError(f"{path}: expected .npy, .npz, .pt, .json or .jsonl routed-experts output")
+
+
+def _json_objects(path: Path, *, lines: bool) -> list[Any]:
+    """Returns the JSON values of a .json file (one) or a .jsonl file (one per non-empty line); a binary,
+    non-UTF-8 or malformed file is one DataError naming the line."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror or err})") from None
+    if b"\0" in data[:8192]:
+        raise DataError(f"{path}: a binary file, not JSON{'L' if lines else ''} responses (NUL bytes in it)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} at line {line}); save the responses as UTF-8 JSON") from None
+    if not lines:
+        try:
+            return [json.loads(text)]
+        except ValueError as err:
+            raise DataError(f"{path}: not JSON ({_first_line(err)}); expected one response or a list of them") from None
+    objects = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                objects.append(json.loads(line))
+            except ValueError as err:
+                raise DataError(f"{path}: line {number} is not JSON ({_first_line(err)}); expected one response per line") from None
+    return objects
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
 
 
 def _from_response(obj: Any, path: Path) -> Iterator[Any]:
@@ -315,7 +354,11 @@ def read_vllm(paths: Iterable[str], identity: ModelIdentity, *, replicas: int = 
     files = _files(paths, ("*.npz", "*.npy", "*.pt", "*.jsonl", "*.json"))
     for path in files:
         for array in _vllm_arrays(path):
-            ids = torch.as_tensor(array).long()
+            try:
+                ids = torch.as_tensor(array).long()
+            except (TypeError, ValueError, RuntimeError) as err:
+                raise DataError(f"{path}: routed experts must be integer arrays [tokens, layers, top_k] "
+                                f"({_first_line(err)})") from None
             if ids.numel() == 0:
                 continue
             if ids.dim() != 3:

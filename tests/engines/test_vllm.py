@@ -116,7 +116,7 @@ def test_the_entry_point_arms_the_plugin_on_every_loader(engine):
     from vllm.model_executor.model_loader.base_loader import BaseModelLoader
     from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 
-    assert vllm.__version__ == "0.33.0" or os.environ.get("BANPICK_ALLOW_UNTESTED_ENGINE") == "1"
+    assert vllm.__version__ in ("0.26.0", "0.33.0") or os.environ.get("BANPICK_ALLOW_UNTESTED_ENGINE") == "1"
     assert vllm_plugin._armed
     for cls in (BaseModelLoader, DefaultModelLoader):
         assert getattr(cls.load_model, "_banpick_wrapped", False), cls
@@ -176,8 +176,12 @@ def test_a_monolithic_kernel_or_an_unknown_one_is_refused(engine, monkeypatch):
 
 def test_vllms_argument_parser_accepts_every_flag_a_bundle_writes(engine, tmp_path, monkeypatch):
     from vllm.engine.arg_utils import EngineArgs
-    from vllm.entrypoints.common.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    try:
+        from vllm.entrypoints.common.cli_args import make_arg_parser  # 0.33
+    except ImportError:
+        from vllm.entrypoints.openai.cli_args import make_arg_parser  # 0.26
 
     from banpick_cli.runtime.export import export_bundle
     from banpick_cli.runtime.snippets import engine_flags, serve_command
@@ -202,15 +206,9 @@ def test_vllms_argument_parser_accepts_every_flag_a_bundle_writes(engine, tmp_pa
 
 def test_the_routed_experts_capturer_and_server_encoding_give_what_banpick_routed(engine, tmp_path):
     from vllm.forward_context import set_forward_context
-    from vllm.model_executor.layers.fused_moe.routed_experts_capturer import (
-        RoutedExpertsCapturer,
-        bind_routed_experts_capturer,
-    )
-    from vllm.utils.serial_utils import numpy2base64
 
     model = load(engine)
-    capturer = RoutedExpertsCapturer(64, engine)
-    bind_routed_experts_capturer(model, capturer)
+    snapshot = _bind_capturer(model, engine)
     gen = torch.Generator().manual_seed(1)
     tokens = 40
     routed = {}
@@ -218,11 +216,12 @@ def test_the_routed_experts_capturer_and_server_encoding_give_what_banpick_route
         for index, runner in sorted(runners(model).items()):
             logits = torch.randn(tokens, 32, generator=gen) * 2
             routed[index] = runner.router.select_experts(torch.zeros(tokens, 128), logits)
-    array = capturer.snapshot_routing_data(tokens).numpy()  # [tokens, layers, top_k], uint8
+    array = snapshot(tokens)  # [tokens, layers, top_k], uint8
     assert array.shape == (tokens, 4, 8) and array.dtype.name == "uint8"
     for index, (weights, ids) in routed.items():
         assert (array[:, index] == ids.numpy()).all()  # the capturer sees banpick's routing, pruned slots too
     # What the OpenAI server returns per choice since vLLM 0.26: base64 of the .npy bytes.
+    numpy2base64 = _server_encoding()
     response = {"id": "cmpl-1", "object": "text_completion", "choices": [
         {"index": 0, "text": "...", "routed_experts": numpy2base64(array[: tokens - 1])}]}
     path = tmp_path / "responses.jsonl"
@@ -232,6 +231,47 @@ def test_the_routed_experts_capturer_and_server_encoding_give_what_banpick_route
     for index, (_, ids) in routed.items():
         expected[index].scatter_add_(0, ids[: tokens - 1].long()[live[index]], torch.ones(int(live[index].sum()), dtype=torch.int64))
     _check_import(path, expected, tokens - 1)
+
+
+def _bind_capturer(model, config):
+    """Binds vLLM's RoutedExpertsCapturer to the model's routers as the worker does; returns
+    tokens -> the [tokens, layers, top_k] ids the scheduler hands the server (uint8 for <= 256 experts)."""
+    from vllm.model_executor.layers.fused_moe import routed_experts_capturer as rec
+
+    capturer = rec.RoutedExpertsCapturer(64, config)
+    if hasattr(rec, "bind_routed_experts_capturer"):  # 0.28+
+        rec.bind_routed_experts_capturer(model, capturer)
+        return lambda tokens: capturer.snapshot_routing_data(tokens).numpy()
+    # 0.26/0.27: GPUModelRunner binds it; the int32 device buffer is narrowed by RoutedExpertsManager.store_batch.
+    from types import SimpleNamespace
+
+    import numpy as np
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    GPUModelRunner._bind_routed_experts_capturer(SimpleNamespace(model=model), capturer)
+    return lambda tokens: capturer.get_device_buffer()[:tokens].numpy().astype(np.uint8)
+
+
+def _server_encoding():
+    """Returns how this vLLM's OpenAI server encodes routed_experts: `numpy2base64` (0.28+), or the same
+    np.save + base64 written inline in completion/serving.py and chat_completion/serving.py (0.26, 0.27)."""
+    try:
+        from vllm.utils.serial_utils import numpy2base64
+    except ImportError:
+        import base64
+        import inspect
+        import io
+
+        import numpy as np
+        from vllm.entrypoints.openai.completion import serving
+
+        assert "np.save(buf, output.routed_experts)" in inspect.getsource(serving)
+
+        def numpy2base64(array):
+            buf = io.BytesIO()
+            np.save(buf, array)
+            return base64.b64encode(buf.getvalue()).decode("ascii")
+    return numpy2base64
 
 
 def _check_import(path, expected, tokens):

@@ -174,6 +174,11 @@ def test_vllm_refuses_what_it_cannot_route(tiny_models, profile_env, tmp_path):
     vllm_plugin.install(model)
     with pytest.raises(EngineUnsupported, match="weights differ"):
         loaded.layers[0].block.experts_runner.router.select_experts(torch.zeros(64, 32), _logits(loaded))
+    # A MoE layer whose runner the plugin cannot find (another runner class) is refused, not left unrouted.
+    loaded = load_model(str(tiny_models["qwen3_moe"]), device="cpu")
+    model = engine_model(loaded, lambda layer: Runner(VllmLikeRouter(k, True), name(layer) if layer.position else "x"))
+    with pytest.raises(EngineUnsupported, match=r"MoE layers \[0\] have no router object"):
+        vllm_plugin.install(model)
     # A profile of another checkpoint is refused at load.
     other = load_model(str(build_model("qwen3_moe", tmp_path / "other", seed=9)), device="cpu")
     profile_env(other, "ban")

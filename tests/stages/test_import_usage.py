@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 
 import numpy as np
@@ -141,3 +143,106 @@ def test_import_usage_command_writes_a_profile(served, tmp_path):
     # A second import updates the same profile in place.
     run_import(ImportSettings(engine="vllm", domain="other", files=(str(tmp_path / "traffic.npz"),)), model=path, out=out)
     assert read_profile(out).domains() == ["other", "prod-chat"]
+
+
+# --- vLLM's OpenAI server since 0.26: routed_experts as base64 .npy ---------------------------------------
+def numpy2base64(array: np.ndarray) -> str:
+    """What vLLM's server sends per choice (`vllm/utils/serial_utils.py` numpy2base64 since 0.28; the same
+    np.save + base64 inline in 0.26/0.27's completion and chat serving)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _counts(arrays, moe_rows, experts):
+    """Returns expected [moe layers, E] counts of (token, expert) pairs, each pair once."""
+    out = torch.zeros(len(moe_rows), experts, dtype=torch.int64)
+    for a in arrays:
+        for position, row in enumerate(moe_rows):
+            for token in torch.as_tensor(a[:, row]).long():
+                out[position, token.unique()] += 1
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int32"])
+def test_vllm_server_base64_npy_in_completion_and_chat_responses(served, tmp_path, dtype):
+    path, loaded, per_text, _ = served
+    moe, E = list(loaded.identity.moe_layers), loaded.routing.num_experts
+    # The server returns [tokens - 1, MoE layers, top_k]: the last sampled token was never forwarded.
+    arrays = [r[:-1, moe].numpy().astype(dtype) for r in per_text]
+    completion = {"id": "cmpl-1", "object": "text_completion", "model": path,
+                  "choices": [{"index": 0, "text": "..", "finish_reason": "length", "routed_experts": numpy2base64(arrays[0])}]}
+    chat = {"id": "chatcmpl-1", "object": "chat.completion", "model": path,
+            "choices": [{"index": i, "message": {"role": "assistant", "content": ".."}, "finish_reason": "stop",
+                         "routed_experts": numpy2base64(a)} for i, a in enumerate(arrays[1:3])]}
+    (tmp_path / "server.jsonl").write_text(json.dumps(completion) + "\n\n" + json.dumps(chat) + "\n")
+    (tmp_path / "one.json").write_text(json.dumps({**completion, "choices": [
+        {**completion["choices"][0], "routed_experts": numpy2base64(arrays[3])}]}))
+    usage = read_vllm([str(tmp_path / "server.jsonl"), str(tmp_path / "one.json")], loaded.identity)
+    assert torch.equal(usage.expert_counts, _counts(arrays, range(len(moe)), E))
+    assert usage.token_counts.tolist() == [sum(len(a) for a in arrays)] * len(moe) and usage.tokens_exact
+    assert usage.sequences == 4 and usage.notes == []
+
+
+def test_vllm_nested_lists_of_older_servers(served, tmp_path):
+    """vLLM 0.21-0.25: int lists, prompt_routed_experts per response and routed_experts per choice; a .json list."""
+    path, loaded, per_text, _ = served
+    moe, E = list(loaded.identity.moe_layers), loaded.routing.num_experts
+    responses = [{"id": f"cmpl-{i}", "prompt_routed_experts": r[:3, moe].tolist(),
+                  "choices": [{"index": 0, "text": "..", "routed_experts": r[3:, moe].tolist()}]} for i, r in enumerate(per_text)]
+    (tmp_path / "responses.json").write_text(json.dumps(responses))
+    usage = read_vllm([str(tmp_path / "responses.json")], loaded.identity)
+    assert torch.equal(usage.expert_counts, _counts([r[:, moe] for r in per_text], range(len(moe)), E))
+    assert usage.token_counts.tolist() == [sum(r.shape[0] for r in per_text)] * len(moe)
+
+
+def test_each_token_expert_pair_counts_once(served, tmp_path):
+    """A banpick-routed server fills a pruned slot with the token's first expert at weight 0: counted once."""
+    path, loaded, per_text, _ = served
+    moe, E, K = list(loaded.identity.moe_layers), loaded.routing.num_experts, loaded.routing.top_k
+    routed = per_text[0][:, moe].clone()  # [T, M, K]
+    pruned = routed.clone()
+    pruned[0, 0, 1:] = pruned[0, 0, :1]  # token 0 keeps one expert at the first MoE layer
+    pruned[2:, 1, K - 1] = pruned[2:, 1, 0]  # from token 2 on, the second MoE layer drops its last slot
+    (tmp_path / "pruned.json").write_text(json.dumps({"choices": [{"routed_experts": numpy2base64(pruned.numpy().astype("uint8"))}]}))
+    usage = read_vllm([str(tmp_path / "pruned.json")], loaded.identity)
+    expected = _counts([pruned], range(len(moe)), E)
+    assert torch.equal(usage.expert_counts, expected)
+    T = routed.shape[0]
+    assert usage.expert_counts.sum(-1).tolist() == [T * K - (K - 1), T * K - (T - 2)]
+    assert usage.token_counts.tolist() == [T, T]
+    assert any(f"{(K - 1) + (T - 2)} repeated (token, expert) slots counted once" in n for n in usage.notes)
+
+
+def test_unreadable_vllm_files_are_one_line(served, tmp_path):
+    path, loaded, per_text, _ = served
+    moe, K = list(loaded.identity.moe_layers), loaded.routing.top_k
+    ids = per_text[0][:, moe].numpy().astype("uint8")
+    cases = {
+        "notjson.json": (b'{"choices": [{"routed_experts": ', "not JSON"),
+        "notjson.jsonl": (b'{"choices": []}\n{oops\n', "line 2 is not JSON"),
+        "binary.jsonl": (bytes(range(256)) * 4, "a binary file"),
+        "latin1.jsonl": ('{"id": "caf\u00e9"}\n'.encode("latin-1"), "not UTF-8 text (byte 0xe9 at line 1)"),
+        "none.json": (json.dumps({"id": "cmpl-1", "choices": [{"index": 0, "text": "hi"}]}).encode(),
+                      "--enable-return-routed-experts"),
+        "flat.json": (json.dumps({"choices": [{"routed_experts": numpy2base64(ids[:, 0])}]}).encode(),
+                      "must be [tokens, layers, top_k], got shape"),
+        "garbled.json": (json.dumps({"choices": [{"routed_experts": "bm90IGFuIG5weQ=="}]}).encode(),
+                         "not base64 of a .npy array"),
+        "floats.json": (json.dumps({"choices": [{"routed_experts": numpy2base64(ids.astype("float32"))}]}).encode(),
+                        "float32 values"),
+        "number.json": (json.dumps({"choices": [{"routed_experts": 7}]}).encode(), "routed_experts is a int"),
+        "ragged.json": (json.dumps({"choices": [{"routed_experts": [[[1] * K], [[1]]]}]}).encode(), "integer arrays"),
+        "bad.npy": (b"\x93NUMPY garbage", "not a readable .npy array"),
+        "bad.npz": (b"PK\x03\x04 garbage", "not a readable .npz archive"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError) as failed:
+            read_vllm([str(tmp_path / name)], loaded.identity)
+        text = str(failed.value)
+        assert message in text and "\n" not in text and name in text, (name, text)
+    result = runner.invoke(app, ["import-usage", str(tmp_path / "binary.jsonl"), "--from", "vllm", "--model", path,
+                                 "--domain", "x", "--out", str(tmp_path / "p.safetensors")])
+    assert result.exit_code == 1 and "Traceback" not in result.output and "a binary file" in result.output
+    assert not (tmp_path / "p.safetensors").exists()

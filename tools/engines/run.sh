@@ -10,6 +10,6 @@ for spec in "vllm:${VLLM_VERSION-0.33.0}" "sglang:${SGLANG_VERSION-0.5.23}"; do
     [ -n "$version" ] || continue
     py=$(bash tools/engines/engine_env.sh "$engine" "$version" | tail -n 1)
     echo "== $engine $version: $py"
-    BANPICK_ENGINE_UNDER_TEST="$engine" "$py" tools/engines/run_pytest.py -p no:cacheprovider --confcutdir tests/engines "tests/engines/test_$engine.py" "$@" || status=1
+    BANPICK_ENGINE_UNDER_TEST="$engine" "$py" tools/engines/run_pytest.py -p no:cacheprovider "tests/engines/test_$engine.py" "$@" || status=1
 done
 exit $status
