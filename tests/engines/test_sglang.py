@@ -126,3 +126,43 @@ def test_an_sglang_whose_load_path_differs_fails_at_start_in_one_line(plugins, m
         sglang_plugin.register()
     message = str(exit_info.value)
     assert "\n" not in message and "no longer sets self.model" in message and "not supported" in message
+
+
+def test_sglangs_expert_distribution_recorder_dump_imports_back_exactly(plugins, tmp_path, monkeypatch):
+    """The `stat` recorder as SGLang runs it: its select-experts gatherer counts SGLang's own top-k per layer and
+    pass, its circular buffer (default size) holds the passes, its conversion makes `logical_count`, and its
+    `_dump_to_file` writes the .pt; `import-usage --from sglang` reads back exactly those counts."""
+    from sglang.srt.eplb import expert_distribution as recorder
+    from sglang.srt.layers.moe.topk import TopKConfig, select_experts
+
+    from banpick_cli.profile.format import read_profile
+    from banpick_cli.stages.import_usage import read_sglang
+
+    monkeypatch.setattr(recorder, "get_device", lambda: "cpu")  # CUDA-only: the device of the gatherer's buffer
+    # A server recording traffic for import-usage runs without a banpick profile: every layer keeps its routing.
+    monkeypatch.setitem(sglang_plugin._state, "router", SimpleNamespace(changes=lambda layer: False))
+    monkeypatch.setenv("SGLANG_EXPERT_DISTRIBUTION_RECORDER_DIR", str(tmp_path))
+    identity = read_profile(plugins).model
+    L, E, K = identity.num_layers, identity.num_experts, identity.k_base
+    meta = SimpleNamespace(num_layers=L, num_physical_experts=E, num_local_physical_experts=E)
+    gatherer = recorder._SelectExpertsSinglePassGatherer(meta, 0)
+    buffered = recorder._Buffer.init_new(item_shape=(L, E), buffer_size=1000, dtype=torch.int32, device="cpu")
+    config = TopKConfig(top_k=K, renormalize=True, torch_native=True)
+    gen = torch.Generator().manual_seed(3)
+    expected = torch.zeros(L, E, dtype=torch.int64)
+    passes = (23, 1, 1, 9)  # a prefill, two decode steps, a mixed batch
+    for tokens in passes:
+        gatherer.reset()
+        for layer in range(L):
+            out = select_experts(torch.zeros(tokens, 128), torch.randn(tokens, E, generator=gen) * 2, config, layer_id=layer)
+            gatherer.on_select_experts(layer, out.topk_ids)
+            expected[layer] += torch.bincount(out.topk_ids.reshape(-1).long(), minlength=E)
+        buffered.append(gatherer.collect()["global_physical_count"])
+    logical = recorder._convert_global_physical_count_to_logical_count(
+        buffered.get_all(), num_layers=L, num_logical_experts=E, physical_to_logical_map=torch.arange(E).expand(L, -1))
+    recorder._dump_to_file("expert_distribution_recorder_1.pt",
+                           dict(rank=0, logical_count=logical, average_utilization_rate_over_window=None))
+    usage = read_sglang([str(tmp_path)], identity)
+    assert torch.equal(usage.expert_counts, expected) and int(expected.sum()) == sum(passes) * K * L
+    assert usage.sequences == len(passes) and not usage.tokens_exact
+    assert usage.token_counts.tolist() == [sum(passes)] * L and usage.notes == []
