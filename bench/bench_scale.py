@@ -9,6 +9,13 @@ process's CPU time, including model loading) is the steadier figure.
 
 `--model demo-shaped` builds a random model with the demo model's shape (4 layers, hidden 128, 32 experts,
 top-8, expert width 64, vocabulary 3000) when artifacts/demo-moe does not exist yet.
+
+`--stream-proof` instead writes a Qwen3-MoE checkpoint with Qwen3-30B-A3B's hidden size (2048) and expert
+width (768), 16 experts top-4, `--layers` layers, and runs `profile` counts and a KL scan of the most used
+experts three ways, each in a fresh process: streamed under a hard limit of a third of the checkpoint
+(RLIMIT_DATA on the whole process), in memory without a limit (the reference), and in memory under the
+same limit (which must fail). It also checks `--dry-run`'s estimate (passes/cost.py: counts from the
+config, a timing probe) against the measured times, on this model and on the demo model.
 """
 
 from __future__ import annotations
@@ -79,6 +86,94 @@ def run(args: dict, *, ranks: int = 1) -> dict:
     return out
 
 
+def stream_proof(cli: argparse.Namespace) -> dict:
+    """Returns the numbers of the streamed-under-a-limit proof and the dry-run check (see the module docstring)."""
+    import torch
+    from transformers import AutoConfig
+
+    sys.path.insert(0, str(REPO / "tests" / "passes"))
+    from stream_helpers import run_limited, write_checkpoint
+
+    from banpick_cli.demo.corpus import calib_texts
+    from banpick_cli.passes.cost import plan_cost, probe
+
+    work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
+    start = time.perf_counter()
+    size = write_checkpoint(work / "model", layers=cli.layers, hidden=2048, width=768, experts=16, top_k=4, heads=32,
+                            kv_heads=4, head_dim=128)
+    write_s = time.perf_counter() - start
+    data = work / "math.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in calib_texts("math", 0, frozenset(), n=cli.samples)))
+    limit_mb = size // 3 >> 20
+    base = dict(model=str(work / "model"), data=str(data), seq_len=cli.seq_len, batch_size=cli.batch_size, top=2,
+                top_tokens=1000, hidden_cache_mb=2048, threads=2, scan_layers=cli.layers)
+    runs = {}
+    for name, extra in (("stream_limited", {"stream": True, "limit_mb": limit_mb}),
+                        ("memory_unlimited", {"stream": False, "limit_mb": 0}),
+                        ("memory_limited", {"stream": False, "limit_mb": limit_mb})):
+        t0 = time.perf_counter()
+        result, err = run_limited({**base, **extra})
+        runs[name] = result or {"failed": err.strip().splitlines()[-1][:200]}
+        runs[name]["process_s"] = round(time.perf_counter() - t0, 1)
+    stream, whole = runs["stream_limited"], runs["memory_unlimited"]
+    same_counts = "counts" in stream and stream["counts"] == whole["counts"]
+    max_rel = max(abs(a - b) / max(abs(b), 1e-12) for p in whole["kl"] for a, b in zip(stream["kl"][p], whole["kl"][p]))
+    config = AutoConfig.from_pretrained(work / "model")
+    texts = cli.samples
+    torch.set_num_threads(2)
+    timing = probe(config, batch_size=cli.batch_size, seq_len=cli.seq_len, device=torch.device("cpu"), dtype=torch.float32,
+                   checkpoint=work / "model")
+    moe = list(range(cli.layers))
+    profile_cost = plan_cost(config, command="profile", samples=texts, seq_len=cli.seq_len, batch_size=cli.batch_size,
+                             checkpoint_every=0)
+    kl_cost = plan_cost(config, command="kl-scan", samples=texts, seq_len=cli.seq_len, batch_size=cli.batch_size,
+                        variants_by_layer=dict.fromkeys(moe, 2))
+    for run, name in ((stream, "stream"), (whole, "whole")):
+        run["predicted_profile_s"] = round(profile_cost.seconds(timing, name), 2)
+        run["predicted_kl_s"] = round(kl_cost.seconds(timing, name), 2)
+    out = {"checkpoint_mb": size >> 20, "write_s": round(write_s, 1), "limit_mb": limit_mb,
+           "ratio": round(size / (limit_mb << 20), 2), "same_counts": same_counts, "kl_max_rel_diff": max_rel,
+           "timing": timing.__dict__, "runs": {k: {x: y for x, y in v.items() if x not in ("counts", "kl")} for k, v in runs.items()},
+           "cost": {"profile": profile_cost.as_dict(), "kl-scan": kl_cost.as_dict()}}
+    out["demo"] = demo_dry_run(cli)
+    return out
+
+
+def demo_dry_run(cli: argparse.Namespace) -> dict:
+    """Returns the dry-run estimate and the measured time of profile counting and a KL scan on the demo model."""
+    import torch
+
+    from banpick_cli.demo.corpus import calib_texts
+    from banpick_cli.models.loading import load_model
+    from banpick_cli.passes.cost import plan_cost, probe
+    from banpick_cli.passes.kl import KLEngine, LayerPlan
+    from banpick_cli.passes.usage import count_usage
+    from banpick_cli.stages.kl_scan import prune_variant
+
+    torch.set_num_threads(2)
+    model = str(REPO / "artifacts" / "demo-moe")
+    loaded = load_model(model, device="cpu")
+    texts = calib_texts("math", 0, frozenset(), n=128)
+    timing = probe(loaded.model.config, batch_size=8, seq_len=256, device=torch.device("cpu"), dtype=torch.float32)
+    start = time.perf_counter()
+    usage = count_usage(loaded, texts, seq_len=256, batch_size=8)
+    profile_s = time.perf_counter() - start
+    specs = loaded.router_specs()
+    plans = [LayerPlan(layer.position, tuple(prune_variant(specs[layer.position], e)
+                                             for e in torch.topk(usage.expert_counts[layer.position], 3).indices.tolist()))
+             for layer in loaded.layers]
+    start = time.perf_counter()
+    KLEngine(loaded, texts, seq_len=256, batch_size=8).run(plans)
+    kl_s = time.perf_counter() - start
+    config = loaded.model.config
+    pc = plan_cost(config, command="profile", samples=128, seq_len=256, batch_size=8, checkpoint_every=0)
+    kc = plan_cost(config, command="kl-scan", samples=128, seq_len=256, batch_size=8,
+                   variants_by_layer={layer.layer_index: 3 for layer in loaded.layers})
+    return {"profile_s": round(profile_s, 2), "predicted_profile_s": round(pc.seconds(timing, "whole"), 2),
+            "kl_s": round(kl_s, 2), "predicted_kl_s": round(kc.seconds(timing, "whole"), 2), "timing": timing.__dict__,
+            "layer_runs": {"profile": pc.layer_runs, "kl-scan": kc.layer_runs}}
+
+
 def main() -> None:
     import torch
 
@@ -89,7 +184,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--stream-proof", action="store_true", help="the streamed-under-a-memory-limit proof instead")
+    parser.add_argument("--layers", type=int, default=11, help="--stream-proof: decoder layers (377 MB each)")
     cli = parser.parse_args()
+    if cli.stream_proof:
+        print(json.dumps(stream_proof(cli), indent=2))
+        return
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     model = cli.model
     if model == "demo-shaped" or (model == "demo" and not (REPO / "artifacts" / "demo-moe" / "config.json").exists()):
