@@ -205,32 +205,42 @@ def wheel_name(version: str = __version__) -> str:
 
 
 def source_tree() -> Path | None:
-    """Returns the source checkout this banpick runs from (a folder with its pyproject.toml), or None."""
-    root = Path(__file__).resolve().parents[2]
-    pyproject = root / "pyproject.toml"
+    """Returns the source checkout of this banpick, or None: the folder it runs from (a checkout or an
+    editable install), else the local folder pip installed it from, if that still holds its pyproject.toml."""
+    here = Path(__file__).resolve().parents[2]
+    recorded = _installed_from()
+    for root in (here, recorded if recorded is not None and recorded.is_dir() else None):
+        if root is not None and _is_banpick_source(root):
+            return root
+    return None
+
+
+def _is_banpick_source(root: Path) -> bool:
     try:
-        text = pyproject.read_text()
+        text = (root / "pyproject.toml").read_text()
     except OSError:
-        return None
-    return root if '\nname = "banpick"' in text and (root / "banpick_cli" / "__init__.py").is_file() else None
+        return False
+    return '\nname = "banpick"' in text and (root / "banpick_cli" / "__init__.py").is_file()
 
 
 def installed_wheel() -> Path | None:
     """Returns the wheel file this banpick was installed from, if pip recorded it and it is still there."""
+    path = _installed_from()
+    return path if path is not None and path.name == wheel_name() and path.is_file() else None
+
+
+def _installed_from() -> Path | None:
+    """Returns the local file or folder pip installed banpick from (its direct_url.json), or None."""
     from importlib import metadata
     from urllib.parse import unquote, urlparse
 
     try:
         record = metadata.distribution("banpick").read_text("direct_url.json")
-    except metadata.PackageNotFoundError:
-        return None
-    try:
         url = json.loads(record or "{}").get("url", "")
-    except ValueError:
+    except (metadata.PackageNotFoundError, ValueError, AttributeError):
         return None
     parsed = urlparse(url)
-    path = Path(unquote(parsed.path)) if parsed.scheme == "file" else None
-    return path if path is not None and path.name == wheel_name() and path.is_file() else None
+    return Path(unquote(parsed.path)) if parsed.scheme == "file" else None
 
 
 def _bundle_wheel(folder: Path) -> dict[str, str]:

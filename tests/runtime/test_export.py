@@ -111,6 +111,17 @@ def test_an_engine_bundle_carries_the_wheel_its_dockerfile_installs_alone(vllm_b
     assert {stat.S_IMODE(p.stat().st_mode) for p in bundle.rglob("*") if p.is_file()} == {0o644}
 
 
+def test_the_source_tree_is_found_from_a_checkout_or_from_the_folder_pip_installed_from(tmp_path, monkeypatch):
+    root = export_module.source_tree()
+    assert (root / "pyproject.toml").is_file() and (root / "banpick_cli" / "runtime" / "export.py").is_file()
+    # Installed (not editable) from a local checkout: site-packages has no pyproject.toml, pip recorded the folder.
+    monkeypatch.setattr(export_module, "__file__", str(tmp_path / "site-packages" / "banpick_cli" / "runtime" / "export.py"))
+    monkeypatch.setattr(export_module, "_installed_from", lambda: root)
+    assert export_module.source_tree() == root and export_module.installed_wheel() is None
+    monkeypatch.setattr(export_module, "_installed_from", lambda: tmp_path)  # a folder that is not banpick's source
+    assert export_module.source_tree() is None
+
+
 def _fake_install_from(wheel, monkeypatch):
     """This process as an install from a wheel file: no source tree, pip's record names `wheel`."""
     monkeypatch.setattr(export_module, "source_tree", lambda: None)
@@ -121,11 +132,11 @@ def test_an_install_from_a_wheel_copies_it_and_one_without_sources_fails_leaving
                                                                                         tmp_path, monkeypatch):
     wheel = shutil.copy(vllm_bundle.out / "wheels" / wheel_name(), tmp_path / wheel_name())
     _fake_install_from(wheel, monkeypatch)
-    os.umask(0o077)  # a private umask must not make the bundle unreadable for the serving user
+    umask = os.umask(0o077)  # a private umask must not make the bundle unreadable for the serving user
     try:
         result = export_bundle(full_profile, "sglang", tmp_path / "out" / "bundle", method="ban")
     finally:
-        os.umask(0o022)
+        os.umask(umask)
     assert result.manifest["wheel"]["from"] == f"copied {wheel}"
     assert (result.out / "wheels" / wheel_name()).read_bytes() == (tmp_path / wheel_name()).read_bytes()
     assert {stat.S_IMODE(p.stat().st_mode) for p in result.out.rglob("*")} == {0o644, 0o755}
