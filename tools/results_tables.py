@@ -74,6 +74,28 @@ def strategy_table(out_dir: Path) -> str:
     return "\n".join(lines)
 
 
+def budget_table(out_dir: Path, targets=(4, 5, 6)) -> str:
+    """Matched budgets: each method at each target Avg-TopK, mean accuracy change with its 95% interval and p."""
+    head = ["target", "Method", "Avg-TopK", "experts vs baseline", "mean (change)", "95% CI of change", "McNemar p",
+            "speed"]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for target in targets:
+        data = _load(out_dir / f"eval-budget-{target}.json")
+        if data is None:
+            continue
+        base = data["rows"][0]
+        for row in data["rows"]:
+            if row is base and target != targets[0]:
+                continue
+            change = "" if row is base else f" ({row['accuracy'] - base['accuracy']:+.2f})"
+            ci = "" if row is base else f"[{row['ci95'][0]:+.2f}, {row['ci95'][1]:+.2f}]"
+            p = "" if row is base else f"{row['p_value']:.2f}"
+            cells = ["" if row is base else f"{target}", row["label"], f"{row['avg_topk']:.2f}",
+                     f"{row['experts_vs_baseline']:.2f}", f"{row['accuracy']:.2f}{change}", ci, p, f"{row['speedup']:.2f}x"]
+            out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1] if len(sys.argv) > 1 else "build/accuracy")
     data = _load(out_dir / "eval.json")
@@ -89,6 +111,8 @@ def main() -> None:
         print(method_table(data, ["baseline", *sweep]))
     print("\n### Pick strategies A-E on math\n")
     print(strategy_table(out_dir))
+    print("\n### Matched budgets (--target-avg-topk 4, 5, 6)\n")
+    print(budget_table(out_dir))
 
 
 if __name__ == "__main__":

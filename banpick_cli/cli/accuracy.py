@@ -44,6 +44,15 @@ def _floats(text: Optional[str], flag: str) -> tuple[float, ...]:
         raise BadSetting(f"{flag} takes comma-separated numbers, got '{text}'") from None
 
 
+def _ints(text: Optional[str], flag: str) -> tuple[int, ...]:
+    from banpick_cli.errors import BadSetting
+
+    try:
+        return tuple(int(x) for x in (text or "").split(",") if x.strip())
+    except ValueError:
+        raise BadSetting(f"{flag} takes comma-separated integers, got '{text}'") from None
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(x.strip() for x in text.split(",") if x.strip())
 
@@ -88,15 +97,21 @@ def failure_probe(
     )
     with progress_bar(show_progress and not as_json, "failure-probe") as progress:
         result = run_failure_probe(settings, profile=profile, model=model, device=device, dtype=dtype, progress=progress)
+    from banpick_cli.evaluation.stats import probe_gain
+
     layers = result.profile.model.moe_layers
     gain = result.gain
     probed = [(m, e) for m, e in (result.fixed >= 0).nonzero().tolist()]
+    # The gain as a paired comparison on all probed tasks (only failures rerun: broken successes not counted).
+    paired = {(m, e): probe_gain(int(result.fixed[m, e]), len(result.failure_set), result.tasks) for m, e in probed}
     summary = {
         "profile": str(result.path), "domain": result.domain, "task": result.task_set, "tasks": result.tasks,
         "baseline_correct": result.baseline_correct, "failure_set": len(result.failure_set),
         "candidates_probed": len(probed), "resumed": result.resumed, "kl_floor": result.kl_floor,
         "key_experts": [f"L{layers[m]}E{e}" for m, e in result.key_experts.nonzero().tolist()],
         "gains": {f"L{layers[m]}E{e}": round(float(gain[m, e]), 4) for m, e in probed},
+        "gain_stats": {f"L{layers[m]}E{e}": {k: v for k, v in paired[m, e].to_dict().items()
+                                              if k in ("delta", "ci95", "p_value")} for m, e in probed},
         "strategy": settings.strategy, "range_factor": settings.range_factor, "wall_s": round(result.wall_s, 2),
     }
     if as_json:
@@ -107,13 +122,17 @@ def failure_probe(
     console.print(table(
         f"failure-probe '{result.domain}' on {result.task_set}: {len(result.failure_set)} failures of {result.tasks} tasks "
         f"(strategy {settings.strategy})",
-        ["expert", "fixed", "gain", "KL", "key"],
+        ["expert", "fixed", "gain", f"accuracy change on {result.tasks} [95% CI]", "p", "KL", "key"],
         [[f"L{layers[m]}E{e}", f"{int(result.fixed[m, e])}/{len(result.failure_set)}", f"{float(gain[m, e]):.1%}",
+          f"{paired[m, e].delta:+.2f} [{paired[m, e].ci95[0]:+.2f}, {paired[m, e].ci95[1]:+.2f}]",
+          f"{paired[m, e].p_value:.2f}",
           "-" if kl is None or bool(kl[m, e].isnan()) else f"{float(kl[m, e]):.4f}",
           "key" if bool(result.key_experts[m, e]) else ""] for m, e in rows[:40]],
     ))
     if len(rows) > 40:
         console.print(f"... {len(rows) - 40} more candidates (see --json)")
+    console.print("accuracy change: points on all probed tasks, 95% paired-bootstrap interval; p: exact McNemar. Only "
+                  "failures are rerun, so successes a candidate breaks are not counted: the most favourable reading.")
     if result.resumed:
         err_console.print(f"note: resumed after {result.resumed} candidates probed by an earlier run")
     keys = summary["key_experts"]
@@ -128,13 +147,15 @@ def failure_probe(
 @handle_errors
 def evaluate(
     task: str = typer.Option(..., "--task", "-t", help=TASK_HELP + " Comma-separate several for one table."),
-    method: str = typer.Option("baseline", "--method", help="Comma-separated: baseline, pick, ban, banpick, des, odp, dynamic, rice. The baseline always runs first."),
+    method: str = typer.Option("baseline", "--method", help="Comma-separated: baseline, pick, ban, banpick, fixed-k, des, odp, dynamic, rice. The baseline always runs first."),
     model: str = ModelOpt,
     profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="Routing profile (pick, ban, banpick need one)."),
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Key experts of this domain for pick/banpick (default: each task's own domain)."),
     lam: Optional[str] = typer.Option(None, "--lambda", help="Ban / Ban&Pick lambda; comma-separated to sweep (default: the profile's, else 0.7)."),
     k_min: Optional[int] = typer.Option(None, "--k-min", help="Ban / Ban&Pick K_min (default 3)."),
     tau: str = typer.Option("0.7,0.8,0.9", "--tau", help="Dynamic routing thresholds (appendix E: each is a row)."),
+    k: Optional[str] = typer.Option(None, "--k", help="Fixed-K: experts per token, comma-separated for one row each (e.g. 4,5,6)."),
+    target_avg_topk: Optional[float] = typer.Option(None, "--target-avg-topk", help="Compare at one expert budget: set Fixed-K's k, Ban's lambda, Dynamic's tau and DES/ODP's thresholds so each runs this many experts per token on calibration text (within 0.2)."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Pick strategy, over the profile's (A-E)."),
     range_factor: Optional[float] = typer.Option(None, "--range-factor", help="Pick C/D range factor, over the profile's."),
     limit: Optional[int] = LimitOpt,
@@ -169,7 +190,7 @@ def evaluate(
 
     settings = EvalSettings(
         tasks=_names(task), methods=_names(method), domain=domain, lambdas=_floats(lam, "--lambda"), k_min=k_min,
-        taus=_floats(tau, "--tau"), strategy=strategy, range_factor=range_factor, limit=limit, offset=offset,
+        taus=_floats(tau, "--tau"), ks=_ints(k, "--k"), target_avg_topk=target_avg_topk, strategy=strategy, range_factor=range_factor, limit=limit, offset=offset,
         calib_data=calib_data, calib_samples=calib_samples, odp_protect=odp_protect,
         rice_markers=_names(rice_markers or ""), rice_factor=rice_factor, rice_top=rice_top, repeats=repeats,
         options=_options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout, unsafe_code, clock),
@@ -185,16 +206,18 @@ def evaluate(
         print_json(data)
         return
     console.print(eval_table(data))
+    console.print(SPEED_NOTE)
     for note in report.notes:
         err_console.print(f"note: {note}")
 
 
 def eval_table(data: dict):
-    """Returns the Rich table of an eval report (its `to_dict()`): accuracy (delta vs baseline) per task set."""
+    """Returns the Rich table of an eval report (its `to_dict()`): accuracy (delta vs baseline) per task set,
+    the mean change with its 95% paired-bootstrap interval and McNemar p, expert compute and measured speed."""
     names = data.get("task_order") or list(data["tasks"])
     rows = []
     for i, row in enumerate(data["rows"]):
-        cells = [row["label"], f"{row['avg_topk']:.2f}"]
+        cells = [row["label"], f"{row['avg_topk']:.2f}", f"{row['experts_vs_baseline']:.2f}x"]
         for name in names:
             r = row["results"][name]
             if r["no_answers"]:
@@ -203,7 +226,19 @@ def eval_table(data: dict):
                 cells.append(f"{r['accuracy']:.2f}")
             else:
                 cells.append(f"{r['accuracy']:.2f} ({r['delta']:+.2f})")
+        if i == 0:
+            cells += [f"{row['accuracy']:.2f}", ""]
+        else:
+            lo, hi = row["ci95"]
+            cells += [f"{row['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{row['p_value']:.2f}"]
         cells += [f"{row['tokens_per_s']:,.0f}", f"{row['speedup']:.2f}x"]
         rows.append(cells)
-    columns = ["method", "Avg-TopK", *[f"{n} (n={data['tasks'][n]['n']})" for n in names], "tok/s", "speed"]
+    columns = ["method", "Avg-TopK", "experts", *[f"{n} (n={data['tasks'][n]['n']})" for n in names],
+               "change [95% CI]", "p", "tok/s", "speed"]
     return table(f"{data['model']} on {data['device']}: accuracy % (change vs baseline)", columns, rows)
+
+
+SPEED_NOTE = ("experts = expert compute per token against the baseline's; speed = positions/s against the baseline in "
+              "this process. On small experts (the demo's are 64 wide) speed measures Python routing overhead and "
+              "machine noise, not the model's expert compute: real-shape timings are in docs/benchmarks.md "
+              "(bench/bench_runtime.py). change = mean accuracy change, its 95% paired-bootstrap interval; p = exact McNemar.")

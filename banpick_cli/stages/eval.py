@@ -6,6 +6,12 @@ tokens/s and the speed ratio against the baseline measured in the same process, 
 right before. The speed ratio is per position the model computed (prompt and generated positions,
 padding and rows that already ended included), so a method whose answers run longer is not counted
 slower for that; `time_ratio` in the JSON is the paper's total-time ratio.
+
+`target_avg_topk` compares methods at one expert budget: each budgeted method's knob (Fixed-K's k,
+Ban's lambda, Dynamic's tau, DES/ODP's thresholds) is solved on router logits of calibration text
+(`runtime/budget.py`), never on the tasks; each row reports the Avg-TopK it actually ran. Every row
+carries its paired comparison with the baseline on the same tasks (`evaluation/stats.py`): the 95%
+bootstrap interval of the accuracy change and an exact McNemar p-value.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class EvalSettings:
     lambdas: tuple[float, ...] = ()  # empty: the profile's setting, else the routing core's default
     k_min: int | None = None
     taus: tuple[float, ...] = (0.7, 0.8, 0.9)  # appendix E.1: dynamic routing at each
+    ks: tuple[int, ...] = ()  # fixed-k: one row per k
+    target_avg_topk: float | None = None  # matched budgets: solve each budgeted method's knob for this Avg-TopK
     strategy: str | None = None  # Pick: override the profile's strategy
     range_factor: float | None = None
     limit: int | None = None
@@ -73,6 +81,15 @@ class EvalSettings:
                   ("--repeats", self.repeats, 1)))
         number("--odp-protect", self.odp_protect, low=0, high=1)
         number("--rice-factor", self.rice_factor, low=0, low_open=True)
+        for k in self.ks:
+            number("--k", k, low=1, integer=True)
+        if self.target_avg_topk is not None:
+            number("--target-avg-topk", self.target_avg_topk, low=1)
+            for flag, given in (("--lambda", self.lambdas), ("--k", self.ks)):
+                if given:
+                    raise BadSetting(f"{flag} and --target-avg-topk both set the budget: give one")
+        elif "fixed-k" in self.methods and not self.ks:
+            raise BadSetting("--method fixed-k needs --k (e.g. --k 4,5,6) or --target-avg-topk")
 
 
 @dataclass
@@ -101,11 +118,21 @@ class EvalReport:
         """Returns baseline time over the row's time (the paper's speedup; confounded by answer length)."""
         return self.baseline.seconds / row.seconds if row.seconds > 0 else 0.0
 
+    def compare(self, row: MethodRun):
+        """Returns (over all task sets, per task set): the row's paired comparison with the baseline."""
+        from banpick_cli.evaluation.stats import compare_sets
+
+        def outcomes(r: MethodRun) -> dict[str, list[bool]]:
+            return {name: [o.correct for o in run.outcomes] for name, run in r.runs.items()}
+
+        return compare_sets(outcomes(self.baseline), outcomes(row))
+
     def to_dict(self) -> dict[str, Any]:
         """Returns the table as JSON-friendly data (what `--json` prints)."""
         base = self.baseline
         rows = []
         for row in self.rows:
+            overall, per_set = self.compare(row)
             results = {}
             for name, run in row.runs.items():
                 base_run = base.runs[name]
@@ -113,10 +140,15 @@ class EvalReport:
                     "accuracy": round(100 * run.accuracy, 2), "correct": run.correct, "n": len(run.outcomes),
                     "answered": run.answered, "no_answers": run.no_answers(),
                     "delta": round(100 * (run.accuracy - base_run.accuracy), 2),
+                    "ci95": per_set[name].to_dict()["ci95"], "p_value": per_set[name].to_dict()["p_value"],
                     "tokens": run.tokens, "seconds": round(run.seconds, 3),
                 }
+            stats = overall.to_dict()
             rows.append({
                 "label": row.label, "method": row.method, "params": row.params, "avg_topk": round(row.avg_topk, 3),
+                "experts_vs_baseline": round(row.avg_topk / base.avg_topk, 3) if base.avg_topk else 0.0,
+                "accuracy": stats["accuracy"], "delta": stats["delta"], "ci95": stats["ci95"],
+                "p_value": stats["p_value"],
                 "tokens": row.tokens, "seconds": round(row.seconds, 3), "tokens_per_s": round(row.tokens_per_s, 1),
                 "positions": row.positions, "positions_per_s": round(row.positions_per_s, 1),
                 "speedup": round(self.speedup(row), 3), "time_ratio": round(self.time_ratio(row), 3), "results": results, **({"extra": row.extra} if row.extra else {}),
@@ -182,6 +214,11 @@ def run_eval(
         _time_again(settings, loaded, prof, rows, task_sets, results)
     for name, run in results[0].runs.items():
         require_answers(run, "baseline")
+    target = settings.target_avg_topk
+    for row in results[1:]:
+        if target is not None and "target_avg_topk" in row.extra and abs(row.avg_topk - target) > 0.2:
+            notes.append(f"{row.label}: ran {row.avg_topk:.2f} experts per token on the tasks, more than 0.2 from the "
+                         f"target {target:g} it reached on the calibration text ({row.extra['expected_avg_topk']:.2f})")
     for row in results[1:]:
         for name, run in row.runs.items():
             if run.no_answers():
@@ -249,10 +286,40 @@ def _expand(settings: EvalSettings, loaded: LoadedModel, profile, task_sets: lis
     ban_common = {} if settings.k_min is None else {"k_min": settings.k_min}
     pick_common = {k: v for k, v in (("strategy", settings.strategy), ("range_factor", settings.range_factor)) if v is not None}
     calib: dict[str, Any] = {}
+    target = settings.target_avg_topk
+
+    def budget(method: str, overrides: dict[str, Any], session=plain):
+        """Returns (label, overrides, session) of `method` at the target budget, solved on calibration text."""
+        from banpick_cli.runtime.budget import collect_router_logits, solve_budget
+
+        if "logits" not in calib and method != "fixed-k":
+            calib["logits"] = collect_router_logits(loaded, _calib_texts(settings, loaded, task_sets),
+                                                    batch_size=settings.options.batch_size)
+        domain = _domains(settings, method, task_sets)[0]
+        solved = solve_budget(method, target, loaded.router_specs(), calib.get("logits"), profile, domain=domain,
+                              overrides=overrides)
+        notes.extend(solved.notes)
+        if domain is not None and len(_domains(settings, method, task_sets)) > 1:
+            notes.append(f"{solved.label}: knob solved with domain {domain}'s key experts")
+        record = {"target_avg_topk": target, "expected_avg_topk": round(solved.expected, 3)}
+        return solved.label, {**overrides, **solved.overrides}, _reporting(session, record)
+
     for method in dict.fromkeys(settings.methods):
         if method == "baseline":
             continue
-        if method == "pick":
+        if target is not None and method in ("fixed-k", "ban", "banpick", "dynamic", "des", "odp"):
+            common = {"ban": ban_common, "banpick": {**ban_common, **{k: v for k, v in pick_common.items()
+                                                                      if k == "range_factor"}}}.get(method, {})
+            session = _odp_session(loaded, settings.odp_protect) if method == "odp" else plain
+            label, overrides, session = budget(method, common, session)
+            rows.append((label, method, overrides, session))
+            continue
+        if target is not None and method in ("pick", "rice"):
+            notes.append(f"{method} has no expert budget: it runs at its own Avg-TopK")
+        if method == "fixed-k":
+            for k in settings.ks:
+                rows.append((f"fixed-k(k={k})", "fixed-k", {"k": k}, plain))
+        elif method == "pick":
             label = "pick" + (f"({settings.strategy})" if settings.strategy else "")
             rows.append((label, "pick", pick_common, plain))
         elif method in ("ban", "banpick"):
@@ -283,6 +350,19 @@ def _expand(settings: EvalSettings, loaded: LoadedModel, profile, task_sets: lis
             rows.append((f"rice(x{settings.rice_factor:g})", "rice",
                          {"cognitive_experts": experts, "factor": settings.rice_factor}, plain))
     return rows
+
+
+def _reporting(session, record: dict[str, Any]):
+    """Returns `session` with `record` added to what its row reports (its `extra`)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def wrapped():
+        with session() as state:
+            report = state.get("report")
+            yield {**state, "report": lambda: {**(report() if report else {}), **record}}
+
+    return wrapped
 
 
 def _odp_session(loaded: LoadedModel, protect: float):

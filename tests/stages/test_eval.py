@@ -151,3 +151,38 @@ def test_same_file_names_get_their_folder_and_cpu_clock(loaded, tmp_path):
     assert report.baseline.seconds > 0
     with pytest.raises(BadSetting, match="--clock"):
         EvalOptions(clock="sundial")
+
+
+def test_matched_budget_rows_carry_their_knob_avg_topk_and_paired_statistics(loaded, tmp_path):
+    path = save_tasks(tmp_path, mc_tasks(8))
+    ban_profile(loaded, tmp_path / "p.safetensors")
+    settings = EvalSettings(tasks=(str(path),), methods=("baseline", "fixed-k", "ban", "des", "dynamic"),
+                            target_avg_topk=3.0, calib_data=str(calib_file(tmp_path)), options=LOGLIK)
+    report = run_eval(settings, model="tiny", profile=tmp_path / "p.safetensors", loaded=loaded)
+    data = report.to_dict()
+    rows = {r["method"]: r for r in data["rows"]}
+    assert list(rows) == ["baseline", "fixed-k", "ban", "des", "dynamic"]
+    assert rows["fixed-k"]["label"] == "fixed-k(k=3)" and rows["fixed-k"]["avg_topk"] == 3.0
+    assert rows["baseline"]["experts_vs_baseline"] == 1.0 and rows["fixed-k"]["experts_vs_baseline"] == 0.75
+    for row in data["rows"][1:]:
+        assert abs(row["extra"]["expected_avg_topk"] - 3.0) <= 0.2 and row["extra"]["target_avg_topk"] == 3.0
+        run = next(r for r in report.rows if r.label == row["label"])
+        overall, _ = report.compare(run)
+        assert row["ci95"] == [round(overall.ci95[0], 2), round(overall.ci95[1], 2)]
+        assert row["p_value"] == round(overall.p_value, 4) and 0 < row["p_value"] <= 1
+        assert row["accuracy"] == row["results"]["tasks"]["accuracy"] and "ci95" in row["results"]["tasks"]
+    assert data["rows"][0]["ci95"] == [0.0, 0.0] and data["rows"][0]["p_value"] == 1.0
+
+
+def test_fixed_k_rows_and_budget_flags(loaded, tmp_path):
+    path = save_tasks(tmp_path, mc_tasks(4))
+    report = run_eval(EvalSettings(tasks=(str(path),), methods=("fixed-k",), ks=(2, 4), options=LOGLIK),
+                      model="tiny", loaded=loaded)
+    assert [(r.label, r.avg_topk) for r in report.rows] == [("baseline", 4.0), ("fixed-k(k=2)", 2.0), ("fixed-k(k=4)", 4.0)]
+    assert report.rows[2].runs["tasks"].outcomes == report.rows[0].runs["tasks"].outcomes  # k = K_base is the model
+    with pytest.raises(BadSetting, match="fixed-k needs --k"):
+        EvalSettings(tasks=("math",), methods=("fixed-k",))
+    with pytest.raises(BadSetting, match="--lambda and --target-avg-topk"):
+        EvalSettings(tasks=("math",), methods=("ban",), lambdas=(0.7,), target_avg_topk=4.0)
+    with pytest.raises(BadSetting, match="--target-avg-topk"):
+        EvalSettings(tasks=("math",), methods=("ban",), target_avg_topk=0.5)

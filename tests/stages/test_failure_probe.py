@@ -97,6 +97,19 @@ def test_gains_equal_an_independent_rerun(sharp, tmp_path):
     assert prof.settings["pick/math"]["failure_set"] == result.failure_set
     assert prof.provenance["failure-probe/math"]["candidates_probed"] == len(probed)
     assert not list(tmp_path.glob("*.partial"))
+    # The CLI shows each gain as a paired comparison on all N tasks: a fix of 1 in 8 is p = 1.
+    from banpick_cli.evaluation.stats import probe_gain
+
+    out = CliRunner().invoke(app, ["failure-probe", "--model", str(loaded.identity.name_or_path), "--profile", str(path),
+                                   "--domain", "math", "--task", str(task_path), "--strategy", "A", "--max-per-layer", "1",
+                                   "--batch-size", "1", "--mc-scoring", "loglik", "--no-progress", "--json"])
+    assert out.exit_code == 0, out.output
+    stats = json.loads(out.output)["gain_stats"]
+    layers = loaded.identity.moe_layers
+    for m, e in probed:
+        expected = probe_gain(fixes[m, e], N, N).to_dict()
+        assert stats[f"L{layers[m]}E{e}"] == {k: expected[k] for k in ("delta", "ci95", "p_value")}
+    assert all(v["p_value"] == 1.0 for k, v in stats.items() if v["delta"] == round(100 / N, 2))
 
 
 def test_key_expert_rule():
