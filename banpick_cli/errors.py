@@ -50,3 +50,17 @@ class Interrupted(BanpickError):
 
 class SandboxUnavailable(BanpickError):
     """The system refuses the namespaces that isolate model-written code, and unsafe runs were not allowed."""
+
+
+class MissingExtra(BanpickError):
+    """An optional dependency is not installed; the message names the pip install that adds it."""
+
+
+def import_extra(module: str, extra: str, purpose: str):
+    """Returns the imported module, or raises MissingExtra naming `pip install 'banpick[<extra>]'`."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtra(f"{purpose} needs the '{module.split('.')[0]}' package: pip install 'banpick[{extra}]'") from None

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from banpick_cli.cli.base import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, app
-from banpick_cli.cli.render import console, err_console, handle_errors, print_json, progress_bar, table
+from banpick_cli.cli.render import note, console, err_console, handle_errors, print_json, progress_bar, table
 
 TASK_HELP = ("Task set: math, code, general (the demo's), gsm8k, math500, mbpp, humaneval, gpqa-diamond, "
              "arc-challenge, arc-easy, winogrande; NAME=FILE for a local copy; or a banpick .jsonl task file.")
@@ -207,8 +207,8 @@ def evaluate(
         return
     console.print(eval_table(data))
     console.print(SPEED_NOTE)
-    for note in report.notes:
-        err_console.print(f"note: {note}")
+    for text in report.notes:
+        note(text)
 
 
 def eval_table(data: dict):

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from banpick_cli.cli.base import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, app
-from banpick_cli.cli.render import console, err_console, handle_errors, print_json, progress_bar, table
+from banpick_cli.cli.render import note, console, err_console, handle_errors, print_json, progress_bar, table
 
 @app.command()
 @handle_errors
@@ -59,8 +59,8 @@ def profile(
         return  # rank 0 reports for the whole data-parallel run
     if result.stale_sidecar:
         err_console.print("note: discarded partial counts of an earlier run with other settings, data or model")
-    for note in result.notes:
-        err_console.print(f"note: {note}", highlight=False)
+    for text in result.notes:
+        note(text)
     summary = {
         "profile": str(result.path),
         "domain": result.domain,

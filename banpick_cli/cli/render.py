@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterator
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from banpick_cli.errors import EXIT_INTERRUPTED, BanpickError
@@ -30,7 +31,7 @@ def handle_errors(func: Callable) -> Callable:
             _quiet_libraries()
             return func(*args, **kwargs)
         except BanpickError as err:
-            err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("interrupted: finished work is saved; rerun the same command to resume")
@@ -41,10 +42,16 @@ def handle_errors(func: Callable) -> Callable:
             if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM):
                 raise
             where = f" {err.filename}" if err.filename else ""
-            err_console.print(f"[bold red]error:[/] cannot write{where}: {err.strerror}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(f'cannot write{where}: {err.strerror}')}", highlight=False,
+                              soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def note(text: str) -> None:
+    """Prints one "note:" line on stderr (the text verbatim: brackets in it are not Rich markup)."""
+    err_console.print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def _quiet_libraries() -> None:

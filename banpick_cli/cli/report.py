@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from banpick_cli.cli.base import JsonOpt, ProgressOpt, app
-from banpick_cli.cli.render import console, err_console, handle_errors, print_json, progress_bar
+from banpick_cli.cli.render import note, console, err_console, handle_errors, print_json, progress_bar
 
 
 @app.command()
@@ -81,8 +81,8 @@ def import_usage(
     if as_json:
         print_json(summary)
         return
-    for note in usage.notes:
-        err_console.print(f"note: {note}", highlight=False)
+    for text in usage.notes:
+        note(text)
     for name in result.dropped:
         err_console.print(f"note: removed stale '{name}' (its usage counts changed); rerun its stage")
     estimated = "" if usage.tokens_exact else " (estimated as selections / K_base)"

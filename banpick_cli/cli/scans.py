@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from banpick_cli.cli.base import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, app
-from banpick_cli.cli.render import console, err_console, handle_errors, print_json, progress_bar, table
+from banpick_cli.cli.render import note, console, handle_errors, print_json, progress_bar, table
 
 DataOpt = typer.Option(
     None, "--data", help="Local .jsonl/.json/.parquet/.txt/.csv file, hub dataset id, or 'embedded'. Default: the domain's sources ('embedded' for the demo model)."
@@ -34,8 +34,8 @@ def _profile_path(profile: Optional[Path], out: Optional[Path]) -> Path:
 
 
 def _notes(notes: list[str]) -> None:
-    for note in notes:
-        err_console.print(f"note: {note}", highlight=False)
+    for text in notes:
+        note(text)
 
 
 @app.command("kl-scan")

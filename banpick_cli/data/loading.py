@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from banpick_cli.data.registry import Domain, Source
-from banpick_cli.errors import DataError
+from banpick_cli.errors import DataError, import_extra
 from banpick_cli.paths import DEMO_DATA_DIR
 
 EMBEDDED = "embedded"
@@ -71,7 +71,7 @@ def _template_of(domain: Domain) -> str:
 
 
 def _from_source(source: Source, samples: int, seed: int, text_field: str | None, label: str) -> CalibrationText:
-    import datasets
+    datasets = import_extra("datasets", "calibrate", "reading calibration data")
 
     datasets.disable_progress_bars()
     local = Path(source.dataset)

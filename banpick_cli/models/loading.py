@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from banpick_cli.errors import BadSetting, ModelError
+from banpick_cli.errors import BadSetting, ModelError, import_extra
 from banpick_cli.models.base import MoEAdapter, MoELayer
 from banpick_cli.models.registry import adapter_for
 from banpick_cli.profile.fingerprint import router_fingerprint
@@ -141,10 +141,7 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_m
     torch_dtype = resolve_dtype(dtype, torch_device if device_map is None else _map_device(device_map))
     extra: dict[str, Any] = {}
     if device_map is not None:
-        try:
-            import accelerate  # noqa: F401  (from_pretrained needs it for device_map)
-        except ImportError:
-            raise BadSetting("--device-map needs the accelerate package: pip install 'banpick[scale]'") from None
+        import_extra("accelerate", "scale", "--device-map")  # from_pretrained needs it for device_map
         extra["device_map"] = device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype, **extra)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from banpick_cli.errors import BadSetting, ProfileError
+from banpick_cli.errors import BadSetting, ProfileError, import_extra
 from banpick_cli.profile.format import RoutingProfile, read_profile
 from banpick_cli.progress import ProgressEvent, ProgressFn, silent
 
@@ -61,7 +61,7 @@ def build_report(
     usage differs most between domains); `all_layers` adds the whole model in pages of 12 layers, as
     the paper's appendix. Figures of stages the profile lacks are skipped with a note on the page.
     """
-    import matplotlib
+    matplotlib = import_extra("matplotlib", "report", "banpick report")
 
     from banpick_cli.outputs import atomic_folder, check_output, output_error
     from banpick_cli.report import figures

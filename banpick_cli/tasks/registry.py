@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from banpick_cli.data.loading import check_data_file, root_cause
-from banpick_cli.errors import DataError
+from banpick_cli.errors import DataError, import_extra
 from banpick_cli.paths import DEMO_DATA_DIR
 from banpick_cli.tasks import hub
 from banpick_cli.tasks.task import Task, load_tasks
@@ -168,7 +168,7 @@ def _human_eval_rows() -> list[dict] | None:
 
 
 def _hub_rows(source: TaskSource, file: str | None):
-    import datasets
+    datasets = import_extra("datasets", "calibrate", "reading task sets")
 
     datasets.disable_progress_bars()
     try:

@@ -30,8 +30,6 @@ def _clean_failure(result, message: str) -> None:
     assert message in err, err
 
 
-# Waiting on code outside this change: runtime/export.py's bundle (issue 12's owner).
-PENDING = {"export": "runtime/export.py: write the bundle through outputs.atomic_folder"}
 
 
 def test_version_and_short_help():
@@ -79,9 +77,8 @@ def _commands(made, disk: Path) -> dict[str, list]:
     }
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=[pytest.mark.xfail(reason=PENDING[n], strict=False)] if n in PENDING else [])
-    for n in ["profile new", "profile update", "kl-scan", "layer-sensitivity", "report", "merge", "export", "eval -o"]])
+@pytest.mark.parametrize("name", ["profile new", "profile update", "kl-scan", "layer-sensitivity", "report", "merge",
+                                  "export", "eval -o"])
 def test_full_disk_is_one_line_and_leaves_nothing(made, tmp_path, name):
     kept = made["profile"].read_bytes()
     with full_disk(tmp_path / "disk", files={"p.safetensors": kept}) as disk:
