@@ -30,6 +30,14 @@ done
   --method baseline,pick,ban,banpick,des,odp,dynamic --lambda 0.5,0.6,0.7,0.8,0.9 $(data math | sed 's/--data/--calib-data/') \
   --clock cpu --repeats 3 --no-progress --json > "$OUT/eval.json"
 
+# Matched budgets: Fixed-K, Ban, Ban&Pick, DES and Dynamic at 4, 5 and 6 experts per token (knobs solved on
+# calibration text), each row with its 95% interval and McNemar p against the baseline.
+for t in 4 5 6; do
+  "$BANPICK" eval --model "$MODEL" --profile "$P" --task "$(task math),$(task code),$(task general)" --offset 75 \
+    --method baseline,fixed-k,ban,banpick,des,dynamic --target-avg-topk "$t" $(data math | sed 's/--data/--calib-data/') \
+    --clock cpu --no-progress --json > "$OUT/eval-budget-$t.json"
+done
+
 # Pick's five strategies on the math half it was not calibrated on (Figure 4's comparison).
 for s in A B C D E; do
   "$BANPICK" eval --model "$MODEL" --profile "$P" --task "$(task math)" --offset 75 --method pick --strategy "$s" \
