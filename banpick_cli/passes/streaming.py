@@ -141,6 +141,7 @@ class StreamedWeights:
         self.tied = not self.head_keys
         self.loads = 0  # decoder layers read from the checkpoint so far
         self.bytes_read = 0
+        _map_large_allocations()
 
     # --- resident parts --------------------------------------------------------------------------
     def load_resident(self) -> None:
@@ -331,8 +332,7 @@ def _device_of(module: nn.Module) -> torch.device | None:
     return None
 
 
-def _trim() -> None:
-    """Hands freed heap memory back to the system (glibc keeps it otherwise: the peak would creep layer by layer)."""
+def _libc() -> Any:
     global _LIBC
     if _LIBC is None:
         import ctypes
@@ -341,10 +341,27 @@ def _trim() -> None:
         try:
             _LIBC = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
             _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
+            _LIBC.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         except (OSError, AttributeError):
             _LIBC = False
-    if _LIBC:
+    return _LIBC
+
+
+def _trim() -> None:
+    """Hands freed heap memory back to the system (glibc keeps it otherwise: the peak would creep layer by layer)."""
+    if _libc():
         _LIBC.malloc_trim(0)
+
+
+def _map_large_allocations() -> None:
+    """Makes glibc serve every allocation of 1 MiB or more with its own mapping, returned whole when freed.
+
+    By default glibc raises that threshold to the size of the largest block freed so far (up to 32 MiB),
+    after which a layer's tensors come from the heap, which fragments and only grows: each layer read
+    would leave the process a little larger. A fixed threshold keeps the peak at one layer.
+    """
+    if _libc():
+        _LIBC.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
 
 
 _LIBC: Any = None
