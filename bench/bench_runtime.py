@@ -89,9 +89,6 @@ def profile_for(loaded, sample):
 
 
 def main() -> None:
-    from banpick_cli.runtime import apply
-    from banpick_cli.runtime.budget import CalibrationLogits, solve_budget
-
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", default="qwen3-30b-a3b,deepseek-v2-lite")
     parser.add_argument("--layers", type=int, default=2)
@@ -109,8 +106,8 @@ def main() -> None:
     reports = []
     for shape in args.shape.split(","):
         targets = [float(t) for t in args.targets.split(",")] if args.targets else list(SHAPES[shape]["targets"])
-        reports.append(run_shape(shape, args, targets, methods, apply, CalibrationLogits, solve_budget))
-        gc.collect()
+        reports.append(run_shape(shape, args, targets, methods))
+        gc.collect()  # one shape's weights (about 5 GB) before the next
     if args.json:
         print(json.dumps(reports, indent=2))
     else:
@@ -119,7 +116,11 @@ def main() -> None:
 
 
 @torch.inference_mode()
-def run_shape(shape, args, targets, methods, apply, CalibrationLogits, solve_budget) -> dict:
+def run_shape(shape: str, args, targets: list[float], methods: list[str]) -> dict:
+    """Returns one shape's report: every row's Avg-TopK, median CPU seconds, speed-up and ratio to Fixed-K."""
+    from banpick_cli.runtime import apply
+    from banpick_cli.runtime.budget import CalibrationLogits, solve_budget
+
     loaded, decoder = build(shape, args.layers, args.experts)
     specs = loaded.router_specs()
     k_base, vocab = specs[0].top_k, loaded.model.config.vocab_size
@@ -187,11 +188,9 @@ def run_shape(shape, args, targets, methods, apply, CalibrationLogits, solve_bud
         if method not in ("baseline", "fixed-k"):
             row["vs_fixed_k"] = round(_interpolate(fixed, ran) / t, 3)  # > 1: faster than Fixed-K at its Avg-TopK
         table.append(row)
-    report = {"shape": shape, "layers": args.layers, "tokens": int(ids.numel()), "experts": args.experts,
-              "threads": torch.get_num_threads(), "repeat": args.repeat, "clock": "process_time",
-              "config": SHAPES[shape]["config"], "rows": table}
-    del loaded, decoder
-    return report
+    return {"shape": shape, "layers": args.layers, "tokens": int(ids.numel()), "experts": args.experts,
+            "threads": torch.get_num_threads(), "repeat": args.repeat, "clock": "process_time",
+            "config": SHAPES[shape]["config"], "rows": table}
 
 
 def _router_logits(loaded, decoder, ids) -> list[torch.Tensor]:
@@ -219,8 +218,8 @@ def _interpolate(curve: dict[float, float], k: float) -> float:
 
 
 def render(report: dict) -> str:
-    lines = [f"{report['shape']}: {report['layers']} layers, {report['tokens']} tokens, experts={report['experts']}, "
-             f"{report['threads']} thread(s), CPU time, median of {report['repeat']}",
+    lines = [(f"{report['shape']}: {report['layers']} layers, {report['tokens']} tokens, experts={report['experts']}, "
+              f"{report['threads']} thread(s), CPU time, median of {report['repeat']}"),
              "| method | Avg-TopK | experts vs baseline | s | speed-up | vs Fixed-K at same Avg-TopK |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in report["rows"]:
