@@ -32,7 +32,8 @@ from banpick_cli.runtime.plan import AUTO, RoutingPlan, build_plan
 
 @dataclass(frozen=True)
 class RoutingStats:
-    """What the routing did since install (or the last reset), on real (non-padding) tokens.
+    """What the routing did since install (or the last reset), on real tokens: not padding, and not the decode
+    steps generate() still runs for rows that have ended (their input is EOS or padding).
 
     avg_experts[l] = experts run per token at MoE layer l; k_base is the model's own. Where the
     plan changed a layer: added / removed = (token, expert) pairs that entered / left the router's
@@ -78,6 +79,7 @@ class RoutingHandle:
         self._row_domains: torch.Tensor | None = None  # long [B]
         self._choices = torch.zeros(len(plan.domains) if isinstance(plan, AutoPlan) else 0, dtype=torch.int64)
         self._signature: torch.Tensor | None = None
+        self._stop_ids = _stop_ids(loaded)  # long [S]: EOS and padding ids, whose decode steps are not counted
         self._in_signature_pass = False
         self.hooks = RoutingHooks(loaded.layers, e, overrides=self._overrides(), observers=[self._observe])
         self._pre_handle = None
@@ -214,15 +216,18 @@ class RoutingHandle:
             self._mask = mask[:, -new:].reshape(-1).bool()
         else:
             self._mask = None
+        if new == 1 and ids is not None and self._stop_ids is not None and _seen(kwargs) > 0:
+            # A decode step whose input is EOS or padding belongs to a row that has finished: generate()
+            # keeps computing it (its attention mask stays 1), but it is no token of any answer.
+            live = ~torch.isin(ids.reshape(-1), self._stop_ids.to(ids.device))
+            self._mask = live if self._mask is None else self._mask & live
         if isinstance(self.plan, AutoPlan):
             self._route_requests(module, args, kwargs, batch, new)
         return None
 
     # --- domain auto ---------------------------------------------------------------------------
     def _route_requests(self, decoder: nn.Module, args: tuple, kwargs: dict, batch: int, new: int) -> None:
-        past = kwargs.get("past_key_values")
-        past = kwargs.get("cache") if past is None else past  # transformers 5.24 passes `cache`
-        seen = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        seen = _seen(kwargs)
         keep = new == 1 and seen > 0 and self._row_domains is not None and self._row_domains.shape[0] == batch
         if not keep:
             # A prefill (or a batch we have not seen): one extra pass of the model's own routing over
@@ -258,6 +263,22 @@ class RoutingHandle:
         keep = real if mask is None else real & mask.unsqueeze(-1)
         flat = (row * e + indices.clamp(max=e - 1))[keep]
         return torch.bincount(flat, minlength=batch * e).view(batch, e).float().to(self._device)
+
+
+def _seen(kwargs: dict) -> int:
+    """Returns how many positions the forward's KV cache already holds (0 for a prefill or no cache)."""
+    past = kwargs.get("past_key_values")
+    past = kwargs.get("cache") if past is None else past  # transformers 5.24 passes `cache`
+    return past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+
+
+def _stop_ids(loaded: LoadedModel) -> torch.Tensor | None:
+    """Returns the tokenizer's EOS and padding ids (long [S]), or None when it has none."""
+    tok = getattr(loaded, "tokenizer", None)
+    ids: set[int] = set()
+    for value in (getattr(tok, "eos_token_id", None), getattr(tok, "pad_token_id", None)):
+        ids.update(v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, int))
+    return torch.tensor(sorted(ids), dtype=torch.long) if ids else None
 
 
 def _trimmed(routing) -> tuple[torch.Tensor, torch.Tensor]:

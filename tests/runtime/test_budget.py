@@ -119,3 +119,15 @@ def test_cpu_routing_drops_the_slots_no_token_fills(qwen):
             (indices.shape[1], int((indices < 8).sum(-1).max()))))
         qwen.model(ids)
     assert widths and all(w == k_max for w, k_max in widths) and max(w for w, _ in widths) < 8
+
+
+def test_decode_steps_of_finished_rows_are_not_counted(qwen):
+    eos = qwen.tokenizer.eos_token_id
+    ids = ids_for(qwen, batch=2, length=5).clamp(min=eos + 1)
+    with torch.inference_mode(), apply(qwen, None, "fixed-k", k=2) as h:
+        past = qwen.model(ids, use_cache=True).past_key_values
+        qwen.model(torch.tensor([[eos], [eos + 3]]), past_key_values=past, use_cache=True)  # row 0 has ended
+    assert h.stats().tokens == [2 * 5 + 1] * 2 and h.stats().avg_experts == [2.0, 2.0]
+    with torch.inference_mode(), apply(qwen, None, "fixed-k", k=2) as h2:
+        qwen.model(torch.tensor([[eos, eos + 1]]))  # a prefill: EOS in a prompt is a token like any other
+    assert h2.stats().tokens == [2, 2]
