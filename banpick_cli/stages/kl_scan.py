@@ -189,6 +189,7 @@ def run_kl_scan(
     device: str = "auto",
     dtype: str = "auto",
     restart: bool = False,
+    stream: bool = False,
     loaded: LoadedModel | None = None,
     progress: ProgressFn = silent,
 ) -> KLScanResult:
@@ -204,6 +205,10 @@ def run_kl_scan(
     scanned = scanned_experts(prof, settings)
     check_model_first(model, loaded)
     domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
+    if loaded is None and stream:  # each decoder layer read from the checkpoint once per window
+        from banpick_cli.passes.streaming import load_streaming
+
+        loaded = load_streaming(model, device=device, dtype=dtype)
     loaded = loaded or load_model(model, device=device, dtype=dtype)
     check_fingerprint(prof, loaded.fingerprint, path=source)
     previous = previous_output(out, source, loaded.fingerprint)

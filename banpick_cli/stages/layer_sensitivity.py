@@ -163,6 +163,7 @@ def run_layer_sensitivity(
     device: str = "auto",
     dtype: str = "auto",
     restart: bool = False,
+    stream: bool = False,
     loaded: LoadedModel | None = None,
     progress: ProgressFn = silent,
 ) -> LayerSensitivityResult:
@@ -179,6 +180,10 @@ def run_layer_sensitivity(
     settings = replace(settings, domain=resolve_domain(settings, existing))
     check_model_first(model, loaded)
     domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
+    if loaded is None and stream:  # each decoder layer read from the checkpoint once per window
+        from banpick_cli.passes.streaming import load_streaming
+
+        loaded = load_streaming(model, device=device, dtype=dtype)
     loaded = loaded or load_model(model, device=device, dtype=dtype)
     k_base = loaded.routing.top_k
     settings.check_model(k_base)

@@ -132,7 +132,12 @@ def run_profile(
         check_model_first(model, loaded)
         domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
         run_device = _run_device(device, dist)
-        if loaded is None and options.sequential:
+        if loaded is None and options.stream:
+            # Weights stay on disk; each decoder layer is read when it runs (passes/streaming.py).
+            from banpick_cli.passes.streaming import load_streaming
+
+            loaded = load_streaming(model, device=str(run_device), dtype=_dtype_for(dtype, run_device))
+        elif loaded is None and options.sequential:
             # The model stays in CPU memory; its layers visit `run_device` one at a time.
             loaded = load_model(model, device="cpu", dtype=_dtype_for(dtype, run_device))
         elif loaded is None:
@@ -153,8 +158,9 @@ def run_profile(
         dropped: list[str] = []
         if profile is not None:
             facts = {"world_size": dist.world, "resumed_batches": done.resumed_batches}
-            if options.sequential:
-                facts.update(sequential=True, run_device=str(run_device))
+            if options.sequential or options.stream:
+                facts.update(sequential=options.sequential, stream=options.stream, run_device=str(run_device),
+                             layer_loads=done.layer_loads)
             if options.device_map:
                 facts["device_map"] = options.device_map
             profile = store(out, profile, loaded,
