@@ -174,6 +174,23 @@ def collect_router_logits(
     return CalibrationLogits(tuple(logits), f"{len(texts)} calibration texts, {min(n, max_tokens)} tokens")
 
 
+def balanced(parts: Sequence[CalibrationLogits], seed: int = 0) -> CalibrationLogits:
+    """Returns the parts (e.g. one per domain) with the same number of tokens each: a seeded subsample of
+    every part down to the smallest, so a domain with longer calibration texts does not set the budget."""
+    parts = [p for p in parts if p.tokens]
+    if not parts:
+        raise BadSetting("matching a budget needs calibration tokens; the calibration text gave none")
+    n = min(p.tokens for p in parts)
+    layers = []
+    for position in range(len(parts[0].logits)):
+        rows = []
+        for p in parts:
+            keep = torch.randperm(p.tokens, generator=torch.Generator().manual_seed(seed))[:n].sort().values
+            rows.append(p.logits[position][keep])
+        layers.append(torch.cat(rows))
+    return CalibrationLogits(tuple(layers), f"{len(parts)} parts of {n} tokens each ({'; '.join(p.source for p in parts)})")
+
+
 # --- helpers -----------------------------------------------------------------------------------
 
 

@@ -290,11 +290,11 @@ def _expand(settings: EvalSettings, loaded: LoadedModel, profile, task_sets: lis
 
     def budget(method: str, overrides: dict[str, Any], session=plain):
         """Returns (label, overrides, session) of `method` at the target budget, solved on calibration text."""
-        from banpick_cli.runtime.budget import collect_router_logits, solve_budget
+        from banpick_cli.runtime.budget import balanced, collect_router_logits, solve_budget
 
-        if "logits" not in calib and method != "fixed-k":
-            calib["logits"] = collect_router_logits(loaded, _calib_texts(settings, loaded, task_sets),
-                                                    batch_size=settings.options.batch_size)
+        if "logits" not in calib and method != "fixed-k":  # each domain's calibration tokens weigh the same
+            calib["logits"] = balanced([collect_router_logits(loaded, texts, batch_size=settings.options.batch_size)
+                                        for texts in _calib_texts_by_domain(settings, loaded, task_sets).values()])
         domain = _domains(settings, method, task_sets)[0]
         solved = solve_budget(method, target, loaded.router_specs(), calib.get("logits"), profile, domain=domain,
                               overrides=overrides)
@@ -382,6 +382,11 @@ def _odp_session(loaded: LoadedModel, protect: float):
 
 def _calib_texts(settings: EvalSettings, loaded: LoadedModel, task_sets: list[TaskSet]) -> list[str]:
     """Returns calibration text for DES/RICE: --calib-data, else each task domain's own (embedded for the demo)."""
+    return [text for texts in _calib_texts_by_domain(settings, loaded, task_sets).values() for text in texts]
+
+
+def _calib_texts_by_domain(settings: EvalSettings, loaded: LoadedModel, task_sets: list[TaskSet]) -> dict[str, list[str]]:
+    """Returns {domain: calibration texts}, --calib-samples shared out over the domains."""
     from banpick_cli.data import get_domain, load_calibration_text
     from banpick_cli.errors import DataError
 
@@ -390,11 +395,11 @@ def _calib_texts(settings: EvalSettings, loaded: LoadedModel, task_sets: list[Ta
         raise DataError("DES/RICE need calibration text: pass --calib-data or --domain")
     demo = loaded.identity.name_or_path == DEMO_MODEL_NAME
     share = [settings.calib_samples // len(names) + (i < settings.calib_samples % len(names)) for i in range(len(names))]
-    texts: list[str] = []
+    texts: dict[str, list[str]] = {}
     for name, n in zip(names, share):
         if n:
-            texts += load_calibration_text(get_domain(name), settings.calib_data, samples=n, seed=0,
-                                           use_embedded=demo).texts
+            texts[name] = load_calibration_text(get_domain(name), settings.calib_data, samples=n, seed=0,
+                                                use_embedded=demo).texts
     return texts
 
 

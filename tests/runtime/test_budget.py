@@ -131,3 +131,16 @@ def test_decode_steps_of_finished_rows_are_not_counted(qwen):
     with torch.inference_mode(), apply(qwen, None, "fixed-k", k=2) as h2:
         qwen.model(torch.tensor([[eos, eos + 1]]))  # a prefill: EOS in a prompt is a token like any other
     assert h2.stats().tokens == [2, 2]
+
+
+def test_balanced_gives_every_part_the_same_tokens(qwen):
+    from banpick_cli.runtime.budget import balanced
+
+    big, small = sample_of(qwen, tokens=300, seed=1), sample_of(qwen, tokens=40, seed=2)
+    both = balanced([big, small])
+    assert both.tokens == 80 and torch.equal(both.logits[0][40:], small.logits[0])
+    rows = {tuple(r.tolist()) for r in big.logits[0]}
+    assert all(tuple(r.tolist()) in rows for r in both.logits[0][:40])  # a subsample of the big part
+    assert torch.equal(balanced([big, small]).logits[1], both.logits[1])  # seeded
+    with pytest.raises(BadSetting, match="calibration tokens"):
+        balanced([CalibrationLogits(tuple(torch.zeros(0, 8) for _ in range(2)))])
