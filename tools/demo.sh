@@ -7,6 +7,7 @@ OUT=${2:-build/demo}
 mkdir -p "$OUT"
 PROFILE="$OUT/demo-profile.safetensors"
 rm -rf "$PROFILE" "$OUT/report" "$OUT/bundle"
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}  # one thread: CPU-time speed ratios stay steady on a shared machine
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 for domain in math code general; do
