@@ -28,7 +28,7 @@ def silent(event: ProgressEvent) -> None:
 ProgressFn = Callable[[ProgressEvent], None]
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(round(max(0.0, seconds)))
     hours, rest = divmod(seconds, 3600)
     minutes, secs = divmod(rest, 60)
@@ -76,9 +76,9 @@ class PlainProgress:
             parts.append(f"{rate:,.2f}/s" if rate < 10 else f"{rate:,.0f}/s")
         if event.tokens and elapsed > 0:
             parts.append(f"{(event.tokens - tokens0) / elapsed:,.0f} tok/s")
-        parts.append(f"elapsed {_duration(elapsed)}")
+        parts.append(f"elapsed {duration(elapsed)}")
         if event.total and event.done < event.total:
-            parts.append(f"eta {_duration((event.total - event.done) / rate)}" if rate > 0 else "eta ?")
+            parts.append(f"eta {duration((event.total - event.done) / rate)}" if rate > 0 else "eta ?")
         name = " ".join(x for x in (self.label, event.task) if x)
         note = f" [{event.note}]" if event.note else ""
         return f"{name}: {', '.join(parts)}{note}"

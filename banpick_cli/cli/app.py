@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from banpick_cli.cli.base import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, app
+from banpick_cli.cli.base import DeviceOpt, DryRunOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, StreamOpt, app
 from banpick_cli.cli.render import note, console, err_console, handle_errors, print_json, progress_bar, table
 
 @app.command()
@@ -37,6 +37,8 @@ def profile(
     checkpoint_every: int = typer.Option(
         32, "--checkpoint-every", help="Save partial counts every N batches next to --out; a rerun resumes (0: off)."
     ),
+    stream: bool = StreamOpt,
+    dry: bool = DryRunOpt,
     show_progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -52,7 +54,15 @@ def profile(
         domain=domain, data=data, text_field=text_field, samples=samples, seq_len=seq_len,
         batch_size=batch_size, seed=seed, candidate_ratio=candidate_ratio, candidate_top=candidate_top,
     )
-    options = RunOptions(sequential=sequential, checkpoint_every=checkpoint_every, device_map=device_map)
+    from banpick_cli.cli.scans import choose_stream, dry_run
+
+    if dry:
+        RunOptions(sequential=sequential, checkpoint_every=checkpoint_every, device_map=device_map, stream=stream)
+        return dry_run("profile", settings, model=model, device=device, dtype=dtype, as_json=as_json,
+                       checkpoint_every=checkpoint_every)
+    if not (sequential or device_map):  # those two already place a model that does not fit one device
+        stream = choose_stream(stream, model, device, dtype)
+    options = RunOptions(sequential=sequential, checkpoint_every=checkpoint_every, device_map=device_map, stream=stream)
     with terminate_as_interrupt(), progress_bar(show_progress and not as_json, "profile") as progress:
         result = run_profile(settings, out=out, model=model, device=device, dtype=dtype, progress=progress, options=options)
     if result.rank != 0:

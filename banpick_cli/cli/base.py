@@ -21,6 +21,14 @@ DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (off for CI logs).")
 JsonOpt = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of tables.")
+StreamOpt = typer.Option(
+    False, "--stream", help="Read each decoder layer from the checkpoint (a local safetensors folder) when it runs: for models "
+    "larger than this machine's memory. Chosen by itself, with a note, when the weights do not fit the memory free now."
+)
+DryRunOpt = typer.Option(
+    False, "--dry-run", help="From the model's config alone: print the forwards, layer loads, generated tokens, peak memory "
+    "per mode and a time estimate (one layer of the model's shape timed here), then exit without writing anything."
+)
 
 
 def _version(value: bool) -> None:

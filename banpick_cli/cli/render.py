@@ -78,9 +78,12 @@ def progress_bar(enabled: bool, description: str) -> Iterator[Callable]:
     """Yields a library progress callback: a Rich bar with tokens/s and ETA on a terminal; in a log (CI, a
     pipe) a plain line about every 30 s (BANPICK_PROGRESS_EVERY seconds), so a long run shows it is alive;
     nothing when disabled (--no-progress, --json)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    import time
 
-    from banpick_cli.progress import PlainProgress, ProgressEvent
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from banpick_cli.passes.cost import eta
+    from banpick_cli.progress import PlainProgress, ProgressEvent, duration
 
     if not enabled:
         yield lambda event: None
@@ -96,21 +99,51 @@ def progress_bar(enabled: bool, description: str) -> Iterator[Callable]:
         MofNCompleteColumn(),
         TextColumn("{task.fields[rate]}"),
         TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
+        TextColumn("{task.fields[eta]}"),
     )
     with Progress(*columns, console=err_console, transient=True) as bar:
         tasks: dict[str, Any] = {}
+        # Per task: (start, units done at its first event). A resumed run's first event carries the
+        # resumed units, which passes/cost.py's eta() does not count as work done at this run's rate.
+        started: dict[str, tuple[float, int]] = {}
 
         def update(event: ProgressEvent) -> None:
             if event.task not in tasks:
-                tasks[event.task] = bar.add_task(f"{description} {event.task}", total=event.total, rate="")
+                tasks[event.task] = bar.add_task(f"{description} {event.task}", total=event.total, completed=event.done,
+                                                 rate="", eta="")
+                started[event.task] = (time.perf_counter(), event.done)
             task_id = tasks[event.task]
             elapsed = bar.tasks[task_id].elapsed or 0.0
             rate = f"{event.tokens / elapsed:,.0f} tok/s" if event.tokens and elapsed > 0 else event.note
-            bar.update(task_id, completed=event.done, total=event.total, rate=rate)
+            start, resumed = started[event.task]
+            left = eta(event.done, event.total, start, resumed=resumed)
+            bar.update(task_id, completed=event.done, total=event.total, rate=rate,
+                       eta="" if left is None else f"eta {duration(left)}")
 
         yield update
+
+
+def print_estimate(est: Any) -> None:
+    """Prints a --dry-run estimate (stages/estimate.py RunEstimate): counts, then per mode loads, peak memory, time."""
+    cost = est.cost
+    gib = lambda n: f"{n / 2**30:,.2f} GiB"  # noqa: E731
+    console.print(
+        f"[bold]{est.command}[/] on {est.model} ({est.dtype}, {est.device}): up to {cost.batches} batches, "
+        f"{cost.tokens:,} tokens, {cost.generated_tokens} generated; {cost.variants} variants in {cost.windows} "
+        f"window{'s' if cost.windows != 1 else ''}; {est.forwards:,.1f} model forwards of a batch "
+        f"({cost.layer_runs:,} decoder-layer runs, {cost.head_runs:,} LM-head runs); weights {gib(cost.shape.params * cost.shape.bytes_per_param)}",
+        highlight=False, soft_wrap=True,
+    )
+    rows = []
+    for mode in est.modes:
+        peak = cost.peak_bytes[mode]
+        seconds = est.seconds.get(mode)
+        rows.append([{"whole": "whole model", "sequential": "--sequential", "stream": "--stream"}[mode], cost.layer_loads[mode],
+                     gib(peak["cpu"]), gib(peak["device"]), "-" if seconds is None else f"{seconds:,.1f}",
+                     "yes" if est.fits.get(mode) else "no"])
+    free = ", ".join(f"{k} {gib(v)}" for k, v in est.available.items())
+    console.print(table(f"per mode (free now: {free}); nothing was run or written", ["mode", "layer loads", "peak CPU",
+                        "peak device", "est. s", "fits"], rows, justify_right_from=1))
 
 
 def print_json(data: Any) -> None:

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from banpick_cli.cli.base import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, app
-from banpick_cli.cli.render import note, console, handle_errors, print_json, progress_bar, table
+from banpick_cli.cli.base import DeviceOpt, DryRunOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, StreamOpt, app
+from banpick_cli.cli.render import note, console, handle_errors, print_estimate, print_json, progress_bar, table
 
 DataOpt = typer.Option(
     None, "--data", help="Local .jsonl/.json/.parquet/.txt/.csv file, hub dataset id, or 'embedded'. Default: the domain's sources ('embedded' for the demo model)."
@@ -21,7 +21,37 @@ SeedOpt = typer.Option(0, "--seed", help="Shuffle seed for choosing texts (the s
 TopTokensOpt = typer.Option(1000, "--top-tokens", help="KL over the unmodified model's N most probable tokens (appendix B); clamped to the vocabulary.")
 CacheOpt = typer.Option(2048, "--hidden-cache-mb", help="Memory for stored hidden states; beyond it later layers' inputs are recomputed.")
 OutOpt = typer.Option(None, "--out", "-o", help="Write the updated profile here instead of updating --profile (alone: the profile to update).")
-RestartOpt = typer.Option(False, "--restart", help="Discard the finished layers of an interrupted run and scan from the start.")
+RestartOpt = typer.Option(False, "--restart", help="Discard the finished windows of an interrupted run and scan from the start.")
+WindowOpt = typer.Option(
+    0, "--checkpoint-every", help="At most N batches per window; each finished window is saved beside the profile and a rerun "
+    "resumes after it (0: as many as fit --hidden-cache-mb). Every window loads each decoder layer once: more windows, more loads."
+)
+
+
+def choose_stream(stream: bool, model: str, device: str, dtype: str) -> bool:
+    """Returns --stream, or True with a note when the model's weights (from its config) do not fit the memory free now."""
+    if stream:
+        return True
+    from banpick_cli.stages.estimate import needs_stream
+
+    too_big, need, room = needs_stream(model, device=device, dtype=dtype)
+    if too_big:
+        note(f"the weights ({need / 2**30:,.1f} GiB) do not fit the {room / 2**30:,.1f} GiB free here: streaming each "
+             "decoder layer from the checkpoint (--stream)")
+    return too_big
+
+
+def dry_run(command: str, settings, *, model: str, device: str, dtype: str, as_json: bool, profile=None,
+            checkpoint_every: int = 32) -> None:
+    """Prints the --dry-run estimate of a command (nothing is loaded but the config, nothing written)."""
+    from banpick_cli.stages.estimate import estimate_run
+
+    est = estimate_run(command, settings, model=model, device=device, dtype=dtype, profile=profile,
+                       checkpoint_every=checkpoint_every)
+    if as_json:
+        print_json(est.as_dict())
+    else:
+        print_estimate(est)
 
 
 def _profile_path(profile: Optional[Path], out: Optional[Path]) -> Path:
@@ -55,6 +85,7 @@ def kl_scan(
     prune: str = typer.Option("refill", "--prune", help="'refill': the expert's score is removed before top-k, the next expert fills in (K stays); 'drop': tokens that chose it run K-1."),
     stack: int = typer.Option(0, "--stack", help="Candidates of one layer stacked into one forward (0: 8 on a GPU, 2 on a CPU)."),
     hidden_cache_mb: int = CacheOpt,
+    checkpoint_every: int = WindowOpt,
     key_factor: float = typer.Option(2.0, "--key-factor", help="Key expert: KL >= this times the median KL of the layer's other candidates."),
     key_top: int = typer.Option(2, "--key-top", help="At most this many key experts per layer (0: no cap)."),
     key_min_kl: float = typer.Option(0.0, "--key-min-kl", help="Key expert: KL at least this."),
@@ -63,6 +94,8 @@ def kl_scan(
     restart: bool = RestartOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    stream: bool = StreamOpt,
+    dry: bool = DryRunOpt,
     show_progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -74,11 +107,15 @@ def kl_scan(
     settings = KLScanSettings(
         domain=domain, data=data, text_field=text_field, samples=samples, seq_len=seq_len, batch_size=batch_size,
         seed=seed, candidates=candidates, top_tokens=top_tokens, prune=prune, stack=stack,
-        hidden_cache_mb=hidden_cache_mb, key_factor=key_factor, key_top=key_top, key_min_kl=key_min_kl,
+        hidden_cache_mb=hidden_cache_mb, checkpoint_every=checkpoint_every, key_factor=key_factor, key_top=key_top,
+        key_min_kl=key_min_kl,
     )
+    if dry:
+        return dry_run("kl-scan", settings, model=model, device=device, dtype=dtype, as_json=as_json, profile=profile)
+    stream = choose_stream(stream, model, device, dtype)
     with terminate_as_interrupt(), progress_bar(show_progress and not as_json, "kl-scan") as progress:
         result = run_kl_scan(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
-                             restart=restart, progress=progress)
+                             restart=restart, stream=stream, progress=progress)
     ranked = result.ranked()
     values = sorted((r.kl for r in ranked), reverse=True)
     summary = {
@@ -87,6 +124,8 @@ def kl_scan(
         "experts_scanned": len(ranked),
         "layers_scanned": result.layers_scanned,
         "layers_resumed": result.layers_resumed,
+        "windows": result.windows,
+        "windows_resumed": result.windows_resumed,
         "tokens": result.tokens,
         "wall_s": round(result.wall_s, 3),
         "kl_max": values[0] if values else None,
@@ -104,6 +143,8 @@ def kl_scan(
     console.print(table(f"kl-scan '{result.domain}': experts that move the output most when pruned ({settings.prune})",
                         ["rank", "expert", "top-k KL", "of max", "usage", ""], rows, justify_right_from=2))
     resumed = f", {result.layers_resumed} resumed" if result.layers_resumed else ""
+    if result.windows_resumed:
+        resumed += f"; {result.windows_resumed} of {result.windows} windows resumed"
     console.print(
         f"[bold]{result.domain}[/]: {len(ranked)} experts in {result.layers_scanned + result.layers_resumed} layers "
         f"({result.layers_scanned} scanned now{resumed}), {result.tokens:,} tokens, {result.wall_s:.1f}s; "
@@ -133,10 +174,13 @@ def layer_sensitivity(
     ratio_bins: int = typer.Option(100, "--ratio-bins", help="Bins of the stored R histogram over [0, 1]."),
     top_tokens: int = TopTokensOpt,
     hidden_cache_mb: int = CacheOpt,
+    checkpoint_every: int = WindowOpt,
     out: Optional[Path] = OutOpt,
     restart: bool = RestartOpt,
     device: str = DeviceOpt,
     dtype: str = DtypeOpt,
+    stream: bool = StreamOpt,
+    dry: bool = DryRunOpt,
     show_progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:
@@ -149,16 +193,22 @@ def layer_sensitivity(
         domain=domain, data=data, text_field=text_field, samples=samples, seq_len=seq_len, batch_size=batch_size,
         seed=seed, k_min=k_min, lam=lam, beta=beta, ratio_k_num=ratio_k_num, ratio_percentile=ratio_percentile,
         ratio_scope=ratio_scope, ratio_bins=ratio_bins, top_tokens=top_tokens, hidden_cache_mb=hidden_cache_mb,
+        checkpoint_every=checkpoint_every,
     )
+    if dry:
+        return dry_run("layer-sensitivity", settings, model=model, device=device, dtype=dtype, as_json=as_json)
+    stream = choose_stream(stream, model, device, dtype)
     with terminate_as_interrupt(), progress_bar(show_progress and not as_json, "layer-sensitivity") as progress:
         result = run_layer_sensitivity(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
-                                       restart=restart, progress=progress)
+                                       restart=restart, stream=stream, progress=progress)
     layers = result.profile.model.moe_layers
     summary = {
         "profile": str(result.path),
         "domain": result.domain,
         "layers_scanned": result.layers_scanned,
         "layers_resumed": result.layers_resumed,
+        "windows": result.windows,
+        "windows_resumed": result.windows_resumed,
         "tokens": result.tokens,
         "wall_s": round(result.wall_s, 3),
         "ban": result.ban,

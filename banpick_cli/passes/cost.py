@@ -99,11 +99,13 @@ class Cost:
 
 def plan_cost(config: Any, *, command: str, samples: int, seq_len: int, batch_size: int,
               variants_by_layer: dict[int, int] | None = None, hidden_cache_mb: int = 2048,
-              checkpoint_every: int = 32, dtype: torch.dtype = torch.float32) -> Cost:
+              checkpoint_every: int = 32, window_batches: int = 0, dtype: torch.dtype = torch.float32) -> Cost:
     """Returns the counts and peak memory of one run from the config alone.
 
     `variants_by_layer` maps a decoder-layer index to its number of variants (kl-scan: the candidates;
-    layer-sensitivity: one per MoE layer, the default when None); `profile` has none.
+    layer-sensitivity: one per MoE layer, the default when None); `profile` has none. `checkpoint_every`
+    is profile's window; the scans' window is what fits `hidden_cache_mb`, at most `window_batches`
+    when set (their --checkpoint-every).
     """
     shape = Shape.of(config, dtype)
     b = shape.bytes_per_param
@@ -121,6 +123,7 @@ def plan_cost(config: Any, *, command: str, samples: int, seq_len: int, batch_si
         n = sum(variants_by_layer.values())
         # As the engine cuts windows: as many batches as fit the budget with every variant's states.
         window = max(1, int(hidden_cache_mb * 2**20 // max(batch_states * (n + 1), 1)))
+        window = min(window, window_batches) if window_batches else window
     variants = sum(variants_by_layer.values())
     windows = math.ceil(batches / window)
     layer_runs = batches * ((last + 1) + sum(v * (last + 1 - layer) for layer, v in variants_by_layer.items()))

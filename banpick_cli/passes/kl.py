@@ -11,6 +11,10 @@ logits) and each variant's KL against them. The work is one forward for the unmo
 over variants of (L - l)/L forwards, as in the earlier replay order (one sweep of layers l..end per
 candidate layer), while the layer loads fall from one per candidate layer to one per window.
 
+No layer's numbers are final before the last window, so a run is resumable by windows: after each
+window `on_window` receives a `WindowSums` (the KL sums and token count so far), the stage saves it
+with its observers' state, and a rerun passes it back as `resume` and starts at the next batch.
+
 `naive_kl` is the slow reference, one full forward per variant and batch; tests hold the engine equal
 to it to float32 rounding on every family (not bit for bit: the stacked forwards batch the GEMMs
 differently).
@@ -70,6 +74,21 @@ def topk_kl(log_p: torch.Tensor, indices: torch.Tensor, logits: torch.Tensor) ->
     """
     log_q = torch.log_softmax(logits.gather(1, indices.long()).double(), dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+@dataclass
+class WindowSums:
+    """What a layer-major run has summed over its finished windows: enough to resume after them.
+
+    The float64 sums are added batch by batch in the engine's batch order, and a batch's numbers do not
+    depend on which window holds it (a window only decides how long states are kept and where, never
+    how a batch is cut into forwards), so resuming from these sums gives the uninterrupted run's bits.
+    """
+
+    batches: int  # calibration batches finished: a prefix of the engine's batch order
+    windows: int  # windows finished
+    tokens: int  # real tokens in those batches
+    kl_sums: torch.Tensor  # [variants] float64: summed top-k KL, plans by position, variants as given
 
 
 @dataclass
@@ -178,6 +197,7 @@ class KLEngine:
         top_tokens: int = TOP_TOKENS,
         stack: int = 0,
         hidden_cache_mb: int = 2048,
+        window_batches: int = 0,
         sort_by_length: bool = True,
         progress: ProgressFn = silent,
     ):
@@ -191,6 +211,7 @@ class KLEngine:
         self.stack = stack or (8 if self.device.type == "cuda" else 2)
         self.row_limit: int | None = None  # texts per forward, set only after an out-of-memory
         self.hidden_cache_mb = hidden_cache_mb
+        self.window_batches = window_batches  # at most this many batches per window (0: what fits the budget)
         self.progress = progress
         self.notes: list[str] = []
         self.decoder = loaded.adapter.decoder(loaded.model)
@@ -202,7 +223,8 @@ class KLEngine:
         self._tokens: int | None = None
         self.variant_tokens = 0  # tokens run through modified layers so far (for tokens/s)
         self.layer_loads: list[int] = []  # per decoder layer, after `run`
-        self.windows = 0  # windows of the last `run`
+        self.windows = 0  # windows the last `run` computed
+        self.windows_resumed = 0  # windows it took over from `resume`
 
     @property
     def tokens(self) -> int:
@@ -223,11 +245,16 @@ class KLEngine:
         *,
         observers: Sequence[ObserveFn] = (),
         on_layer: Callable[[int, torch.Tensor], None] | None = None,
+        resume: WindowSums | None = None,
+        on_window: Callable[[WindowSums], None] | None = None,
     ) -> dict[int, torch.Tensor]:
         """Returns position -> mean top-k KL of each variant [n] (float64) over every real token.
 
-        `on_layer(position, kl)` is called for each plan once its numbers are final (to checkpoint),
-        in position order. `observers` see the unmodified routing of every MoE layer, real tokens only.
+        `on_window(sums)` is called after each window (to checkpoint; observers' state is then as of the
+        same batches), and a run given `resume` starts after its batches, from its sums: the same numbers
+        as a run never interrupted. `on_layer(position, kl)` is called for each plan once its numbers are
+        final, in position order. `observers` see the unmodified routing of every MoE layer, real tokens
+        only.
         """
         plans = sorted(plans, key=lambda p: p.position)
         if not plans and not observers:
@@ -238,24 +265,39 @@ class KLEngine:
                     for p, plan in enumerate(plans) for route in plan.variants]
         # Observers need the decoder up to the last MoE layer; KL needs all of it and the head.
         last = len(self.decoder.layers) - 1 if plans else max(index.values())
-        windows = self._windows(self._batches(), len(variants))
-        self.windows = len(windows)
-        source = LayerSource(self.loaded)
+        all_batches = self._batches()
         sums = torch.zeros(len(variants), dtype=torch.float64)
+        done = WindowSums(0, 0, 0, sums)
+        if resume is not None:
+            if resume.kl_sums.shape != sums.shape or not 0 <= resume.batches <= len(all_batches):
+                raise ValueError(f"resume state of {resume.kl_sums.numel()} variants and {resume.batches} batches "
+                                 f"does not fit this run ({len(variants)} variants, {len(all_batches)} batches)")
+            sums.copy_(resume.kl_sums)
+            done = WindowSums(resume.batches, resume.windows, resume.tokens, sums)
+        windows = self._windows(all_batches[done.batches:], len(variants))
+        self.windows, self.windows_resumed = len(windows), done.windows
+        total = done.windows + len(windows)
+        source = LayerSource(self.loaded)
         rows_total = sum(b.input_ids.shape[0] for w in windows for b in w)
         self._work = [0, sum((last + 1 - v.start) for v in variants) * rows_total]  # candidates progress
         self._layer_steps = [0, len(windows) * (last + 1)]
-        tokens = 0
+        # The first event is the baseline: resumed windows are not work done at this run's rate.
+        self.progress(ProgressEvent("windows", done.windows, total, note="resumed" if done.windows else ""))
         with RoutingHooks(self.loaded.layers, self.loaded.routing.num_experts) as hooks:
             for window in windows:
-                tokens += self._window(hooks, source, window, variants, observers, sums, last)
-        self._tokens = tokens
+                tokens = self._window(hooks, source, window, variants, observers, sums, last)
+                done = WindowSums(done.batches + len(window), done.windows + 1, done.tokens + tokens, sums)
+                if on_window is not None:
+                    on_window(WindowSums(done.batches, done.windows, done.tokens, sums.clone()))
+                self.progress(ProgressEvent("windows", done.windows, total, self.variant_tokens,
+                                            note=f"batch {done.batches}/{len(all_batches)}"))
+        self._tokens = done.tokens
         self.layer_loads = source.loads
         results: dict[int, torch.Tensor] = {}
         first = 0
         for n, plan in enumerate(plans):
             count = len(plan.variants)
-            results[plan.position] = kl = sums[first : first + count] / max(tokens, 1)
+            results[plan.position] = kl = sums[first : first + count] / max(done.tokens, 1)
             first += count
             if on_layer is not None:
                 on_layer(plan.position, kl)
@@ -263,7 +305,10 @@ class KLEngine:
         return results
 
     def _windows(self, all_batches: list[Batch], variants: int) -> list[list[Batch]]:
-        """Returns the batches cut into windows whose states (the base's and every variant's) fit the budget."""
+        """Returns the batches cut into windows whose states (the base's and every variant's) fit the budget,
+        of at most `window_batches` batches each when set."""
+        if not all_batches:
+            return []
         width = int(self.loaded.model.config.get_text_config().hidden_size)
         itemsize = torch.empty((), dtype=self._dtype()).element_size()
         budget = sum(b for _, b in self._tiers())
@@ -271,12 +316,13 @@ class KLEngine:
         used = 0
         for batch in all_batches:
             size = batch.input_ids.numel() * width * itemsize * (variants + 1)
-            if windows[-1] and used + size > budget:
+            full = self.window_batches and len(windows[-1]) >= self.window_batches
+            if windows[-1] and (used + size > budget or full):
                 windows.append([])
                 used = 0
             windows[-1].append(batch)
             used += size
-        if len(windows) > 1:
+        if len(windows) > 1 and (not self.window_batches or len(windows) > -(-len(all_batches) // self.window_batches)):
             self.notes.append(f"the hidden states of {variants} variants fit --hidden-cache-mb {self.hidden_cache_mb} "
                               f"in {len(windows)} windows of batches: each decoder layer is loaded once per window")
         return windows

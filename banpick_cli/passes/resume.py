@@ -16,8 +16,9 @@ the sidecar once its profile is written.
     ...
     write_profile(profile, out); sidecar.remove()
 
-The scans (kl-scan, layer-sensitivity) save a row per finished layer through `LayerCheckpoint`, a
-sidecar of the same kind; `profile` and `failure-probe` save their sums per batch window directly.
+The scans (kl-scan, layer-sensitivity) save their KL sums per window of batches through
+`WindowCheckpoint`, a sidecar of the same kind; `profile` and `failure-probe` save their sums per batch
+window directly.
 """
 
 from __future__ import annotations
@@ -152,28 +153,37 @@ def mask_digest(mask: torch.Tensor) -> str:
     return hashlib.sha256(mask.to(torch.uint8).cpu().numpy().tobytes()).hexdigest()[:16]
 
 
-class LayerCheckpoint:
-    """The finished layers of one scan run: a row per MoE layer, saved to a sidecar as each finishes.
+class WindowCheckpoint:
+    """The finished windows of one layer-major scan (passes/kl.py): its `WindowSums` and any tensors the
+    stage keeps beside them (an observer's state), saved to a sidecar after every window.
 
-    `values` is [moe_layers, ...] float32, NaN where not done. A rerun with the same run fingerprint
-    starts from the saved rows; any other fingerprint, or `restart`, starts afresh.
+    A rerun with the same fingerprint resumes after the saved windows; any other fingerprint, a sidecar
+    whose sums do not fit the run, or `restart` starts afresh (`stale` says a sidecar was discarded).
     """
 
-    def __init__(self, out: str | os.PathLike, stage: str, tag: str, run: str, empty: torch.Tensor, *,
-                 restart: bool = False):
-        self.sidecar = Sidecar(out, stage, tag, run)
-        saved = None if restart else self.sidecar.load()
-        if saved is not None and "values" in saved.tensors and saved.tensors["values"].shape == empty.shape:
-            self.values = saved.tensors["values"].clone()
-            self.done = sorted(int(p) for p in saved.state.get("layers_done", []))
-        else:
-            self.values, self.done = empty.clone(), []
+    def __init__(self, out: str | os.PathLike, stage: str, tag: str, fingerprint: str, *, restart: bool = False):
+        self.sidecar = Sidecar(out, stage, tag, fingerprint)
+        self.saved = None if restart else self.sidecar.load()
+        self.stale = self.sidecar.stale
+        self.windows = 0  # finished windows, saved or resumed
 
-    def save(self, position: int, row: torch.Tensor) -> None:
-        """Stores one finished layer and writes the sidecar atomically."""
-        self.values[position] = row.to(self.values.dtype)
-        self.done = sorted({*self.done, position})
-        self.sidecar.save(Partial(len(self.done), {"values": self.values}, {"layers_done": self.done}))
+    def resume(self, variants: int):
+        """Returns (WindowSums or None, the stage's saved tensors) when the sidecar fits `variants` sums."""
+        from banpick_cli.passes.kl import WindowSums
+
+        saved = self.saved
+        if saved is None or "kl_sums" not in saved.tensors or saved.tensors["kl_sums"].numel() != variants:
+            self.stale = self.stale or saved is not None
+            return None, {}
+        self.windows = int(saved.state["windows"])
+        sums = WindowSums(saved.done, self.windows, int(saved.state["tokens"]), saved.tensors["kl_sums"].double())
+        return sums, {k: v for k, v in saved.tensors.items() if k != "kl_sums"}
+
+    def save(self, sums, tensors: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Writes the finished windows' sums (and the stage's tensors) atomically."""
+        self.windows = sums.windows
+        self.sidecar.save(Partial(sums.batches, {"kl_sums": sums.kl_sums, **(tensors or {})},
+                                  {"windows": sums.windows, "tokens": sums.tokens}))
 
     def finish(self) -> None:
         """Removes the sidecar (after the stage's profile is written)."""

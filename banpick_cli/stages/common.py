@@ -74,12 +74,16 @@ def load_domain_text(settings: TextSettings, *, model: str):
 
 
 @contextmanager
-def resumable(stage: str, out: Path, done: Callable[[], int], total: int, unit: str = "layers") -> Iterator[None]:
-    """Turns Ctrl-C / SIGTERM inside the block into Interrupted (exit 3), saying what was saved where."""
+def resumable(stage: str, out: Path, done: Callable[[], int], total: int | Callable[[], int],
+              unit: str = "layers") -> Iterator[None]:
+    """Turns Ctrl-C / SIGTERM inside the block into Interrupted (exit 3), saying what was saved where.
+
+    `total` may be a callable, read at the interrupt (a scan knows its windows only once it runs)."""
     try:
         yield
     except KeyboardInterrupt:
-        raise Interrupted(f"{stage} stopped: {done()} of {total} {unit} finished and saved beside {out}; "
+        count = total() if callable(total) else total
+        raise Interrupted(f"{stage} stopped: {done()} of {count} {unit} finished and saved beside {out}; "
                           "rerun the same command to resume") from None
 
 

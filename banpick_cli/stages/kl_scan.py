@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from banpick_cli.passes.resume import LayerCheckpoint, digest, mask_digest, previous_output, texts_digest
+from banpick_cli.passes.resume import WindowCheckpoint, digest, mask_digest, previous_output, texts_digest
 from banpick_cli.stages.common import TextSettings, check_model_first, load_domain_text, provenance, resumable, store
 from banpick_cli.passes.kl import TOP_TOKENS, KLEngine, LayerPlan, RouteVariant
 from banpick_cli.checks import at_least, expert_choice, number, one_of
@@ -91,6 +91,7 @@ class KLScanSettings(TextSettings):
     prune: str = "refill"  # reading 26; "drop": K_base - 1 for tokens that chose the expert
     stack: int = 0  # candidates of one layer per forward; 0: 8 on a GPU, 2 on a CPU
     hidden_cache_mb: int = 2048
+    checkpoint_every: int = 0  # batches per window, each saved to the sidecar; 0: as many as fit hidden_cache_mb
     key_factor: float = 2.0
     key_top: int = 2
     key_min_kl: float = 0.0
@@ -98,7 +99,7 @@ class KLScanSettings(TextSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         at_least((("--top-tokens", self.top_tokens, 1), ("--stack", self.stack, 0),
-                  ("--hidden-cache-mb", self.hidden_cache_mb, 0)))
+                  ("--hidden-cache-mb", self.hidden_cache_mb, 0), ("--checkpoint-every", self.checkpoint_every, 0)))
         one_of("--prune", self.prune, PRUNE_MODES)
         expert_choice("--candidates", self.candidates)
         self.key_rule  # validates the key-expert knobs
@@ -163,11 +164,13 @@ class KLScanResult:
     domain: str
     kl: torch.Tensor  # [moe_layers, experts] float32, NaN where not scanned
     key_experts: torch.Tensor  # [moe_layers, experts] bool
-    layers_resumed: int  # finished layers taken over from an interrupted run
+    layers_resumed: int  # layers taken over from a finished run of the same scan (nothing recomputed)
     layers_scanned: int  # layers computed by this run
     tokens: int
     wall_s: float
     notes: list[str]
+    windows: int = 0  # windows of batches in all (each loads every decoder layer once)
+    windows_resumed: int = 0  # windows taken over from an interrupted run's sidecar
 
     def ranked(self) -> list[ExpertKL]:
         """Returns every scanned expert, largest KL first."""
@@ -193,11 +196,12 @@ def run_kl_scan(
     loaded: LoadedModel | None = None,
     progress: ProgressFn = silent,
 ) -> KLScanResult:
-    """Scans the domain's candidates, checkpointing each finished layer into `out` (default: `profile`).
+    """Scans the domain's candidates, saving the KL sums of each finished window of batches beside `out`
+    (default: `profile`).
 
-    An interrupted run (Ctrl-C, SIGTERM, a kill) resumes at its first unfinished layer when rerun with
-    the same model, data and settings; `restart=True` discards the finished layers. Everything that
-    can fail on bad input is checked before the model loads, and the profile is left untouched.
+    An interrupted run (Ctrl-C, SIGTERM, a kill) resumes after its last finished window when rerun with
+    the same model, data and settings, and gives the same numbers; `restart=True` discards them. Everything
+    that can fail on bad input is checked before the model loads, and the profile is left untouched.
     """
     source, out = Path(profile), Path(out or profile)
     ensure_writable(out)
@@ -214,39 +218,43 @@ def run_kl_scan(
     previous = previous_output(out, source, loaded.fingerprint)
 
     engine = KLEngine(loaded, text.texts, seq_len=settings.seq_len, batch_size=settings.batch_size,
-                      top_tokens=settings.top_tokens, stack=settings.stack,
-                      hidden_cache_mb=settings.hidden_cache_mb, progress=progress)
+                      top_tokens=settings.top_tokens, stack=settings.stack, hidden_cache_mb=settings.hidden_cache_mb,
+                      window_batches=settings.checkpoint_every, progress=progress)
     run = digest(dict(stage=f"kl-scan/{domain.name}", model=loaded.fingerprint, data=texts_digest(text.texts), seq_len=settings.seq_len,
                        top_tokens=engine.top_tokens, prune=settings.prune, experts=mask_digest(scanned),
                        dtype=str(next(loaded.model.parameters()).dtype)))
-    empty = torch.full(prof.shape, float("nan"), dtype=torch.float32)
-    checkpoint = LayerCheckpoint(out, "kl-scan", domain.name, run, empty, restart=restart)
     layers = scanned.any(dim=1).nonzero().flatten().tolist()
     finished = None if restart else _finished(previous or prof, run, domain.name)
-    if finished is not None:  # the same scan already completed: nothing to recompute
-        checkpoint.values, checkpoint.done = finished.clone(), layers
-    resumed = len(checkpoint.done)
     specs = loaded.router_specs()
-    plans = [LayerPlan(p, tuple(prune_variant(specs[p], e, settings.prune) for e in scanned[p].nonzero().flatten().tolist()))
-             for p in layers if p not in checkpoint.done]
-
-    def save(position: int, kl: torch.Tensor) -> None:
-        row = torch.full((prof.shape[1],), float("nan"))
-        row[scanned[position]] = kl.float()
-        checkpoint.save(position, row)
+    plans = [] if finished is not None else [  # a completed scan of the same identity is not recomputed
+        LayerPlan(p, tuple(prune_variant(specs[p], e, settings.prune) for e in scanned[p].nonzero().flatten().tolist()))
+        for p in layers]
+    # The sums are per batch, so the batches must be the same ones (the run identity need not say so:
+    # the stored KL is a mean over tokens, whatever the batching).
+    checkpoint = WindowCheckpoint(out, "kl-scan", domain.name, digest(dict(run=run, batch_size=settings.batch_size)),
+                                  restart=restart)
+    resume, _ = checkpoint.resume(int(scanned.sum())) if plans else (None, {})
 
     start = time.perf_counter()
-    with resumable("kl-scan", out, lambda: len(checkpoint.done), len(layers)):
-        engine.run(plans, on_layer=save)
+    with resumable("kl-scan", out, lambda: checkpoint.windows, lambda: engine.windows_resumed + engine.windows, "windows"):
+        found = engine.run(plans, resume=resume, on_window=checkpoint.save)
     wall = time.perf_counter() - start
 
-    kl = checkpoint.values.masked_fill(~scanned, float("nan"))
+    if finished is not None:
+        kl = finished.masked_fill(~scanned, float("nan"))
+    else:
+        kl = torch.full(prof.shape, float("nan"), dtype=torch.float32)
+        for p, values in found.items():
+            kl[p, scanned[p]] = values.float()
     key = settings.key_rule.choose(kl)
     old = prof.recorded("kl-scan", domain.name)
     facts = dict(dataset=text.source, split=text.split, samples=len(text.texts), seq_len=settings.seq_len, seed=settings.seed,
                  tokens=engine.tokens, wall_s=round(wall, 3) if plans else old.get("wall_s"))
+    if plans:
+        facts.update(windows=engine.windows_resumed + engine.windows, windows_resumed=engine.windows_resumed,
+                     layer_loads=sum(engine.layer_loads), stream=loaded.streamed is not None)
     record = provenance("kl-scan", settings, loaded, **facts, run=run, top_tokens=engine.top_tokens,
-                        experts_scanned=int(scanned.sum()), layers_resumed=resumed)
+                        experts_scanned=int(scanned.sum()), layers_resumed=0 if plans else len(layers))
 
     def change(p: RoutingProfile) -> None:
         view = p.domain(domain.name)
@@ -258,7 +266,11 @@ def run_kl_scan(
 
     prof = store(out, prof, loaded, change, domain=domain.name)
     checkpoint.finish()
-    return KLScanResult(prof, out, domain.name, kl, key, resumed, len(plans), engine.tokens, wall, [*text.notes, *engine.notes])
+    notes = [*text.notes, *engine.notes]
+    if checkpoint.stale:
+        notes.append("discarded the saved windows of an earlier kl-scan with other settings, data or model")
+    return KLScanResult(prof, out, domain.name, kl, key, 0 if plans else len(layers), len(plans), engine.tokens, wall,
+                        notes, windows=engine.windows_resumed + engine.windows, windows_resumed=engine.windows_resumed)
 
 
 def _finished(prof: RoutingProfile, run: str, domain: str) -> torch.Tensor | None:

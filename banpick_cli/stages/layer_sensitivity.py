@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from banpick_cli.passes.resume import LayerCheckpoint, digest, previous_output, texts_digest
+from banpick_cli.passes.resume import WindowCheckpoint, digest, previous_output, texts_digest
 from banpick_cli.stages.common import (
     TextSettings, check_ban_knobs, check_model_first, load_domain_text, open_for_update, provenance, resumable, store,
 )
@@ -47,11 +47,12 @@ class LayerSensitivitySettings(TextSettings):
     ratio_bins: int = 100
     top_tokens: int = TOP_TOKENS
     hidden_cache_mb: int = 2048
+    checkpoint_every: int = 0  # batches per window, each saved to the sidecar; 0: as many as fit hidden_cache_mb
 
     def __post_init__(self) -> None:
         super().__post_init__()
         at_least((("--top-tokens", self.top_tokens, 1), ("--ratio-bins", self.ratio_bins, 1),
-                  ("--hidden-cache-mb", self.hidden_cache_mb, 0)))
+                  ("--hidden-cache-mb", self.hidden_cache_mb, 0), ("--checkpoint-every", self.checkpoint_every, 0)))
         if self.ratio_k_num is not None:
             number("--ratio-k-num", self.ratio_k_num, low=1, integer=True)
         check_ban_knobs(k_min=self.k_min, lam=self.lam, beta=self.beta)
@@ -91,6 +92,25 @@ class RatioStats:
         if self.values is not None:
             self.values[position].append(r)
 
+    def state(self) -> dict[str, torch.Tensor]:
+        """Returns everything observed so far as tensors (for a sidecar); `load` takes it back.
+
+        Kept values are saved per layer in observation order; their percentiles sort them anyway."""
+        found = {"ratio_min": self.min, "ratio_max": self.max, "ratio_hist": self.hist}
+        if self.values is not None:
+            found.update({f"ratio_values/{p}": _cat(v) for p, v in enumerate(self.values)})
+        return found
+
+    def load(self, state: dict[str, torch.Tensor]) -> bool:
+        """Restores `state()`; returns False (and changes nothing) when it is not of these statistics."""
+        want = self.state()
+        if set(state) != set(want) or state["ratio_hist"].shape != self.hist.shape:
+            return False
+        self.min, self.max, self.hist = state["ratio_min"].clone(), state["ratio_max"].clone(), state["ratio_hist"].clone()
+        if self.values is not None:
+            self.values = [[state[f"ratio_values/{p}"].float()] for p in range(len(self.values))]
+        return True
+
     def ranges(self, percentile: float) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """Returns (R_min [layers], R_max [layers], pooled R_min, pooled R_max)."""
         if percentile == 0 or self.values is None:
@@ -101,6 +121,10 @@ class RatioStats:
         hi = torch.tensor([_quantile(v, 1 - q) for v in per_layer], dtype=torch.float32)
         pooled = torch.cat(per_layer)
         return lo, hi, _quantile(pooled, q), _quantile(pooled, 1 - q)
+
+
+def _cat(values: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat(values) if values else torch.zeros(0, dtype=torch.float32)
 
 
 def _quantile(x: torch.Tensor, q: float) -> float:
@@ -136,11 +160,13 @@ class LayerSensitivityResult:
     ratio_max: torch.Tensor
     ratio_hist: torch.Tensor
     ban: dict
-    layers_resumed: int
+    layers_resumed: int  # layers taken over from a finished run of the same measurement (W not recomputed)
     layers_scanned: int
     tokens: int
     wall_s: float
     notes: list[str]
+    windows: int = 0  # windows of batches in all (each loads every decoder layer once)
+    windows_resumed: int = 0  # windows taken over from an interrupted run's sidecar
 
 
 def resolve_domain(settings: LayerSensitivitySettings, profile: RoutingProfile | None) -> str:
@@ -167,10 +193,11 @@ def run_layer_sensitivity(
     loaded: LoadedModel | None = None,
     progress: ProgressFn = silent,
 ) -> LayerSensitivityResult:
-    """Measures W_l, L'_l and the R statistics, checkpointing each finished layer into `out` (default `profile`).
+    """Measures W_l, L'_l and the R statistics, saving the sums of each finished window of batches beside
+    `out` (default `profile`).
 
-    `profile` may not exist yet (a new profile is made). A rerun with the same model, data and
-    settings skips finished layers; `restart=True` discards them. Bad input fails before any work.
+    `profile` may not exist yet (a new profile is made). A rerun with the same model, data and settings
+    resumes after the last finished window; `restart=True` discards them. Bad input fails before any work.
     """
     source, out = Path(profile), Path(out or profile)
     ensure_writable(out)
@@ -191,26 +218,35 @@ def run_layer_sensitivity(
     previous = previous_output(out, source, loaded.fingerprint)
 
     engine = KLEngine(loaded, text.texts, seq_len=settings.seq_len, batch_size=settings.batch_size,
-                      top_tokens=settings.top_tokens, stack=1, hidden_cache_mb=settings.hidden_cache_mb, progress=progress)
+                      top_tokens=settings.top_tokens, stack=1, hidden_cache_mb=settings.hidden_cache_mb,
+                      window_batches=settings.checkpoint_every, progress=progress)
     stage = "layer-sensitivity"
     run = digest(dict(stage=stage, model=loaded.fingerprint, data=texts_digest(text.texts), seq_len=settings.seq_len,
                       top_tokens=engine.top_tokens, k_min=settings.k_min, dtype=str(next(loaded.model.parameters()).dtype)))
-    empty = torch.full((prof.shape[0],), float("nan"), dtype=torch.float32)
-    checkpoint = LayerCheckpoint(out, stage, "", run, empty, restart=restart)
+    layers = prof.shape[0]
     done_before = previous or prof
+    finished = None  # W of a completed run of the same identity: not recomputed (R always is, in the one pass)
     if not restart and done_before.recorded(stage).get("run") == run and done_before.ban.has("layer_kl"):
-        checkpoint.values, checkpoint.done = done_before.ban.layer_kl.clone(), list(range(prof.shape[0]))
-    resumed = len(checkpoint.done)
+        finished = done_before.ban.layer_kl.clone()
     specs = loaded.router_specs()
-    plans = [LayerPlan(p, (k_min_variant(specs[p], settings.k_min),)) for p in range(prof.shape[0]) if p not in checkpoint.done]
+    plans = [] if finished is not None else [LayerPlan(p, (k_min_variant(specs[p], settings.k_min),)) for p in range(layers)]
     ratios = RatioStats(specs, settings.k_num, k_base, settings.ratio_bins, keep_values=settings.ratio_percentile > 0)
+    # The sidecar holds per-batch sums and R's statistics: the batches, R's numerator and bins, and whether
+    # values are kept decide it beyond the run identity.
+    checkpoint = WindowCheckpoint(out, stage, "", digest(dict(
+        run=run, batch_size=settings.batch_size, k_num=settings.k_num, bins=settings.ratio_bins,
+        values=settings.ratio_percentile > 0, w=finished is None)), restart=restart)
+    resume, saved = checkpoint.resume(len(plans))
+    if resume is not None and not ratios.load(saved):
+        resume, checkpoint.stale, checkpoint.windows = None, True, 0
 
     start = time.perf_counter()
-    with resumable(stage, out, lambda: len(checkpoint.done), prof.shape[0]):
-        engine.run(plans, observers=[ratios], on_layer=lambda position, kl: checkpoint.save(position, kl.float()))
+    with resumable(stage, out, lambda: checkpoint.windows, lambda: engine.windows_resumed + engine.windows, "windows"):
+        found = engine.run(plans, observers=[ratios], resume=resume,
+                           on_window=lambda sums: checkpoint.save(sums, ratios.state()))
     wall = time.perf_counter() - start
 
-    w = checkpoint.values.clone()
+    w = finished if finished is not None else torch.stack([found[p][0] for p in range(layers)]).float()
     sensitivity = normalised(w)
     r_min, r_max, pooled_min, pooled_max = ratios.ranges(settings.ratio_percentile)
     ban = {
@@ -222,7 +258,8 @@ def run_layer_sensitivity(
     record = provenance(
         stage, settings, loaded, dataset=text.source, split=text.split, samples=len(text.texts), tokens=engine.tokens,
         seq_len=settings.seq_len, seed=settings.seed, wall_s=round(wall, 3), run=run, top_tokens=engine.top_tokens,
-        layers_resumed=resumed,
+        layers_resumed=0 if plans else layers, windows=engine.windows_resumed + engine.windows,
+        windows_resumed=engine.windows_resumed, layer_loads=sum(engine.layer_loads), stream=loaded.streamed is not None,
     )
 
     def change(p: RoutingProfile) -> None:
@@ -234,6 +271,10 @@ def run_layer_sensitivity(
 
     prof = store(out, prof, loaded, change)
     checkpoint.finish()
-    return LayerSensitivityResult(prof, out, domain.name, w, sensitivity, r_min, r_max, ratios.hist, ban, resumed,
-                                  len(plans), engine.tokens, wall, [*text.notes, *engine.notes])
+    notes = [*text.notes, *engine.notes]
+    if checkpoint.stale:
+        notes.append("discarded the saved windows of an earlier layer-sensitivity run with other settings, data or model")
+    return LayerSensitivityResult(prof, out, domain.name, w, sensitivity, r_min, r_max, ratios.hist, ban,
+                                  0 if plans else layers, len(plans), engine.tokens, wall, notes,
+                                  windows=engine.windows_resumed + engine.windows, windows_resumed=engine.windows_resumed)
 

@@ -106,28 +106,54 @@ from contextlib import contextmanager
 import banpick_cli.cli.scans as scans
 
 @contextmanager
-def slow_after_first_layer(enabled, description):
+def slow_after_first_window(enabled, description):
     def progress(event):
-        if event.task == "layers" and event.done == 1:
-            print("layer saved", flush=True)
+        if event.task == "windows" and event.done == 1:
+            print("window saved", flush=True)
             time.sleep(300)
     yield progress
 
-scans.progress_bar = slow_after_first_layer
+scans.progress_bar = slow_after_first_window
 scans.app(sys.argv[1:])
 """
 
 
-def test_sigterm_exits_3_with_finished_layers_saved(tiny_models, data_file, profile_copy):
-    args = ["layer-sensitivity", "--profile", profile_copy, "--k-min", 2, *_common(tiny_models, data_file)]
+def test_sigterm_exits_3_with_finished_windows_saved(tiny_models, data_file, profile_copy):
+    args = ["layer-sensitivity", "--profile", profile_copy, "--k-min", 2, "--checkpoint-every", 1, "--batch-size", 3,
+            *_common(tiny_models, data_file)]
     proc = subprocess.Popen([sys.executable, "-c", TERMINATED_RUN, *map(str, args)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline().strip() == "layer saved"
+        assert proc.stdout.readline().strip() == "window saved"
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
     assert proc.returncode == 3, err
-    assert "1 of 2 layers finished and saved" in err and "Traceback" not in err
-    assert read_sidecar(sidecar_path(profile_copy, "layer-sensitivity", "")).state["layers_done"] == [0]
+    assert "1 of 2 windows finished and saved" in err and "Traceback" not in err
+    assert read_sidecar(sidecar_path(profile_copy, "layer-sensitivity", "")).state["windows"] == 1
+    result = _run(*args, "--json")  # the rerun resumes after the saved window
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["windows_resumed"] == 1
+
+
+def test_dry_run_counts_what_the_run_does_and_writes_nothing(tiny_models, data_file, profile_copy):
+    common = [*_common(tiny_models, data_file), "--batch-size", 3, "--checkpoint-every", 1]
+    before = profile_copy.read_bytes()
+    result = _run("layer-sensitivity", "--profile", profile_copy, "--k-min", 2, *common, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    est = json.loads(result.stdout)
+    # 5 texts in batches of 3: 2 batches, a window each; one variant per MoE layer (2 of the 3 decoder layers).
+    assert est["batches"] == 2 and est["windows"] == 2 and est["variants"] == 2 and est["generated_tokens"] == 0
+    assert est["layer_loads"]["whole"] == 0 and est["layer_loads"]["stream"] == 2 * 3
+    assert est["head_runs"] == 2 * (1 + 2) and est["seconds"]["stream"] > 0
+    assert set(est["peak_bytes"]) == {"whole", "sequential", "stream"} and est["fits"]["whole"]
+    result = _run("kl-scan", "--profile", profile_copy, "--domain", "math", "--candidates", "top-3", *common, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "6 variants in 2 windows" in result.stdout and "--stream" in result.stdout
+    assert profile_copy.read_bytes() == before and sorted(p.name for p in profile_copy.parent.iterdir()) == [profile_copy.name]
+    # The real run does what the estimate said: two windows, each loading both layers.
+    result = _run("layer-sensitivity", "--profile", profile_copy, "--k-min", 2, *common, "--stream", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["windows"] == 2
+    assert read_profile(profile_copy).provenance["layer-sensitivity"]["layer_loads"] == est["layer_loads"]["stream"]

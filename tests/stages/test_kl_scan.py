@@ -114,29 +114,31 @@ def test_drop_mode_is_the_alternative(tiny_models, profiled, data_file, tmp_path
         torch.testing.assert_close(drop.kl[p][scanned[p]], values.float(), rtol=1e-5, atol=1e-7)
 
 
-def _stop_after_first_layer(event):
-    if event.task == "layers" and event.done == 1:
+def _stop_after_first_window(event):
+    if event.task == "windows" and event.done == 1:  # the first window's sums are saved: a real mid-run stop
         raise KeyboardInterrupt
 
 
-def test_interrupted_scan_resumes_and_never_rescans(tiny_models, profiled, data_file, tmp_path):
+def test_interrupted_scan_resumes_after_its_finished_windows(tiny_models, profiled, data_file, tmp_path):
     loaded = sharpened(tiny_models["qwen3_moe"])
-    settings = _settings(data_file, candidates="top-3")
-    whole = run_kl_scan(settings, profile=_copy(profiled, "qwen3_moe", tmp_path, "whole.safetensors"), loaded=loaded)
+    whole = run_kl_scan(_settings(data_file, candidates="top-3"),  # one window: both batches fit the cache
+                        profile=_copy(profiled, "qwen3_moe", tmp_path, "whole.safetensors"), loaded=loaded)
+    assert whole.windows == 1 and whole.windows_resumed == 0
     path = _copy(profiled, "qwen3_moe", tmp_path)
-    with pytest.raises(Interrupted, match="1 of 2 layers finished") as err:
-        run_kl_scan(settings, profile=path, loaded=loaded, progress=_stop_after_first_layer)
+    settings = _settings(data_file, candidates="top-3", checkpoint_every=1)  # 5 texts in batches of 3: two windows
+    with pytest.raises(Interrupted, match="1 of 2 windows finished") as err:
+        run_kl_scan(settings, profile=path, loaded=loaded, progress=_stop_after_first_window)
     assert err.value.exit_code == 3
     assert not read_profile(path).domain("math").has("kl")  # the profile is untouched until the scan ends
     partial = read_sidecar(sidecar_path(path, "kl-scan", "math"))
-    assert partial.state["layers_done"] == [0]
-    assert not torch.isnan(partial.tensors["values"][0]).all() and torch.isnan(partial.tensors["values"][1]).all()
-    scanned_layers = []
-    resumed = run_kl_scan(settings, profile=path, loaded=loaded,
-                          progress=lambda e: scanned_layers.append(e.note) if e.task == "candidates" else None)
-    assert resumed.layers_resumed == 1 and resumed.layers_scanned == 1
-    assert set(scanned_layers) == {f"L{loaded.layers[1].layer_index}"}
-    assert same(resumed.kl, whole.kl)
+    assert partial.done == 1 and partial.state["windows"] == 1 and partial.tensors["kl_sums"].shape == (6,)
+    windows = []
+    # Resumed with the default windows: the numbers do not depend on how the batches are cut into windows.
+    resumed = run_kl_scan(_settings(data_file, candidates="top-3"), profile=path, loaded=loaded,
+                          progress=lambda e: windows.append(e.done) if e.task == "windows" else None)
+    assert resumed.windows_resumed == 1 and resumed.windows == 2 and windows == [1, 2]  # one window computed
+    assert resumed.tokens == whole.tokens
+    assert same(resumed.kl, whole.kl)  # bit for bit: each batch runs the same kernels on the same shapes
     assert not sidecar_path(path, "kl-scan", "math").exists()
 
 
@@ -144,11 +146,16 @@ def test_changed_settings_or_restart_start_afresh(tiny_models, profiled, data_fi
     loaded = sharpened(tiny_models["qwen3_moe"])
     path = _copy(profiled, "qwen3_moe", tmp_path)
     with pytest.raises(Interrupted):
-        run_kl_scan(_settings(data_file, candidates="top-3"), profile=path, loaded=loaded, progress=_stop_after_first_layer)
+        run_kl_scan(_settings(data_file, candidates="top-3", checkpoint_every=1), profile=path, loaded=loaded,
+                    progress=_stop_after_first_window)
     changed = run_kl_scan(_settings(data_file, candidates="top-3", top_tokens=20), profile=path, loaded=loaded)
-    assert changed.layers_resumed == 0 and changed.layers_scanned == 2
+    assert changed.windows_resumed == 0 and changed.layers_scanned == 2
+    assert any("discarded the saved windows" in note for note in changed.notes)
+    with pytest.raises(Interrupted):
+        run_kl_scan(_settings(data_file, candidates="top-3", checkpoint_every=1, top_tokens=20), profile=path,
+                    loaded=loaded, restart=True, progress=_stop_after_first_window)
     restarted = run_kl_scan(_settings(data_file, candidates="top-3", top_tokens=20), profile=path, loaded=loaded, restart=True)
-    assert restarted.layers_resumed == 0 and restarted.layers_scanned == 2
+    assert restarted.windows_resumed == 0 and restarted.layers_resumed == 0 and restarted.layers_scanned == 2
     assert same(restarted.kl, changed.kl)
 
 
@@ -159,10 +166,11 @@ torch.set_num_threads(1)  # as the test process (tests/conftest.py): the same ke
 from banpick_cli.stages.kl_scan import KLScanSettings, run_kl_scan
 model, profile, data = sys.argv[1:4]
 def progress(event):
-    if event.task == "layers" and event.done == 1:
-        print("layer saved", flush=True)
+    if event.task == "windows" and event.done == 1:
+        print("window saved", flush=True)
         time.sleep(300)
-settings = KLScanSettings(domain="math", data=data, samples=5, seq_len=16, batch_size=3, top_tokens=50, candidates="top-3")
+settings = KLScanSettings(domain="math", data=data, samples=5, seq_len=16, batch_size=3, top_tokens=50, candidates="top-3",
+                          checkpoint_every=1)
 run_kl_scan(settings, profile=profile, model=model, device="cpu", progress=progress)
 """
 
@@ -174,16 +182,16 @@ def test_sigkill_mid_scan_then_resume_gives_the_same_numbers(tiny_models, profil
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stdout.readline()
-        assert line.strip() == "layer saved", proc.stderr.read()
+        assert line.strip() == "window saved", proc.stderr.read()
     finally:
         proc.kill()  # SIGKILL: no handler runs, nothing is flushed
         proc.wait()
-    assert read_sidecar(sidecar_path(path, "kl-scan", "math")).state["layers_done"] == [0]
+    assert read_sidecar(sidecar_path(path, "kl-scan", "math")).state["windows"] == 1
     loaded = load_model(model, device="cpu")
-    resumed = run_kl_scan(_settings(data_file, candidates="top-3"), profile=path, loaded=loaded)
-    whole = run_kl_scan(_settings(data_file, candidates="top-3"), profile=_copy(profiled, "qwen3_moe", tmp_path, "w.safetensors"),
-                        loaded=loaded)
-    assert resumed.layers_resumed == 1 and resumed.layers_scanned == 1
+    settings = _settings(data_file, candidates="top-3", checkpoint_every=1)
+    resumed = run_kl_scan(settings, profile=path, loaded=loaded)
+    whole = run_kl_scan(settings, profile=_copy(profiled, "qwen3_moe", tmp_path, "w.safetensors"), loaded=loaded)
+    assert resumed.windows_resumed == 1 and resumed.windows == whole.windows == 2 and whole.windows_resumed == 0
     assert same(resumed.kl, whole.kl)
 
 

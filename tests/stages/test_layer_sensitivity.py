@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -90,23 +91,25 @@ def test_interrupted_run_resumes_with_the_same_numbers(tiny_models, profiled, da
     whole_path, path = tmp_path / "whole.safetensors", tmp_path / "p.safetensors"
     for target in (whole_path, path):
         shutil.copy(profiled("olmoe"), target)
-    whole = run_layer_sensitivity(_settings(data_file), profile=whole_path, loaded=loaded)
+    settings = _settings(data_file, ratio_percentile=10)  # R's kept values are part of the saved state too
+    whole = run_layer_sensitivity(settings, profile=whole_path, loaded=loaded)
 
     def stop(event):
-        if event.task == "layers" and event.done == 2:
+        if event.task == "windows" and event.done == 1:
             raise KeyboardInterrupt
 
-    with pytest.raises(Interrupted, match="2 of 3 layers"):
-        run_layer_sensitivity(_settings(data_file), profile=path, loaded=loaded, progress=stop)
+    with pytest.raises(Interrupted, match="1 of 2 windows"):
+        run_layer_sensitivity(replace(settings, checkpoint_every=1), profile=path, loaded=loaded, progress=stop)
     assert not read_profile(path).ban.has("layer_kl")
-    assert read_sidecar(sidecar_path(path, "layer-sensitivity", "")).state["layers_done"] == [0, 1]
-    resumed = run_layer_sensitivity(_settings(data_file), profile=path, loaded=loaded)
-    assert resumed.layers_resumed == 2 and resumed.layers_scanned == 1
+    partial = read_sidecar(sidecar_path(path, "layer-sensitivity", ""))
+    assert partial.state["windows"] == 1 and partial.tensors["ratio_hist"].sum(-1).tolist() == [partial.state["tokens"]] * 3
+    resumed = run_layer_sensitivity(settings, profile=path, loaded=loaded)
+    assert resumed.windows_resumed == 1 and resumed.windows == 2 and resumed.tokens == whole.tokens
     for name in ("layer_kl", "layer_sensitivity", "ratio_min", "ratio_max"):
-        assert same(getattr(resumed, name), getattr(whole, name)), name
-    assert torch.equal(resumed.ratio_hist, whole.ratio_hist)
+        assert same(getattr(resumed, name), getattr(whole, name)), name  # bit for bit
+    assert torch.equal(resumed.ratio_hist, whole.ratio_hist) and resumed.ban == whole.ban
     # Complete: a rerun measures no layer again, and a new lambda only changes the stored setting.
-    again = run_layer_sensitivity(_settings(data_file, lam=0.9), profile=path, loaded=loaded)
+    again = run_layer_sensitivity(replace(settings, lam=0.9), profile=path, loaded=loaded)
     assert again.layers_scanned == 0 and same(again.layer_kl, whole.layer_kl) and again.ban["lam"] == 0.9
 
 
