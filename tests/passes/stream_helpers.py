@@ -124,11 +124,14 @@ engine = KLEngine(loaded, texts, seq_len=args["seq_len"], batch_size=args["batch
                   hidden_cache_mb=args["hidden_cache_mb"])
 kl = engine.run(plans)
 kl_s = time.perf_counter() - start
+# Peak RSS is this process's own high-water mark (VmHWM), not getrusage's ru_maxrss: Linux carries
+# ru_maxrss over an exec, and Python starts children with vfork, so a child's ru_maxrss is at least its
+# parent's peak (a pytest process that loaded models, say) and two runs of different sizes can read the same.
 status = {k: int(v.split()[0]) // 1024 for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
           if k in ("VmHWM", "VmData", "VmPeak")}
 print(json.dumps({"limit_mb": args["limit_mb"], "counts": counts.tolist(), "tokens": usage.tokens, "kl": {p: v.tolist() for p, v in kl.items()},
                   "load_s": round(load_s, 3), "profile_s": round(profile_s, 3), "kl_s": round(kl_s, 3),
-                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, "proc": status,
+                  "peak_rss_mb": status["VmHWM"], "proc": status,
                   "layer_loads": sum(engine.layer_loads), "windows": engine.windows, "notes": engine.notes,
                   "bytes_read": getattr(loaded.streamed, "bytes_read", 0)}))
 """
