@@ -2,11 +2,16 @@
 
 Both compute the same numbers on the same model, texts and candidates (the script checks they agree):
   naive   one full forward per batch for the unmodified model, then one full forward per candidate
-  fast    `KLEngine`: one unmodified pass, then layers l..end per candidate, candidates of a layer stacked,
-          texts batched longest first (less padding); "unsorted" is the engine in the texts' own order
+  fast    `KLEngine`, layer-major: per window of batches each decoder layer is acquired once, and the
+          unmodified model and every candidate whose layer is at or before it run through it (each
+          candidate forked from the unmodified state at its own layer, candidates of a layer stacked);
+          then the final norm and LM head. Texts batched longest first (less padding); "unsorted" is the
+          engine in the texts' own order
 The forward count of each is printed next to the times: naive = 1 + N candidates; the fast path's floor
 is 1 + sum over candidates of (L - l)/L (decoder layers from the candidate's layer on; the LM head is
-paid per candidate by both), so the ideal ratio grows with depth and with candidates per layer.
+paid per candidate by both), so the ideal ratio grows with depth and with candidates per layer. The
+layer-major order does that work with one layer load per window instead of one sweep per candidate layer
+(what matters for --stream; here the model is in memory, so loads cost nothing).
 
     .venv/bin/python bench/bench_kl.py --model demo --candidates 4          # the embedded model
     .venv/bin/python bench/bench_kl.py --synthetic 4,8,16 --candidates 2,8  # how it grows (random Qwen3-MoE)
