@@ -157,3 +157,22 @@ def test_dry_run_counts_what_the_run_does_and_writes_nothing(tiny_models, data_f
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["windows"] == 2
     assert read_profile(profile_copy).provenance["layer-sensitivity"]["layer_loads"] == est["layer_loads"]["stream"]
+
+
+def test_stream_is_chosen_when_the_weights_do_not_fit(tiny_models, data_file, profile_copy, monkeypatch):
+    from banpick_cli.stages import estimate
+
+    monkeypatch.setattr(estimate, "available_memory", lambda device: {"cpu": 1 << 10})  # 1 KiB free
+    result = _run("kl-scan", "--profile", profile_copy, "--domain", "math", "--candidates", "top-1",
+                  *_common(tiny_models, data_file), "--json")
+    assert result.exit_code == 0, result.output
+    assert "do not fit the 0.0 GiB free here: streaming each decoder layer" in result.stderr
+    assert read_profile(profile_copy).provenance["kl-scan/math"]["stream"] is True
+
+
+def test_eta_counts_only_this_runs_work():
+    from banpick_cli.passes.cost import eta
+
+    # 3 of 4 windows done, 2 of them resumed: one window in 10 s, so one left is 10 s (not 3.3 s).
+    assert eta(3, 4, started=0.0, resumed=2, now=10.0) == 10.0
+    assert eta(2, 4, started=0.0, resumed=2, now=10.0) is None  # nothing done yet at this run's rate
