@@ -44,14 +44,16 @@ def method_table(data: dict, labels: list[str]) -> str:
 
 
 def probe_table(out_dir: Path) -> str:
-    lines = ["| domain | probe tasks | baseline right | failure set | candidates probed | key experts (fixed / failures, KL) |",
+    lines = ["| domain | probe tasks | baseline right | failure set | candidates probed | key experts (fixed / failures, McNemar p) |",
              "|---|---|---|---|---|---|"]
     for d in ("math", "code", "general"):
         data = _load(out_dir / f"failure-probe-{d}.json")
         if data is None:
             lines.append(f"| {d} | | | (empty failure set: not probed) | | |")
             continue
-        keys = ", ".join(f"{k} ({data['gains'][k] * data['failure_set']:.0f}/{data['failure_set']})"
+        stats = data.get("gain_stats", {})
+        keys = ", ".join(f"{k} ({data['gains'][k] * data['failure_set']:.0f}/{data['failure_set']}"
+                         + (f", p={stats[k]['p_value']:.2f}" if k in stats else "") + ")"
                          for k in data["key_experts"]) or "none"
         lines.append(f"| {d} | {data['tasks']} | {data['baseline_correct']} | {data['failure_set']} | "
                      f"{data['candidates_probed']} | {keys} |")
