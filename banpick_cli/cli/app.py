@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from banpick_cli.cli.base import DeviceOpt, DryRunOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, StreamOpt, app
+from banpick_cli.cli.base import settings_from, DeviceOpt, DryRunOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, StreamOpt, app
 from banpick_cli.cli.render import note, console, err_console, handle_errors, print_json, progress_bar, table
 
 @app.command()
@@ -50,10 +50,7 @@ def profile(
     from banpick_cli.stages.profile import ProfileSettings, run_profile
     from banpick_cli.passes.usage_pass import RunOptions
 
-    settings = ProfileSettings(
-        domain=domain, data=data, text_field=text_field, samples=samples, seq_len=seq_len,
-        batch_size=batch_size, seed=seed, candidate_ratio=candidate_ratio, candidate_top=candidate_top,
-    )
+    settings = settings_from(ProfileSettings, locals())
     from banpick_cli.cli.scans import choose_stream, dry_run
 
     if dry:

@@ -16,6 +16,14 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 
+def settings_from(cls, flags: dict):
+    """Returns the stage's settings object built from a command's parameters: each settings field takes the
+    parameter of the same name (the flag's value), so a command lists each setting once, as its option."""
+    import dataclasses
+
+    return cls(**{f.name: flags[f.name] for f in dataclasses.fields(cls) if f.name in flags})
+
+
 ModelOpt = typer.Option("demo", "--model", "-m", help="Local model directory or hub id; 'demo' is the shipped demo model.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from banpick_cli.cli.base import DeviceOpt, DryRunOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, StreamOpt, app
+from banpick_cli.cli.base import settings_from, DeviceOpt, DryRunOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, StreamOpt, app
 from banpick_cli.cli.render import note, console, handle_errors, print_estimate, print_json, progress_bar, table
 
 DataOpt = typer.Option(
@@ -104,12 +104,7 @@ def kl_scan(
     from banpick_cli.stages.kl_scan import KLScanSettings, run_kl_scan
 
     profile = _profile_path(profile, out)
-    settings = KLScanSettings(
-        domain=domain, data=data, text_field=text_field, samples=samples, seq_len=seq_len, batch_size=batch_size,
-        seed=seed, candidates=candidates, top_tokens=top_tokens, prune=prune, stack=stack,
-        hidden_cache_mb=hidden_cache_mb, checkpoint_every=checkpoint_every, key_factor=key_factor, key_top=key_top,
-        key_min_kl=key_min_kl,
-    )
+    settings = settings_from(KLScanSettings, locals())
     if dry:
         return dry_run("kl-scan", settings, model=model, device=device, dtype=dtype, as_json=as_json, profile=profile)
     stream = choose_stream(stream, model, device, dtype)
@@ -189,12 +184,7 @@ def layer_sensitivity(
     from banpick_cli.stages.layer_sensitivity import LayerSensitivitySettings, run_layer_sensitivity
 
     profile = _profile_path(profile, out)
-    settings = LayerSensitivitySettings(
-        domain=domain, data=data, text_field=text_field, samples=samples, seq_len=seq_len, batch_size=batch_size,
-        seed=seed, k_min=k_min, lam=lam, beta=beta, ratio_k_num=ratio_k_num, ratio_percentile=ratio_percentile,
-        ratio_scope=ratio_scope, ratio_bins=ratio_bins, top_tokens=top_tokens, hidden_cache_mb=hidden_cache_mb,
-        checkpoint_every=checkpoint_every,
-    )
+    settings = settings_from(LayerSensitivitySettings, locals())
     if dry:
         return dry_run("layer-sensitivity", settings, model=model, device=device, dtype=dtype, as_json=as_json)
     stream = choose_stream(stream, model, device, dtype)
