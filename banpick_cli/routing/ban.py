@@ -7,7 +7,7 @@ import math
 import torch
 
 from .spec import RouterSpec, Routing
-from .topk import check_k, keep_top_probs, probs, route_probs
+from .topk import check_k, keep_prefix, probs, route_probs
 
 REWEIGHTS = ("model", "keep")  # reading 9, and its alternative
 
@@ -103,7 +103,7 @@ def ban(
     base = route_probs(p, spec, k_base, logits.dtype)  # [T, K_base], preference order
     k = ban_k(ratio_of(p, base.indices, k_num), layer_sensitivity, r_min, r_max, k_base, k_min=k_min, lam=lam,
               beta=beta, clip=clip)
-    kept = keep_top_probs(p, spec, k, base.indices, logits.dtype)
+    kept = keep_prefix(p, spec, k, base.indices, logits.dtype)
     if reweight == "model":
         return kept
     # The kept experts are a prefix of the base slots, so the old weights line up slot by slot.

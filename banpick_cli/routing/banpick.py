@@ -7,7 +7,7 @@ import torch
 from .ban import BETA, K_MIN, LAM, ban_k, check_ban_params, ratio_of
 from .pick import check_positive, force
 from .spec import RouterSpec, Routing
-from .topk import check_mask, choice_scores, keep_top_probs, probs, route_probs, to_mask
+from .topk import check_mask, choice_scores, keep_prefix, probs, route_probs, to_mask
 
 RANGE_BASES = ("kept", "base")  # reading 20: top-2*K_i, or top-2*K_base
 
@@ -50,7 +50,7 @@ def ban_pick(
     k = ban_k(ratio_of(p, top, k_num), layer_sensitivity, r_min, r_max, k_base, k_min=k_min, lam=lam, beta=beta,
               clip=clip)
     n_key = int(key.sum())
-    kept = keep_top_probs(p, spec, k, top, logits.dtype)
+    kept = keep_prefix(p, spec, k, top, logits.dtype)
     if n_key == 0:
         return kept
     reach = k if range_base == "kept" else torch.full_like(k, k_base)

@@ -8,7 +8,7 @@ import torch
 
 from .pick import check_positive
 from .spec import RouterSpec, Routing
-from .topk import check_k, check_mask, keep_top_probs, probs, route, route_probs
+from .topk import check_k, check_mask, keep_prefix, probs, route, route_probs
 
 DYNAMIC_OVER = ("all", "topk")  # reading 21, and its alternative
 
@@ -34,7 +34,7 @@ def dynamic(
     expert the router can choose.
     """
     k, p, top = _dynamic(logits, spec, tau, cap, over)
-    return keep_top_probs(p, spec, k, top, logits.dtype)
+    return keep_prefix(p, spec, k, top, logits.dtype)
 
 
 def des_bounds(k_base: int) -> tuple[int, int]:
@@ -102,7 +102,7 @@ def des(
     if key_tokens is not None:
         k = torch.where(key_tokens.to(k.device), k_hi, k)
     top = route_probs(p, spec, k_hi, logits.dtype).indices
-    return keep_top_probs(p, spec, k, top, logits.dtype)
+    return keep_prefix(p, spec, k, top, logits.dtype)
 
 
 def odp(

@@ -103,6 +103,20 @@ def keep_top_probs(
     return from_mask(keep, pref, p, spec, indices.shape[1], dtype)
 
 
+def keep_prefix(
+    p: torch.Tensor, spec: RouterSpec, k_per_token: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
+) -> Routing:
+    """Returns the routing of `indices` [T, W] (in the router's order of preference, as `route_probs`
+    gives them) cut to each token's first k_i slots, weights by the model's rule over those.
+
+    The same experts as `keep_top_probs` on such indices, without re-ranking every expert: what the
+    per-token rules (Ban, DES, dynamic) run on every router call.
+    """
+    slots = torch.arange(indices.shape[1], device=indices.device)
+    kept = torch.where(slots < k_per_token.to(indices.device).unsqueeze(-1), indices, spec.num_experts)
+    return _routing(p, spec, kept, dtype)
+
+
 def _check_logits(logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] != spec.num_experts:
         shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__

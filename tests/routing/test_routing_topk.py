@@ -161,3 +161,21 @@ def test_bad_inputs_fail_with_one_line(call, match):
 
 def test_hand_probabilities_really_sum_to_one():
     assert math.isclose(sum(TOKEN), 1.0) and math.isclose(sum(GROUPED), 1.0)
+
+
+@pytest.mark.parametrize("spec", [
+    RouterSpec(8, 4, "softmax", True, weights_in_logits_dtype=True),
+    RouterSpec(8, 3, "softmax", False, 1.5, "group_limited_greedy", n_group=4, topk_group=2),
+    RouterSpec(8, 3, "sigmoid", True, 2.5, "noaux_tc", n_group=4, topk_group=2, correction_bias=torch.linspace(-0.1, 0.1, 8)),
+])
+def test_keep_prefix_is_keep_top_probs_on_preference_ordered_indices(spec):
+    from banpick_cli.routing.topk import keep_prefix, keep_top_probs, route_probs
+
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(200, 8, generator=gen).to(torch.bfloat16)
+    p = probs(logits, spec)
+    k = torch.randint(0, spec.top_k + 1, (200,), generator=gen)
+    top = route_probs(p, spec, spec.top_k, logits.dtype).indices
+    fast, slow = keep_prefix(p, spec, k, top, logits.dtype), keep_top_probs(p, spec, k, top, logits.dtype)
+    assert torch.equal(fast.indices, slow.indices) and torch.equal(fast.k, slow.k) and torch.equal(fast.k, k)
+    assert torch.equal(fast.weights, slow.weights)
