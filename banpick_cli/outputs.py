@@ -55,7 +55,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Syncs a folder's entries (a rename into it survives a crash); a no-op where the file system refuses."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
@@ -95,7 +96,7 @@ def atomic_path(target: str | os.PathLike, *, what: str = "") -> Iterator[Path]:
             os.replace(tmp, target)
         except OSError as err:
             raise output_error(target, err, what=what) from None
-        _fsync_dir(folder)
+        fsync_dir(folder)
     finally:
         try:
             tmp.unlink(missing_ok=True)
@@ -171,7 +172,7 @@ class Staging:
                 os.fsync(handle.fileno())
         for tmp, final in self._staged:  # every file is whole before the first one is renamed
             os.replace(tmp, final)
-        _fsync_dir(self.folder)
+        fsync_dir(self.folder)
 
     def _discard(self) -> None:
         for tmp, _ in self._staged:

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from banpick_cli import __version__
 from banpick_cli.errors import BadSetting, BanpickError, OutputError, ProfileError
-from banpick_cli.outputs import check_output, output_error
+from banpick_cli.outputs import check_output, fsync_dir, output_error
 from banpick_cli.profile.format import RoutingProfile, new_profile, read_profile, write_profile
 
 from banpick_cli.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, PROFILE, sha256_of
@@ -170,7 +170,7 @@ def _publish(stage: Path, target: Path) -> None:
         for name in folders:
             os.chmod(Path(root) / name, 0o755)
     os.chmod(stage, 0o755)
-    _fsync_folder(stage)
+    fsync_dir(stage)
     if target.is_dir() and any(target.iterdir()):  # an earlier bundle (checked): swap it out, then drop it
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", suffix=".tmp", dir=target.parent))
         os.replace(target, old)
@@ -182,20 +182,8 @@ def _publish(stage: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(stage, target)  # onto a missing or empty folder
-    _fsync_folder(target.parent)
+    fsync_dir(target.parent)
 
-
-def _fsync_folder(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems refuse fsync on a folder; the rename is still atomic
-        pass
-    finally:
-        os.close(fd)
 
 
 # --- the banpick the bundle installs ----------------------------------------------------------------

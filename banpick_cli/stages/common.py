@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, TypedDict, Unpack
 
 from banpick_cli.checks import at_least, number
 from banpick_cli.errors import BadSetting, Interrupted, ProfileError
@@ -94,6 +94,34 @@ def check_model_first(model: str, loaded) -> None:
         from banpick_cli.models.loading import check_model
 
         check_model(model)
+
+
+class ModelArgs(TypedDict, total=False):
+    """How a stage gets its model: `model` (a local folder, hub id or 'demo', the default) on `device` and
+    `dtype` ("auto"), read layer by layer from the checkpoint when `stream`, or `loaded` already."""
+
+    model: str
+    device: str
+    dtype: str
+    stream: bool
+    loaded: LoadedModel | None
+
+
+def load_inputs(settings: TextSettings, **args: Unpack[ModelArgs]):
+    """Returns (domain, calibration text, loaded model): the model's config is checked before any data is
+    fetched, the text loaded, then the model (streamed when asked)."""
+    from banpick_cli.models.loading import load_model
+    from banpick_cli.paths import DEMO_MODEL_NAME
+
+    model, loaded = args.get("model", DEMO_MODEL_NAME), args.get("loaded")
+    device, dtype = args.get("device", "auto"), args.get("dtype", "auto")
+    check_model_first(model, loaded)
+    domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
+    if loaded is None and args.get("stream", False):  # each decoder layer read from the checkpoint when it runs
+        from banpick_cli.passes.streaming import load_streaming
+
+        loaded = load_streaming(model, device=device, dtype=dtype)
+    return domain, text, loaded or load_model(model, device=device, dtype=dtype)
 
 
 def store(out: Path, source: RoutingProfile, loaded: LoadedModel, change: Callable[[RoutingProfile], Any], *,

@@ -11,16 +11,15 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Unpack
 
 import torch
 
 from banpick_cli.passes.resume import WindowCheckpoint, digest, mask_digest, previous_output, texts_digest
-from banpick_cli.stages.common import TextSettings, check_model_first, load_domain_text, provenance, resumable, store
+from banpick_cli.stages.common import ModelArgs, TextSettings, load_inputs, provenance, resumable, store
 from banpick_cli.passes.kl import TOP_TOKENS, KLEngine, LayerPlan, RouteVariant
 from banpick_cli.checks import at_least, expert_choice, number, one_of
 from banpick_cli.errors import ProfileError
-from banpick_cli.models.loading import LoadedModel, load_model
-from banpick_cli.paths import DEMO_MODEL_NAME
 from banpick_cli.profile.format import RoutingProfile, check_fingerprint, ensure_writable, read_profile
 from banpick_cli.progress import ProgressFn, silent
 from banpick_cli.routing import RouterSpec, route, weights_for
@@ -188,13 +187,9 @@ def run_kl_scan(
     *,
     profile: str | Path,
     out: str | Path | None = None,
-    model: str = DEMO_MODEL_NAME,
-    device: str = "auto",
-    dtype: str = "auto",
     restart: bool = False,
-    stream: bool = False,
-    loaded: LoadedModel | None = None,
     progress: ProgressFn = silent,
+    **model: Unpack[ModelArgs],
 ) -> KLScanResult:
     """Scans the domain's candidates, saving the KL sums of each finished window of batches beside `out`
     (default: `profile`).
@@ -207,13 +202,7 @@ def run_kl_scan(
     ensure_writable(out)
     prof = read_profile(source)
     scanned = scanned_experts(prof, settings)
-    check_model_first(model, loaded)
-    domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
-    if loaded is None and stream:  # each decoder layer read from the checkpoint once per window
-        from banpick_cli.passes.streaming import load_streaming
-
-        loaded = load_streaming(model, device=device, dtype=dtype)
-    loaded = loaded or load_model(model, device=device, dtype=dtype)
+    domain, text, loaded = load_inputs(settings, **model)
     check_fingerprint(prof, loaded.fingerprint, path=source)
     previous = previous_output(out, source, loaded.fingerprint)
 

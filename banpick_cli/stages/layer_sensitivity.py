@@ -14,18 +14,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Unpack
 
 import torch
 
 from banpick_cli.passes.resume import WindowCheckpoint, digest, previous_output, texts_digest
 from banpick_cli.stages.common import (
-    TextSettings, check_ban_knobs, check_model_first, load_domain_text, open_for_update, provenance, resumable, store,
+    ModelArgs, TextSettings, check_ban_knobs, load_inputs, open_for_update, provenance, resumable, store,
 )
 from banpick_cli.passes.kl import TOP_TOKENS, KLEngine, LayerPlan, RouteVariant
 from banpick_cli.checks import at_least, number, one_of
 from banpick_cli.errors import BadSetting
-from banpick_cli.models.loading import LoadedModel, load_model
-from banpick_cli.paths import DEMO_MODEL_NAME
 from banpick_cli.profile.format import RoutingProfile, ensure_writable, read_profile
 from banpick_cli.progress import ProgressFn, silent
 from banpick_cli.routing import BETA, K_MIN, LAM, RouterSpec, keep_top, token_ratio
@@ -185,13 +184,9 @@ def run_layer_sensitivity(
     *,
     profile: str | Path,
     out: str | Path | None = None,
-    model: str = DEMO_MODEL_NAME,
-    device: str = "auto",
-    dtype: str = "auto",
     restart: bool = False,
-    stream: bool = False,
-    loaded: LoadedModel | None = None,
     progress: ProgressFn = silent,
+    **model: Unpack[ModelArgs],
 ) -> LayerSensitivityResult:
     """Measures W_l, L'_l and the R statistics, saving the sums of each finished window of batches beside
     `out` (default `profile`).
@@ -205,13 +200,7 @@ def run_layer_sensitivity(
     if existing is not None:
         settings.check_model(existing.model.k_base)
     settings = replace(settings, domain=resolve_domain(settings, existing))
-    check_model_first(model, loaded)
-    domain, text = load_domain_text(settings, model=loaded.identity.name_or_path if loaded else model)
-    if loaded is None and stream:  # each decoder layer read from the checkpoint once per window
-        from banpick_cli.passes.streaming import load_streaming
-
-        loaded = load_streaming(model, device=device, dtype=dtype)
-    loaded = loaded or load_model(model, device=device, dtype=dtype)
+    domain, text, loaded = load_inputs(settings, **model)
     k_base = loaded.routing.top_k
     settings.check_model(k_base)
     prof = open_for_update(source, loaded)
