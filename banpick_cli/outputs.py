@@ -188,7 +188,7 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Staging]:
     every staged file is renamed into place; on any failure the staged files are removed, and so is the
     folder when this call created it. Files already in the folder that are not staged are left alone."""
     folder = Path(folder)
-    created = _make_folder(folder)
+    created = make_folder(folder)
     stage = Staging(folder)
     try:
         try:
@@ -203,7 +203,7 @@ def atomic_folder(folder: str | os.PathLike) -> Iterator[Staging]:
         raise
 
 
-def _make_folder(folder: Path) -> list[Path]:
+def make_folder(folder: Path) -> list[Path]:
     """Creates `folder` and its missing parents; returns the topmost folder it created (or [])."""
     if folder.is_dir():
         return []

@@ -27,7 +27,7 @@ from typing import Any, Iterator
 
 from banpick_cli import __version__
 from banpick_cli.errors import BadSetting, BanpickError, OutputError, ProfileError
-from banpick_cli.outputs import check_output, fsync_dir, output_error
+from banpick_cli.outputs import check_output, fsync_dir, make_folder, output_error
 from banpick_cli.profile.format import RoutingProfile, new_profile, read_profile, write_profile
 
 from banpick_cli.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, PROFILE, sha256_of
@@ -130,7 +130,7 @@ def _staged_folder(target: Path) -> Iterator[Path]:
     (0644, folders 0755: the serving user is rarely the one who exported), synced, and the folder is renamed
     onto `target` (an earlier bundle there is swapped out and removed). On any failure nothing is left:
     the temporary folder and any parent folders this call created are removed; OSErrors are one line."""
-    created = _make_parents(target.parent)
+    created = make_folder(target.parent)
     stage: Path | None = None
     try:
         try:
@@ -148,16 +148,6 @@ def _staged_folder(target: Path) -> Iterator[Path]:
             shutil.rmtree(folder, ignore_errors=True)
         raise
 
-
-def _make_parents(folder: Path) -> list[Path]:
-    if folder.is_dir():
-        return []
-    missing = [p for p in [folder, *folder.parents] if not p.exists()]
-    try:
-        folder.mkdir(parents=True)
-    except OSError as err:
-        raise output_error(folder, err) from None
-    return [missing[-1]]
 
 
 def _publish(stage: Path, target: Path) -> None:
