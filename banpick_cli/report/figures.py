@@ -44,6 +44,12 @@ def _figure(width: float, height: float) -> Figure:
     return Figure(figsize=(width, height), layout="constrained")
 
 
+def _per_layer_figure(profile: RoutingProfile, least: float, base: float, height: float) -> tuple[list[str], int, Figure]:
+    """Returns (layer labels, their number, a figure wide enough for a bar per layer: base + 0.22 in each)."""
+    labels = _layer_labels(profile)
+    return labels, len(labels), _figure(min(max(least, base + len(labels) * 0.22), 18.0), height)
+
+
 def _wrap(fig: Figure, text: str, points: float = 9) -> str:
     """Wraps a subtitle to the figure's width (about 0.6 em per character), so no line is clipped."""
     import textwrap
@@ -155,9 +161,7 @@ def usage_bars(profile: RoutingProfile, positions: list[int], *, title: str | No
 def candidate_overlap(profile: RoutingProfile) -> Figure:
     """Per layer, candidates shared by all domains, by some, or unique to one; and domain-pair Jaccard."""
     ov = data.candidate_overlap(profile)
-    labels = _layer_labels(profile)
-    m = len(labels)
-    fig = _figure(min(max(9.0, 4 + m * 0.22), 18.0), 4.6)
+    labels, m, fig = _per_layer_figure(profile, 9.0, 4, 4.6)
     grid = fig.add_gridspec(1, 2, width_ratios=[2.8, 1])
     ax = fig.add_subplot(grid[0])
     xs = list(range(m))
@@ -262,9 +266,8 @@ def layer_sensitivity(profile: RoutingProfile) -> Figure:
     """W_l per layer (bars coloured by the normalised L'_l), most and least sensitive layers named."""
     kl = profile.ban.layer_kl.float()
     sens = profile.ban.layer_sensitivity.float() if profile.ban.has("layer_sensitivity") else None
-    labels = _layer_labels(profile)
+    labels, _, fig = _per_layer_figure(profile, 7.5, 3, 4.4)
     k_min = int(data.ban_settings(profile)[0]["k_min"])
-    fig = _figure(min(max(7.5, 3 + len(labels) * 0.22), 18.0), 4.4)
     ax = fig.add_subplot()
     cmap = colormaps["plasma"]
     colours = [cmap(float(v)) for v in sens.clamp(0, 1)] if sens is not None else [PLAIN_COLOUR] * len(labels)
@@ -314,9 +317,7 @@ def token_ratio(profile: RoutingProfile) -> Figure:
 def ban_k(profile: RoutingProfile) -> Figure:
     """Share of tokens keeping each K per layer at the stored lambda, with the mean K per layer."""
     dist = data.ban_k_distribution(profile)
-    labels = _layer_labels(profile)
-    m = len(labels)
-    fig = _figure(min(max(8.0, 3 + m * 0.22), 18.0), 4.6)
+    labels, m, fig = _per_layer_figure(profile, 8.0, 3, 4.6)
     ax = fig.add_subplot()
     cmap = colormaps["viridis"]
     bottom = [0.0] * m
