@@ -54,13 +54,9 @@ def check_load_path() -> str | None:
     The server builds its model in `ModelRunner.load_model`, which stores it as `self.model`; the
     AFTER hook reads it there.
     """
-    try:
-        from sglang.srt.model_executor.model_runner import ModelRunner
-    except ImportError as err:
-        return f"cannot import sglang.srt.model_executor.model_runner ({err})"
-    load = getattr(ModelRunner, "load_model", None)
-    if load is None:
-        return f"{LOAD_TARGET} does not exist"
+    load, why = _sglang_attr("sglang.srt.model_executor.model_runner", "ModelRunner.load_model", LOAD_TARGET)
+    if why:
+        return why
     try:
         source = inspect.getsource(load)
     except (OSError, TypeError):
@@ -68,6 +64,21 @@ def check_load_path() -> str | None:
     if "self.model = " not in source:
         return f"{LOAD_TARGET} no longer sets self.model"
     return None
+
+
+def _sglang_attr(module: str, attribute: str, target: str) -> tuple[Any, str | None]:
+    """Returns (the object at module.attribute, None), or (None, why it is not there in this SGLang)."""
+    import importlib
+
+    try:
+        value: Any = importlib.import_module(module)
+    except ImportError as err:
+        return None, f"cannot import {module} ({err})"
+    for part in attribute.split("."):
+        value = getattr(value, part, None)
+        if value is None:
+            return None, f"{target} does not exist in this SGLang"
+    return value, None
 
 
 def shared_slots(config: Any) -> int:
@@ -84,13 +95,9 @@ def shared_slots(config: Any) -> int:
 
 def check_signature() -> str | None:
     """Returns why this SGLang cannot be hooked, or None: the hooked function must take our arguments."""
-    try:
-        from sglang.srt.layers.moe import topk
-    except ImportError as err:
-        return f"cannot import sglang.srt.layers.moe.topk ({err})"
-    fn = getattr(topk, "_post_process_topk_ids", None)
-    if fn is None:
-        return f"{TOPK_TARGET} does not exist in this SGLang"
+    fn, why = _sglang_attr("sglang.srt.layers.moe.topk", "_post_process_topk_ids", TOPK_TARGET)
+    if why:
+        return why
     params = list(inspect.signature(fn).parameters)
     missing = [p for p in TOPK_PARAMS if p not in params]
     return f"{TOPK_TARGET} lacks parameters {missing}" if missing else None
