@@ -166,6 +166,11 @@ def merge(
 from banpick_cli.cli import scans, accuracy, runtime  # noqa: E402,F401
 from banpick_cli.cli import report  # noqa: E402,F401
 
+# `banpick --help` lists the commands in the pipeline's order, whichever command module was imported first.
+PIPELINE = ("profile", "inspect", "merge", "kl-scan", "layer-sensitivity", "failure-probe", "eval", "export", "report",
+            "import-usage")
+app.registered_commands.sort(key=lambda cmd: PIPELINE.index(cmd.name or cmd.callback.__name__.replace("_", "-")))
+
 
 def main() -> None:
     """Console-script entry point."""
