@@ -53,13 +53,17 @@ class PlainProgress:
         self.clock = clock or time.monotonic
         self._start: dict[str, tuple[float, int, int]] = {}  # task -> (time, done, tokens) at its first event
         self._last: dict[str, float] = {}
+        self._done: dict[str, int] = {}  # task -> done at its latest event
 
     def __call__(self, event: ProgressEvent) -> None:
         now = self.clock()
-        if event.task not in self._start:
+        # A task counting from the start again (eval generates once per method) is a new run: new rates.
+        if event.task not in self._start or event.done < self._done.get(event.task, 0):
             self._start[event.task] = (now, event.done, event.tokens)
             self._last[event.task] = now
+            self._done[event.task] = event.done
             return
+        self._done[event.task] = event.done
         finished = event.total > 0 and event.done >= event.total
         if not finished and now - self._last[event.task] < self.every:
             return

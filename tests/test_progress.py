@@ -28,3 +28,14 @@ def test_plain_progress_tracks_tasks_apart():
     bar(ProgressEvent("layer 2", 1, 2, note="stack 2"))
     bar(ProgressEvent("layer 1", 4, 4))
     assert lines == ["layer 2: 1/2 (50%), 0.09/s, elapsed 11s, eta 11s [stack 2]", "layer 1: 4/4 (100%), 0.36/s, elapsed 11s"]
+
+
+def test_a_task_that_starts_over_is_timed_afresh():
+    now = [0.0]
+    lines: list[str] = []
+    progress = PlainProgress(lines.append, label="eval", every=30.0, clock=lambda: now[0])
+    for run_seconds in (1.0, 10.0):  # the same task name twice (eval generates once per method)
+        progress(ProgressEvent("generate", 0, 10))
+        now[0] += run_seconds
+        progress(ProgressEvent("generate", 10, 10))
+    assert "elapsed 1s" in lines[0] and "elapsed 10s" in lines[1] and "1.00/s" in lines[1], lines
