@@ -60,7 +60,8 @@ def _texts(n: int) -> list[str]:
 
 
 def measure(model: str, texts: list[str], *, candidates: int, seq_len: int, batch_size: int, stack: int, repeat: int) -> dict:
-    from banpick_cli.passes.kl import KLEngine, LayerPlan, naive_kl
+    from banpick_cli.passes.kl import KLEngine
+    from banpick_cli.passes.kl_math import LayerPlan, naive_kl
     from banpick_cli.stages.kl_scan import prune_variant
     from banpick_cli.passes.usage import count_usage
     from banpick_cli.models.loading import load_model

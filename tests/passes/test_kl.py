@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from banpick_cli.passes import kl as kl_module
-from banpick_cli.passes.kl import KLEngine, LayerPlan, naive_kl, target_log_probs, top_targets, topk_kl
+from banpick_cli.passes.kl import KLEngine
+from banpick_cli.passes.kl_math import LayerPlan, naive_kl, target_log_probs, top_targets, topk_kl
 from banpick_cli.stages.kl_scan import prune_variant
 from banpick_cli.stages.layer_sensitivity import k_min_variant
 from scan_helpers import TEXTS, sharpened

@@ -68,7 +68,8 @@ def _sharpened_checkpoint(tiny_models, family, folder):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_streamed_kl_scan_equals_the_naive_reference(tiny_models, family, tmp_path):
-    from banpick_cli.passes.kl import KLEngine, naive_kl
+    from banpick_cli.passes.kl import KLEngine
+    from banpick_cli.passes.kl_math import naive_kl
     from scan_helpers import TEXTS as SCAN_TEXTS
     from test_kl import RUN, _plans
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from banpick_cli.passes.kl import LayerPlan, naive_kl
+from banpick_cli.passes.kl_math import LayerPlan, naive_kl
 from banpick_cli.passes.resume import read_sidecar, sidecar_path
 from banpick_cli.stages.kl_scan import KeyExpertRule, KLScanSettings, prune_variant, run_kl_scan, scanned_experts
 from banpick_cli.errors import BadSetting, FingerprintMismatch, Interrupted, ProfileError

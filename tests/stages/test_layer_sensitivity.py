@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from banpick_cli.passes.kl import LayerPlan, naive_kl
+from banpick_cli.passes.kl_math import LayerPlan, naive_kl
 from banpick_cli.stages.kl_scan import KLScanSettings, run_kl_scan
 from banpick_cli.passes.resume import read_sidecar, sidecar_path
 from banpick_cli.stages.layer_sensitivity import LayerSensitivitySettings, k_min_variant, run_layer_sensitivity
