@@ -379,7 +379,7 @@ def _run_isolated(source: str, *, timeout_s: float, memory_mb: int, legacy_remou
 
 def _run_unsafe(source: str, *, timeout_s: float, memory_mb: int) -> SandboxResult:
     # Today's best effort, for systems without user namespaces, and only when the caller opted in.
-    tmp = tempfile.mkdtemp(prefix="banpick-sandbox-")
+    tmp = tempfile.mkdtemp(prefix=f"banpick-sandbox-{os.getpid()}-")  # the pid says whose a leftover would be
     try:
         with open(os.path.join(tmp, "main.py"), "w", encoding="utf-8") as script:
             script.write(NETWORK_GUARD + source)

@@ -35,7 +35,8 @@ def isolated():
 
 
 def _sandbox_dirs() -> set[str]:
-    return set(glob.glob(os.path.join(tempfile.gettempdir(), "banpick-sandbox-*")))
+    """Returns this process's sandbox folders on the host (another test run on the machine has its own pid)."""
+    return set(glob.glob(os.path.join(tempfile.gettempdir(), f"banpick-sandbox-{os.getpid()}-*")))
 
 
 def _marker(where: Path | str) -> Path:
