@@ -39,4 +39,4 @@ step "banpick inspect"
 
 printf '\nProfile: %s\nReport:  %s\nBundle:  %s\n' "$PROFILE" "$OUT/report/report.html" "$OUT/bundle"
 printf 'Speed:   the eval speed column above times 64-wide demo experts (Python overhead and noise); at real shapes\n'
-printf '         Ban runs 1.33x the model at 4 of 8 experts, like Fixed-K: docs/benchmarks.md, bench/bench_runtime.py\n'
+printf '         Ban runs 1.37x the model at 4 of 8 experts, like Fixed-K: docs/benchmarks.md, bench/bench_runtime.py\n'
