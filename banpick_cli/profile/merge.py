@@ -8,7 +8,7 @@ from pathlib import Path
 
 from banpick_cli.errors import BadSetting, ProfileError
 from banpick_cli.profile.format import RoutingProfile, check_fingerprint
-from banpick_cli.profile.stats import CandidateRule, candidate_mask
+from banpick_cli.profile.stats import candidate_mask
 
 ADDITIVE = ("expert_counts", "token_counts")
 
@@ -39,11 +39,8 @@ def merge_profiles(profiles: list[RoutingProfile], *, names: list[str] | None = 
             else:
                 merged.tensors[key] = tensor.clone()
         for domain in shared:
-            rule = _rule(merged, domain)
-            merged.put(
-                f"domain/{domain}/candidates",
-                candidate_mask(merged.tensors[f"domain/{domain}/expert_counts"], merged.tensors[f"domain/{domain}/token_counts"], rule),
-            )
+            view = merged.domain(domain)
+            view.put("candidates", candidate_mask(view.expert_counts, view.token_counts, view.candidate_rule()))
         for key, record in other.provenance.items():
             if key in merged.provenance:
                 merged.provenance[key] = {"merged": _as_list(merged.provenance[key]) + _as_list(record)}
@@ -64,16 +61,13 @@ def _check_shard(merged: RoutingProfile, other: RoutingProfile, domain: str, bef
             first = ", ".join(before) if len(before) == 1 else "an earlier input"
             raise ProfileError(f"{name} holds the same '{domain}' run as {first} (finished {record.get('finished_utc', '?')}): "
                                "merging it would count its tokens twice")
-    mine = _rule(merged, domain)
-    theirs = _rule(other, domain)
+    mine = merged.domain(domain).candidate_rule()
+    theirs = other.domain(domain).candidate_rule()
     if mine != theirs:
         raise ProfileError(f"cannot merge domain '{domain}': {name} marks candidates with ratio {theirs.min_ratio:g}, "
                            f"top {theirs.top_n}, the others with ratio {mine.min_ratio:g}, top {mine.top_n}; "
                            "profile every shard with the same --candidate-ratio and --candidate-top")
 
-
-def _rule(profile: RoutingProfile, domain: str) -> CandidateRule:
-    return CandidateRule(**profile.settings.get(f"domain/{domain}", {}).get("candidates", {}))
 
 
 def merge_files(inputs: list[str | os.PathLike], out: str | os.PathLike) -> RoutingProfile:
