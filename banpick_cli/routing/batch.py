@@ -66,9 +66,7 @@ def batch_share(
     # Visit order: fewest keeping tokens first, ties to the lower index; unused experts last.
     key = torch.where(support > 0, support, tokens + 1) * e + torch.arange(e, device=p.device)
     order = torch.argsort(key)
-    # On a CPU reading a count costs nothing; elsewhere visit every expert rather than sync the host
-    # (the visits past the used experts find no token and change nothing).
-    steps = int((support > 0).sum()) if p.device.type == "cpu" else e
+    steps = _visits(support)
     kept = kept0.clone()
     minus_inf = torch.tensor(float("-inf"), dtype=pref.dtype, device=p.device)
     for j in range(steps):
@@ -88,6 +86,12 @@ def batch_share(
         weights=torch.where(changed, moved.weights.to(routing.weights.dtype), routing.weights),
         k=routing.k,
     )
+
+
+def _visits(support: torch.Tensor) -> int:
+    """Returns how many experts to visit: on a CPU the used ones (reading a count costs nothing there);
+    elsewhere every expert rather than sync the host (visits past the used ones change nothing)."""
+    return int((support > 0).sum()) if support.device.type == "cpu" else support.shape[0]
 
 
 def distinct_experts(routing: Routing, num_experts: int) -> torch.Tensor:

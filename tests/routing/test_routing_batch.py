@@ -142,3 +142,17 @@ def test_bad_settings_are_refused_in_one_line():
         batch_share(logits, SPEC, plain, anchor=-1)
     with pytest.raises(ValueError, match="indices"):
         batch_share(logits, SPEC, Routing(plain.indices[:2], plain.weights[:2], plain.k[:2]))
+
+
+def test_visiting_every_expert_as_on_an_accelerator_gives_the_same_routing(monkeypatch):
+    import banpick_cli.routing.batch as batch
+
+    torch.manual_seed(3)
+    spec = RouterSpec(64, 8, "softmax", True)
+    logits = torch.randn(16, 64) * 1.5
+    rule = ban(logits, spec, 0.3, 0.3, 0.8)
+    on_cpu = batch_share(logits, spec, rule)
+    monkeypatch.setattr(batch, "_visits", lambda support: support.shape[0])
+    everywhere = batch_share(logits, spec, rule)
+    assert torch.equal(on_cpu.indices, everywhere.indices) and torch.equal(on_cpu.weights, everywhere.weights)
+    assert not torch.equal(on_cpu.indices, rule.indices)
