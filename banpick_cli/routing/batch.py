@@ -66,19 +66,10 @@ def batch_share(
     # Visit order: fewest keeping tokens first, ties to the lower index; unused experts last.
     key = torch.where(support > 0, support, tokens + 1) * e + torch.arange(e, device=p.device)
     order = torch.argsort(key)
-    steps = _visits(support)
-    kept = kept0.clone()
-    minus_inf = torch.tensor(float("-inf"), dtype=pref.dtype, device=p.device)
-    for j in range(steps):
-        x = order[j : j + 1]  # [1]
-        holders = kept.index_select(1, x).squeeze(1)  # [T]
-        targets = cand & ~kept & kept.any(0)  # [T, E]: kept by someone, not by this token
-        free = ~fixed.index_select(1, x).squeeze(1) & targets.any(1)
-        empty = ~(holders & ~free).any()  # 0-dim: every holder can move
-        move = holders & empty  # [T]
-        best = torch.where(targets, pref, minus_inf).argmax(1, keepdim=True)  # [T, 1]; ties: lower index
-        kept.scatter_(1, x.expand(tokens, 1), (holders & ~move).unsqueeze(1))
-        kept.scatter_(1, best, kept.gather(1, best) | move.unsqueeze(1))
+    if _on_host(p):
+        kept = _visit_lists(kept0, fixed, cand, pref, order, n)
+    else:
+        kept = _visit_tensors(kept0, fixed, cand, pref, order)
     changed = (kept != kept0).any(1, keepdim=True)  # [T, 1]
     moved = from_mask(kept, pref, p, spec, routing.width, logits.dtype)
     return Routing(
@@ -88,10 +79,71 @@ def batch_share(
     )
 
 
-def _visits(support: torch.Tensor) -> int:
-    """Returns how many experts to visit: on a CPU the used ones (reading a count costs nothing there);
-    elsewhere every expert rather than sync the host (visits past the used ones change nothing)."""
-    return int((support > 0).sum()) if support.device.type == "cpu" else support.shape[0]
+def _on_host(p: torch.Tensor) -> bool:
+    """Returns True where the visits run as plain Python lists: on a CPU, where each of the ~15 tiny tensor
+    operations a visit takes costs more in dispatch than the work, and reading tensors costs nothing."""
+    return p.device.type == "cpu"
+
+
+def _visit_tensors(
+    kept0: torch.Tensor, fixed: torch.Tensor, cand: torch.Tensor, pref: torch.Tensor, order: torch.Tensor
+) -> torch.Tensor:
+    """Returns the kept mask [T, E] after visiting every expert in `order`, with tensor operations only
+    (no host sync; visits of experts nobody keeps change nothing)."""
+    tokens = kept0.shape[0]
+    kept = kept0.clone()
+    minus_inf = torch.tensor(float("-inf"), dtype=pref.dtype, device=pref.device)
+    for j in range(order.shape[0]):
+        x = order[j : j + 1]  # [1]
+        holders = kept.index_select(1, x).squeeze(1)  # [T]
+        targets = cand & ~kept & kept.any(0)  # [T, E]: kept by someone, not by this token
+        free = ~fixed.index_select(1, x).squeeze(1) & targets.any(1)
+        empty = ~(holders & ~free).any()  # 0-dim: every holder can move
+        move = holders & empty  # [T]
+        best = torch.where(targets, pref, minus_inf).argmax(1, keepdim=True)  # [T, 1]; ties: lower index
+        kept.scatter_(1, x.expand(tokens, 1), (holders & ~move).unsqueeze(1))
+        kept.scatter_(1, best, kept.gather(1, best) | move.unsqueeze(1))
+    return kept
+
+
+def _visit_lists(
+    kept0: torch.Tensor, fixed: torch.Tensor, cand: torch.Tensor, pref: torch.Tensor, order: torch.Tensor, n: int
+) -> torch.Tensor:
+    """Returns what `_visit_tensors` returns, by the same visits over Python sets (tested equal)."""
+    tokens, e = kept0.shape
+    # each token's candidates, most preferred first (ties: lower index, as argmax takes them)
+    ranked = torch.argsort(pref, dim=1, descending=True, stable=True)[:, :n]
+    allowed = cand.gather(1, ranked)
+    choices = [[x for x, ok in zip(row, oks) if ok] for row, oks in zip(ranked.tolist(), allowed.tolist())]
+    kept: list[set[int]] = [set() for _ in range(tokens)]
+    anchors: list[set[int]] = [set() for _ in range(tokens)]
+    for t, x in kept0.nonzero().tolist():
+        kept[t].add(x)
+    for t, x in fixed.nonzero().tolist():
+        anchors[t].add(x)
+    holders: dict[int, set[int]] = {}
+    for t, experts in enumerate(kept):
+        for x in experts:
+            holders.setdefault(x, set()).add(t)
+    for x in order[: len(holders)].tolist():
+        moves = []
+        for t in sorted(holders[x]):
+            target = None if x in anchors[t] else next(
+                (c for c in choices[t] if holders.get(c) and c not in kept[t]), None)
+            if target is None:
+                break
+            moves.append((t, target))
+        else:
+            for t, target in moves:
+                kept[t].discard(x)
+                kept[t].add(target)
+                holders[target].add(t)
+            holders[x] = set()
+    pairs = [(t, x) for t, experts in enumerate(kept) for x in experts]
+    out = torch.zeros(tokens, e, dtype=torch.bool)
+    if pairs:
+        out[tuple(torch.tensor(pairs).T)] = True
+    return out.to(kept0.device)
 
 
 def distinct_experts(routing: Routing, num_experts: int) -> torch.Tensor:

@@ -144,15 +144,20 @@ def test_bad_settings_are_refused_in_one_line():
         batch_share(logits, SPEC, Routing(plain.indices[:2], plain.weights[:2], plain.k[:2]))
 
 
-def test_visiting_every_expert_as_on_an_accelerator_gives_the_same_routing(monkeypatch):
+@pytest.mark.parametrize("spec", [RouterSpec(64, 8, "softmax", True), RouterSpec(128, 8, "softmax", True),
+                                  RouterSpec(64, 6, "softmax", False, topk_method="group_limited_greedy", n_group=8,
+                                             topk_group=3)], ids=["64", "128", "grouped"])
+def test_the_tensor_visits_of_an_accelerator_route_as_the_host_lists_do(monkeypatch, spec):
     import banpick_cli.routing.batch as batch
 
-    torch.manual_seed(3)
-    spec = RouterSpec(64, 8, "softmax", True)
-    logits = torch.randn(16, 64) * 1.5
-    rule = ban(logits, spec, 0.3, 0.3, 0.8)
-    on_cpu = batch_share(logits, spec, rule)
-    monkeypatch.setattr(batch, "_visits", lambda support: support.shape[0])
-    everywhere = batch_share(logits, spec, rule)
-    assert torch.equal(on_cpu.indices, everywhere.indices) and torch.equal(on_cpu.weights, everywhere.weights)
-    assert not torch.equal(on_cpu.indices, rule.indices)
+    for seed, tokens in ((3, 16), (4, 32), (5, 8), (6, 64)):
+        gen = torch.Generator().manual_seed(seed)
+        logits = torch.randn(tokens, spec.num_experts, generator=gen) * 1.5
+        for rule in (ban(logits, spec, 0.3, 0.3, 0.8), fixed_k(logits, spec, 5)):
+            for n in (spec.top_k, 2 * spec.top_k):
+                monkeypatch.setattr(batch, "_on_host", lambda p: True)
+                host = batch_share(logits, spec, rule, candidates=n)
+                monkeypatch.setattr(batch, "_on_host", lambda p: False)
+                device = batch_share(logits, spec, rule, candidates=n)
+                assert torch.equal(host.indices, device.indices) and torch.equal(host.weights, device.weights)
+                assert not torch.equal(host.indices, rule.indices)
