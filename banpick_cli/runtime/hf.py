@@ -3,6 +3,7 @@
     with banpick_cli.runtime.apply(model, "math.safetensors", method="banpick", domain="math") as h:
         model.generate(...)
     h.stats().avg_experts        # experts actually run per token, per MoE layer
+    h.stats().unique_experts_per_batch   # distinct experts per MoE layer per forward batch
 
 Routing goes through `RoutingHooks` (a forward hook on each router) and the routing core; only the
 layers the plan changes get an override. A "no expert" slot is index == num_experts, which the
