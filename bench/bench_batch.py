@@ -134,7 +134,8 @@ def run_shape(shape: str, args) -> dict:
 
 
 def step_cost(repeat: int = 20) -> str:
-    """Returns a table: CPU ms per call of Ban and of batch_share after it, on random logits (std 1.5)."""
+    """Returns two tables: CPU ms per call of Ban and of batch_share after it (random logits, std 1.5), and
+    CPU ms of one expert's gate/up product by the rows it serves."""
     from banpick_cli.routing import RouterSpec, ban, batch_share
 
     lines = ["| router | tokens | Ban ms | batch_share ms |", "|---|---:|---:|---:|"]
@@ -151,6 +152,22 @@ def step_cost(repeat: int = 20) -> str:
                     fn()
                 timed.append((time.process_time() - start) / repeat * 1e3)
             lines.append(f"| {name} | {tokens} | {timed[0]:.2f} | {timed[1]:.2f} |")
+    # What sharing an expert costs here: one Qwen3-shaped expert's gate/up product ([rows, 2048] x
+    # [2048, 1536], float32) by the rows (tokens) it serves, over 128 different experts' weights.
+    weights = torch.randn(128, 1536, 2048)
+    lines += ["", "| rows per expert | ms per expert (gate/up product) | vs 1 row |", "|---:|---:|---:|"]
+    one = None
+    for rows in (1, 2, 3, 4, 8, 16):
+        x = torch.randn(rows, 2048)
+        for e in range(8):
+            torch.nn.functional.linear(x, weights[e])
+        start = time.process_time()
+        for _ in range(3):
+            for e in range(128):
+                torch.nn.functional.linear(x, weights[e])
+        ms = (time.process_time() - start) / (3 * 128) * 1e3
+        one = one or ms
+        lines.append(f"| {rows} | {ms:.2f} | {ms / one:.2f}x |")
     return "\n".join(lines)
 
 

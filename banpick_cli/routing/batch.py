@@ -1,15 +1,17 @@
 """Batch-aware routing: move tokens' slots onto experts the rest of the batch already runs.
 
-At decode an MoE layer reads the weights of every distinct expert its batch touches, so a batch of B
-tokens costs about its number of distinct experts, not its (token, expert) pairs. After a per-token
+At decode an MoE layer reads the weights of every distinct expert its batch touches; where those reads
+bound the layer (memory-bound decode), its cost follows its distinct experts more than its (token,
+expert) pairs (docs/benchmarks.md measures how far that holds on a CPU). After a per-token
 rule (Ban, Ban&Pick, Fixed-K, DES, ...) has chosen each token's experts, `batch_share` empties the
 experts the fewest tokens use: an expert is dropped from the batch when every token that keeps it can
 swap that slot for another expert that (a) some token of the batch still keeps, (b) lies within the
 token's own candidates (its router top-`candidates`), and (c) the token does not already keep. A
-token never runs more experts than before (each move is a swap, so Avg-TopK does not change), never
-an expert no token kept, and its first `anchor` experts never move. The idea is Opportunistic Expert
-Activation's piggybacking (arXiv 2511.02237) and SERE's re-routing of secondary slots onto experts
-already active (arXiv 2602.07616), laid over a per-token keep-set: docs/routing.md.
+token never runs more experts than before (each move is a swap, so on the same logits Avg-TopK does
+not change), never an expert no token kept, and its `anchor` most preferred experts never move. The
+idea is Opportunistic Expert Activation's piggybacking (arXiv 2511.02237) and SERE's re-routing of
+secondary slots onto experts already active (arXiv 2602.07616), laid over a per-token keep-set:
+docs/routing.md.
 """
 
 from __future__ import annotations
