@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from banpick_cli.runtime import methods
+
 from banpick_cli.cli.base import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, app
 from banpick_cli.cli.render import note, console, err_console, handle_errors, print_json, progress_bar, table
 
@@ -147,7 +149,7 @@ def failure_probe(
 @handle_errors
 def evaluate(
     task: str = typer.Option(..., "--task", "-t", help=TASK_HELP + " Comma-separate several for one table."),
-    method: str = typer.Option("baseline", "--method", help="Comma-separated: baseline, pick, ban, banpick, fixed-k, des, odp, dynamic, rice. The baseline always runs first."),
+    method: str = typer.Option("baseline", "--method", help=f"Comma-separated: {', '.join(methods.names())}. The baseline always runs first."),
     model: str = ModelOpt,
     profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="Routing profile (pick, ban, banpick need one)."),
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Key experts of this domain for pick/banpick (default: each task's own domain)."),
@@ -155,7 +157,7 @@ def evaluate(
     k_min: Optional[int] = typer.Option(None, "--k-min", help="Ban / Ban&Pick K_min (default 3)."),
     tau: str = typer.Option("0.7,0.8,0.9", "--tau", help="Dynamic routing thresholds (appendix E: each is a row)."),
     k: Optional[str] = typer.Option(None, "--k", help="Fixed-K: experts per token, comma-separated for one row each (e.g. 4,5,6)."),
-    target_avg_topk: Optional[float] = typer.Option(None, "--target-avg-topk", help="Compare at one expert budget: set Fixed-K's k, Ban's lambda, Dynamic's tau and DES/ODP's thresholds so each runs this many experts per token on calibration text (within 0.2)."),
+    target_avg_topk: Optional[float] = typer.Option(None, "--target-avg-topk", help="Compare at one expert budget: set each budgeted method's knob (" + ", ".join(f"{m.name}: {m.knob.name}" for m in methods.REGISTRY.values() if m.knob) + ") so each runs this many experts per token on calibration text (within 0.2)."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Pick strategy, over the profile's (A-E)."),
     range_factor: Optional[float] = typer.Option(None, "--range-factor", help="Pick C/D range factor, over the profile's."),
     limit: Optional[int] = LimitOpt,

@@ -46,9 +46,7 @@ def profile(
 
     Runs data-parallel under `torchrun --nproc-per-node N` (rank 0 writes the profile).
     """
-    from banpick_cli.passes.resume import terminate_as_interrupt
-    from banpick_cli.stages.profile import ProfileSettings, run_profile
-    from banpick_cli.passes.usage_pass import RunOptions
+    from banpick_cli.stages.profile import ProfileSettings, RunOptions, run_profile
 
     settings = settings_from(ProfileSettings, locals())
     from banpick_cli.cli.scans import choose_stream, dry_run
@@ -60,7 +58,7 @@ def profile(
     if not (sequential or device_map):  # those two already place a model that does not fit one device
         stream = choose_stream(stream, model, device, dtype)
     options = RunOptions(sequential=sequential, checkpoint_every=checkpoint_every, device_map=device_map, stream=stream)
-    with terminate_as_interrupt(), progress_bar(show_progress and not as_json, "profile") as progress:
+    with progress_bar(show_progress and not as_json, "profile") as progress:
         result = run_profile(settings, out=out, model=model, device=device, dtype=dtype, progress=progress, options=options)
     if result.rank != 0:
         return  # rank 0 reports for the whole data-parallel run

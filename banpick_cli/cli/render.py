@@ -23,18 +23,22 @@ err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=Tr
 
 
 def handle_errors(func: Callable) -> Callable:
-    """Turns BanpickError into one line on stderr and its exit code; Ctrl-C into exit 3."""
+    """Turns BanpickError into one line on stderr and its exit code; Ctrl-C and SIGTERM into exit 3 (a stage
+    says what it saved; elsewhere nothing of the run was)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from banpick_cli.interrupts import terminate_as_interrupt
+
         try:
             _quiet_libraries()
-            return func(*args, **kwargs)
+            with terminate_as_interrupt():
+                return func(*args, **kwargs)
         except BanpickError as err:
             err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
-            err_console.print("interrupted: finished work is saved; rerun the same command to resume")
+            err_console.print("interrupted before this run saved anything; rerun the same command")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except OSError as err:
             # A safety net for writes the library did not route through outputs.py: a full disk, a quota, a

@@ -100,7 +100,6 @@ def kl_scan(
     as_json: bool = JsonOpt,
 ) -> None:
     """Prune each candidate expert of a domain and rank them by the top-1000 KL of the output (section 4.2)."""
-    from banpick_cli.passes.resume import terminate_as_interrupt
     from banpick_cli.stages.kl_scan import KLScanSettings, run_kl_scan
 
     profile = _profile_path(profile, out)
@@ -108,7 +107,7 @@ def kl_scan(
     if dry:
         return dry_run("kl-scan", settings, model=model, device=device, dtype=dtype, as_json=as_json, profile=profile)
     stream = choose_stream(stream, model, device, dtype)
-    with terminate_as_interrupt(), progress_bar(show_progress and not as_json, "kl-scan") as progress:
+    with progress_bar(show_progress and not as_json, "kl-scan") as progress:
         result = run_kl_scan(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
                              restart=restart, stream=stream, progress=progress)
     ranked = result.ranked()
@@ -180,7 +179,6 @@ def layer_sensitivity(
     as_json: bool = JsonOpt,
 ) -> None:
     """Measure each MoE layer's sensitivity (K_base -> K_min, top-1000 KL) and the token ratios R that Ban needs."""
-    from banpick_cli.passes.resume import terminate_as_interrupt
     from banpick_cli.stages.layer_sensitivity import LayerSensitivitySettings, run_layer_sensitivity
 
     profile = _profile_path(profile, out)
@@ -188,7 +186,7 @@ def layer_sensitivity(
     if dry:
         return dry_run("layer-sensitivity", settings, model=model, device=device, dtype=dtype, as_json=as_json)
     stream = choose_stream(stream, model, device, dtype)
-    with terminate_as_interrupt(), progress_bar(show_progress and not as_json, "layer-sensitivity") as progress:
+    with progress_bar(show_progress and not as_json, "layer-sensitivity") as progress:
         result = run_layer_sensitivity(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
                                        restart=restart, stream=stream, progress=progress)
     layers = result.profile.model.moe_layers

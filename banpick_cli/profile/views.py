@@ -6,16 +6,25 @@ else: stages, runtimes and reports read `profile.domain("math").kl` and `profile
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from banpick_cli.checks import domain_name
-from banpick_cli.errors import ProfileError
 
 if TYPE_CHECKING:
-    from banpick_cli.profile.format import RoutingProfile
     from banpick_cli.profile.stats import CandidateRule
+
+
+class Holder(Protocol):
+    """What a view reads and writes of its profile (format.RoutingProfile, which builds the views)."""
+
+    tensors: dict[str, torch.Tensor]
+    settings: dict[str, Any]
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def put(self, name: str, tensor: torch.Tensor) -> None: ...
 
 DOMAIN_PARTS = ("expert_counts", "token_counts", "candidates", "kl", "accuracy_gain", "key_experts")
 # What a new usage count makes stale: a domain's scans and key experts were computed on the old counts.
@@ -28,7 +37,7 @@ class _Group:
 
     parts: tuple[str, ...] = ()
 
-    def __init__(self, profile: "RoutingProfile", prefix: str):
+    def __init__(self, profile: Holder, prefix: str):
         self._profile, self._prefix = profile, prefix
 
     def name_of(self, part: str) -> str:
@@ -65,7 +74,7 @@ class DomainView(_Group):
 
     parts = DOMAIN_PARTS
 
-    def __init__(self, profile: "RoutingProfile", name: str):
+    def __init__(self, profile: Holder, name: str):
         super().__init__(profile, f"domain/{domain_name(name)}/")
         self.name = name
 
@@ -111,7 +120,7 @@ class BanView(_Group):
 
     parts = BAN_PARTS
 
-    def __init__(self, profile: "RoutingProfile"):
+    def __init__(self, profile: Holder):
         super().__init__(profile, "ban/")
 
     layer_kl = property(lambda self: self.get("layer_kl"))  # float32 [M]
@@ -130,12 +139,3 @@ class BanView(_Group):
 
     def set_settings(self, record: dict[str, Any]) -> None:
         self._profile.settings["ban"] = record
-
-
-def missing(profile: "RoutingProfile", name: str) -> ProfileError:
-    """Returns the one-line error for a tensor a profile lacks (used by RoutingProfile.get)."""
-    from banpick_cli.profile.format import stage_of
-
-    domain = name.split("/")[1] if name.startswith("domain/") else None
-    hint = f" --domain {domain}" if domain else ""
-    return ProfileError(f"the profile has no '{name}': run `banpick {stage_of(name)}{hint}` first")

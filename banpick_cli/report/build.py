@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from banpick_cli.errors import BadSetting, ProfileError, import_extra
 from banpick_cli.profile.format import RoutingProfile, read_profile
 from banpick_cli.progress import ProgressEvent, ProgressFn, silent
+from banpick_cli.report.page import Report, ReportFigure, render_page
 
 ALL_LAYERS_PER_PAGE = 12  # as the paper's appendix figures 6-9
-
-
-@dataclass(frozen=True)
-class ReportFigure:
-    """One written figure: its section of the page, file, title and caption."""
-
-    section: str
-    path: Path
-    title: str
-    caption: str
-
-
-@dataclass
-class Report:
-    """What `build_report` wrote, and which figures it skipped for missing stages (with why)."""
-
-    html: Path
-    figures: list[ReportFigure] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (section, note)
 
 
 def resolve_layers(profile: RoutingProfile, layers: list[int] | None) -> list[int] | None:
@@ -66,7 +47,6 @@ def build_report(
     from banpick_cli.outputs import atomic_folder, check_output, output_error
     from banpick_cli.report import figures
     from banpick_cli.report.data import specialised_layers
-    from banpick_cli.report.page import render_page
 
     source = str(profile) if not isinstance(profile, RoutingProfile) else ""
     out = check_output(out_dir, kind="folder")

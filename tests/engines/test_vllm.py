@@ -183,8 +183,8 @@ def test_vllms_argument_parser_accepts_every_flag_a_bundle_writes(engine, tmp_pa
     except ImportError:
         from vllm.entrypoints.openai.cli_args import make_arg_parser  # 0.26
 
-    from banpick_cli.runtime.export import export_bundle
-    from banpick_cli.runtime.snippets import engine_flags, serve_command
+    from banpick_cli.export.writer import export_bundle
+    from banpick_cli.export.snippets import engine_flags, serve_command
 
     profile = os.environ["BANPICK_PROFILE"]
     parser = make_arg_parser(FlexibleArgumentParser())

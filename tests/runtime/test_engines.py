@@ -25,6 +25,7 @@ from banpick_cli.models.loading import load_model
 from banpick_cli.profile.format import write_profile
 from banpick_cli.routing import ban, ban_pick
 from banpick_cli.runtime import engine as engine_mod
+from banpick_cli.runtime import methods as methods_mod
 from banpick_cli.runtime import sglang_plugin, vllm_plugin
 from banpick_cli.runtime.engine import EngineUnsupported, check_version, engine_fingerprint, gate_modules, read_env
 from rt_helpers import key_at, make_profile
@@ -265,7 +266,7 @@ def test_entry_points_are_declared_and_resolve():
     assert points["vllm.general_plugins"]["banpick"] == "banpick_cli.runtime.vllm_plugin:register"
     assert points["sglang.srt.plugins"]["banpick"] == "banpick_cli.runtime.sglang_plugin:register"
     assert callable(vllm_plugin.register) and callable(sglang_plugin.register)
-    assert set(engine_mod.ENGINE_METHODS) == {"baseline", "ban", "pick", "banpick", "dynamic", "fixed-k"}
+    assert set(methods_mod.names(lambda m: m.engines)) == {"baseline", "ban", "pick", "banpick", "dynamic", "fixed-k"}
 
 
 def test_plugins_skip_a_dense_model_and_install_once(tiny_models, profile_env):
