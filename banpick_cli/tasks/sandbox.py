@@ -1,42 +1,49 @@
 """Runs untrusted Python (model-written code plus its unit tests) in an isolated, limited process.
 
-The kernel isolates each program, as bubblewrap and nsjail do, with nothing but Python and its
-ctypes: a launcher (`python -I -B -c _LAUNCHER`) calls `unshare(2)` for new user, mount, PID,
-network, IPC, UTS and cgroup namespaces and forks an init, PID 1 of the new PID namespace; the init
-builds the file-system view, drops its capabilities and forks the program (PID 2), which compiles
-and runs `main.py` in that same interpreter (no second interpreter start: ~0-5 ms over the old
-sandbox per program). It works as root and as a normal user where user namespaces are allowed.
+The kernel isolates each program, as bubblewrap and nsjail do, with nothing but Python and its ctypes: the
+host starts `python -I -B tasks/sandbox_child.py` (a module of its own, run as a file), which joins a memory
+cgroup made for this program where one can be made, unshares user, mount, PID, network, IPC, UTS and
+cgroup namespaces and forks an init (PID 1 inside); the init builds the program's root, makes itself
+non-dumpable, drops its capabilities and forks the program (PID 2), which runs `main.py` in that same
+interpreter. It works as root and as a normal user where user namespaces are allowed.
 
-- Files: every mount is read-only (`mount_setattr(AT_RECURSIVE, MOUNT_ATTR_RDONLY)`, or a remount of
-  each mount on kernels before 5.12). `/tmp` is a private tmpfs (64 MiB, 4096 inodes) that holds the
-  program's run directory, its cwd; `/dev/shm` is a private tmpfs; `/run` is an empty read-only
-  tmpfs (no host sockets); `/dev` is a read-only tmpfs with only null, zero, full, random, urandom.
-  Everything the program writes vanishes with it; the host keeps nothing of it but its output.
-- Processes: the program sees only its own PID namespace (a fresh read-only `/proc`). It cannot
-  signal, trace or even name the evaluator or the launcher (its own session, pid numbers that mean
-  nothing outside). When the init exits, the kernel kills everything left in the namespace
-  (`setsid` and double forks included) before the run returns.
-- Privileges: no capability, no_new_privs, and a user id that is not 0 inside (1000 when run as
-  root), so it cannot undo the mounts or gain privileges through setuid files. Run as root, its
-  file accesses are still checked as the host's uid 0 without capabilities: it reads what root's
-  owner bits allow.
+What is isolated (each a test in tests/tasks/test_sandbox*.py, as root and as user nobody):
+- Files: the program's root is a tmpfs it was pivoted into (`pivot_root`, the host's tree detached):
+  the base interpreter's prefix, /usr, /lib*, /bin, /sbin and /etc/ld.so.cache, read-only; a private /tmp
+  (64 MiB, 4096 inodes, noexec) holding its folder, its cwd; a read-only /dev with null, zero, full,
+  random, urandom and a private /dev/shm. No /etc beyond that, no /home, /root, /var, /run, /proc, /sys,
+  no checkout: the host's unix sockets, secrets and profiles are not there to open or connect to.
+- Processes: its own PID namespace and no /proc; it cannot signal or name the evaluator. The init and the
+  program are non-dumpable and nothing inside holds a capability, so ptrace (PTRACE_ATTACH on pid 1 or 2)
+  and reading their memory fail. When the init exits, the kernel kills everything left in the namespace.
+- Privileges: no capability, no_new_privs, a user id that is not 0 inside (1000 when run as root).
 - Network: an empty network namespace (a down loopback only), so every connect fails.
-- Limits: wall-clock timeout (the launcher kills the init from outside, which takes the namespace
-  down), RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE (1 MiB per file, stdout and stderr included),
-  RLIMIT_NOFILE, RLIMIT_NPROC (which the kernel does not enforce for root; on Linux 6.14+ the
-  namespace's own pid_max caps it near 300 processes instead).
+- Verdict: "passed" only when the program's code ran to its end: the host sends a random token through a
+  pipe into the program's process before the program starts; only the frame that ran the program can have
+  it written to the verdict pipe, after the code returned (sandbox_child.py says how). The exit status is
+  reported (`returncode`) but decides nothing: `os._exit(0)`, `sys.exit(0)`, an atexit handler, a signal
+  or a fork grade a run failed.
+- Limits: wall-clock timeout (the launcher kills the init from outside, which takes the namespace down);
+  memory: a cgroup caps the whole tree at `memory_mb` where one can be made (root with cgroup v1's memory
+  hierarchy or a delegated cgroup v2), else RLIMIT_AS per process times RLIMIT_NPROC (`memory_bound()`
+  says which, in words); RLIMIT_CPU, RLIMIT_FSIZE (1 MiB per file, stdout and stderr included),
+  RLIMIT_NOFILE, RLIMIT_NPROC (which the kernel does not enforce for root; on Linux 6.14+ the namespace's
+  own pid_max caps it near 300 processes instead).
 - stdin, stdout and stderr are unlinked temporary files the program cannot remove; stdin is empty.
 
-Not isolated: reading. The program can read whatever the evaluator's user can (as root, almost
-everything, home directories included); with no network it can leak that only through its stderr
-tail. It shares the kernel (no seccomp filter); the tmpfs pages it writes count against no rlimit
-(80 MiB at most). Where the kernel refuses user namespaces (sysctls such as
-kernel.unprivileged_userns_clone=0, AppArmor's restrict_unprivileged_userns, some container seccomp
-profiles), code tasks refuse to run (`SandboxUnavailable`) unless the caller opts in with
-`allow_unsafe=True` (the CLI's `--allow-unsafe-code`) or `BANPICK_ALLOW_UNSAFE_CODE=1`; that
-best-effort path is a `python -I` in a temporary directory with the same rlimits, an attempt at a
-network namespace plus a socket guard, and a kill of its process group: it confines no write, and
-`setsid` children outlive it.
+Not isolated: the kernel is shared (no seccomp filter); /usr and the interpreter's prefix are readable; a
+program can still make its asserts true by what it returns (an object equal to everything). The verdict
+holds against Python code; inside the program's process an audit hook refuses ctypes, gc's object walks,
+tracing, marshal and hand-built code objects, the routes to the token in memory; a native extension
+module that the interpreter's own prefix ships could still read it. The isolated path costs ~50 ms per
+program over a bare `python -I` (docs/benchmarks.md). Where the kernel refuses user namespaces (sysctls such
+as kernel.unprivileged_userns_clone=0 or a reached user.max_user_namespaces, AppArmor's
+restrict_unprivileged_userns, some container seccomp profiles), code tasks refuse to run
+(`SandboxUnavailable`) unless the caller opts in with `allow_unsafe=True` (the CLI's
+`--allow-unsafe-code`) or `BANPICK_ALLOW_UNSAFE_CODE=1`; that best-effort path is a `python -I` in a
+temporary directory with the same rlimits, an attempt at a network namespace plus a socket guard, and a
+kill of its process group: it confines no write and no read, `setsid` children outlive it, and its verdict
+is the exit status.
 """
 
 from __future__ import annotations
