@@ -211,10 +211,11 @@ def probe(config: Any, *, batch_size: int, seq_len: int, device: torch.device, d
         move_s = (time.perf_counter() - start) / 2
     load_s = move_s
     if checkpoint is not None:
-        from banpick_cli.passes.streaming import Checkpoint, StreamedWeights
+        from banpick_cli.passes.checkpoint import open_checkpoint
+        from banpick_cli.passes.streaming import StreamedWeights
 
         routers = {m.layer_index: next(n for n, x in model.named_modules() if x is m.router) for m in moe}
-        weights = StreamedWeights(model, Checkpoint(checkpoint), dtype, device, routers)
+        weights = StreamedWeights(model, open_checkpoint(checkpoint, config), dtype, device, routers)
         start = time.perf_counter()
         weights.acquire(index, device)
         weights.release(index)
