@@ -84,6 +84,7 @@ class Cost:
     layer_loads: dict[str, int]  # per mode: decoder layers brought to the device or read from disk
     peak_bytes: dict[str, dict[str, int]]  # per mode: {"cpu": ..., "device": ...}
     shape: Shape = field(repr=False)
+    activations: int = 0  # one batch's activations in one decoder layer
 
     def seconds(self, timing: "Timing", mode: str) -> float:
         """Returns the estimated wall time of the run in `mode` on the probed machine."""
@@ -138,10 +139,10 @@ def plan_cost(config: Any, *, command: str, samples: int, seq_len: int, batch_si
     peak = {
         "whole": {"cpu": 0, "device": weights + activations + states},
         "sequential": {"cpu": weights + states, "device": largest + shape.embed_params * b + head + activations},
-        # Converting per-expert checkpoint tensors to the fused layout holds a layer twice for a moment.
-        "stream": {"cpu": 2 * largest + resident + head + states, "device": largest + resident + head + activations},
+        # Each checkpoint tensor is read straight into its place in the (fused) layer: one copy of it.
+        "stream": {"cpu": largest + resident + head + states, "device": largest + resident + head + activations},
     }
-    return Cost(command, batches, tokens, 0, variants, windows, layer_runs, head_runs, layer_loads, peak, shape)
+    return Cost(command, batches, tokens, 0, variants, windows, layer_runs, head_runs, layer_loads, peak, shape, activations)
 
 
 def _activations(config: Any, shape: Shape, batch: int, seq: int, b: int) -> int:
