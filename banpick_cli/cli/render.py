@@ -148,6 +148,9 @@ def print_estimate(est: Any) -> None:
     free = ", ".join(f"{k} {gib(v)}" for k, v in est.available.items())
     console.print(table(f"per mode (free now: {free}); nothing was run or written", ["mode", "layer loads", "peak CPU",
                         "peak device", "est. s", "fits"], rows, justify_right_from=1))
+    if "stream" in est.modes:
+        console.print(f"--stream peak of the process: {gib(est.stream_cpu_peak)} = {est.stream_basis()}",
+                      highlight=False, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:

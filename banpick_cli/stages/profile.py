@@ -50,6 +50,7 @@ class ProfileResult:
     resumed_batches: int = 0  # batches taken from a checkpoint sidecar instead of recomputed
     stale_sidecar: bool = False  # a sidecar of another run (other settings, data or model) was discarded
     notes: tuple[str, ...] = ()  # what the user should know (fewer texts than asked for)
+    layer_loads: int = 0  # decoder layers this rank read from the checkpoint (--stream) or moved (--sequential)
 
     @property
     def tokens_per_s(self) -> float:
@@ -147,7 +148,7 @@ def run_profile(settings: ProfileSettings, *, out: str | Path, progress: Progres
             sidecar.remove()
         return ProfileResult(profile, out, domain.name, done.usage, wall, dropped, rank=dist.rank, world=dist.world,
                              resumed_batches=done.resumed_batches, stale_sidecar=bool(sidecar and sidecar.stale),
-                             notes=text.notes)
+                             notes=text.notes, layer_loads=done.layer_loads)
     finally:
         dist.close()
 
