@@ -19,7 +19,7 @@ import torch
 from banpick_cli import __version__
 from banpick_cli.errors import FingerprintMismatch, OutputError, ProfileError
 from banpick_cli.profile.identity import ModelIdentity
-from banpick_cli.profile.views import BanView, DomainView
+from banpick_cli.profile.views import BanView, BatchView, DomainView
 
 FORMAT_NAME = "banpick.routing_profile"
 SCHEMA_VERSION = 1
@@ -54,7 +54,7 @@ class RoutingProfile:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     # stage key ("profile/math", "kl-scan/math", "layer-sensitivity") -> provenance record
     provenance: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # settings key ("domain/math", "ban", "pick/math") -> the knobs a stage chose
+    # settings key ("domain/math", "ban", "pick/math", "batch") -> the knobs a stage chose
     settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     created_utc: str = ""
     banpick_version: str = __version__
@@ -77,6 +77,11 @@ class RoutingProfile:
     def ban(self) -> BanView:
         """Returns typed access to Ban's tensors and settings."""
         return BanView(self)
+
+    @property
+    def batch(self) -> BatchView:
+        """Returns typed access to the batch-aware step's settings."""
+        return BatchView(self)
 
     def key_domains(self) -> list[str]:
         """Returns the domains that have key experts, sorted."""

@@ -30,6 +30,7 @@ DOMAIN_PARTS = ("expert_counts", "token_counts", "candidates", "kl", "accuracy_g
 # What a new usage count makes stale: a domain's scans and key experts were computed on the old counts.
 DEPENDENT_ON_USAGE = ("kl", "accuracy_gain", "key_experts")
 BAN_PARTS = ("layer_kl", "layer_sensitivity", "ratio_min", "ratio_max", "ratio_hist")
+BATCH = "batch"  # settings key of the batch-aware step (evaluation/batch_calib.py)
 
 
 class _Group:
@@ -139,3 +140,25 @@ class BanView(_Group):
 
     def set_settings(self, record: dict[str, Any]) -> None:
         self._profile.settings["ban"] = record
+
+
+class BatchView:
+    """The batch-aware step's settings: its candidate bound, calibrated on calibration text (no tensors)."""
+
+    def __init__(self, profile: Holder):
+        self._profile = profile
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        """Returns what calibration recorded (candidates, anchor, batch_size, share, ...), or {}."""
+        return dict(self._profile.settings.get(BATCH, {}))
+
+    @property
+    def candidates(self) -> int | None:
+        """Returns the calibrated candidate bound, or None when the profile has none."""
+        value = self._profile.settings.get(BATCH, {}).get("candidates")
+        return int(value) if value is not None else None
+
+    def set_settings(self, record: dict[str, Any]) -> None:
+        self._profile.settings[BATCH] = record
+

@@ -13,6 +13,7 @@ ambiguous rules, and the options that offer the alternatives: docs/routing.md.
     token_ratio, ban_k, ban       Ban (section 5): R per token, K per token, the routing
     ban_pick                      Ban then Pick C (section 6.1)
     fixed_k                       Fixed-K: the model's own top-k with a smaller k (the rival of per-token pruning)
+    batch_share, distinct_experts batch-aware step after any rule: fewer distinct experts per batch
     dynamic_k, dynamic            top-p dynamic routing (appendix E)
     des_bounds, des_ratios, des_thresholds, des, odp, rice
                                   DES, ODP and RICE (appendix E)
@@ -21,12 +22,14 @@ ambiguous rules, and the options that offer the alternatives: docs/routing.md.
 from .ban import BETA, K_MIN, LAM, ban, ban_k, check_ban_params, token_ratio
 from .banpick import ban_pick
 from .baselines import des, des_bounds, des_ratios, des_thresholds, dynamic, dynamic_k, odp, rice
+from .batch import ANCHOR, batch_share, default_candidates, distinct_experts
 from .fixed_k import fixed_k
 from .pick import STRATEGIES, pick
 from .spec import RouterSpec, Routing
 from .topk import keep_top, probs, route, select_scores, weights_for
 
 __all__ = [
+    "ANCHOR",
     "BETA",
     "K_MIN",
     "LAM",
@@ -36,11 +39,14 @@ __all__ = [
     "ban",
     "ban_k",
     "ban_pick",
+    "batch_share",
     "check_ban_params",
+    "default_candidates",
     "des",
     "des_bounds",
     "des_ratios",
     "des_thresholds",
+    "distinct_experts",
     "dynamic",
     "dynamic_k",
     "fixed_k",

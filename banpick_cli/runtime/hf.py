@@ -18,11 +18,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from banpick_cli.errors import FingerprintMismatch, ProfileError
+from banpick_cli.errors import BadSetting, FingerprintMismatch, ProfileError
 from banpick_cli.models.base import RoutingHooks
 from banpick_cli.models.loading import LoadedModel, describe
 from banpick_cli.models.registry import adapter_for
 from banpick_cli.profile.format import RoutingProfile, check_fingerprint
+from banpick_cli.routing.batch import batch_share
 from banpick_cli.routing.topk import to_mask
 
 from banpick_cli.runtime.auto import AutoPlan, build_auto
@@ -38,7 +39,9 @@ class RoutingStats:
     avg_experts[l] = experts run per token at MoE layer l; k_base is the model's own. Where the
     plan changed a layer: added / removed = (token, expert) pairs that entered / left the router's
     own top-k, key_added = the added ones that are key experts (Pick's insertions); these three only with
-    apply(..., count_changes=True), else 0.
+    apply(..., count_changes=True), else 0. unique_experts_per_batch[l] = distinct experts the real
+    tokens of one forward run together at MoE layer l, averaged over the forwards that had real tokens
+    (at decode with B sequences, what the layer reads; every method, the baseline included).
     """
 
     method: str
@@ -51,6 +54,8 @@ class RoutingStats:
     removed: list[int]
     key_added: list[int]
     domain_choices: dict[str, int]  # domain auto: requests routed by each domain
+    unique_experts_per_batch: list[float]  # per MoE layer
+    batches: list[int]  # per MoE layer: forwards with real tokens that the average is over
 
     @property
     def engaged(self) -> list[bool]:
@@ -64,16 +69,29 @@ class RoutingStats:
 class RoutingHandle:
     """An installed routing: use as a context manager, or call `remove()` when done."""
 
-    def __init__(self, loaded: LoadedModel, plan: RoutingPlan | AutoPlan, *, count_changes: bool = False):
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        plan: RoutingPlan | AutoPlan,
+        *,
+        count_changes: bool = False,
+        batch_share: dict[str, Any] | None = None,
+    ):
+        """`batch_share`: run the routing core's batch-aware step (`routing.batch_share`, with these keyword
+        arguments, e.g. {"candidates": 16}) after the plan's routing on every layer the plan changes."""
         self.loaded = loaded
         self.plan = plan
         self.count_changes = count_changes
+        if batch_share is not None and isinstance(plan, AutoPlan):
+            raise BadSetting("batch-aware routing with domain auto is not supported")
+        self._share_args = batch_share
         m, e = len(loaded.layers), loaded.routing.num_experts
         self._num_experts = e
         self._device = loaded.device
         self._experts = torch.zeros(m, dtype=torch.int64, device=self._device)
         self._tokens = torch.zeros(m, dtype=torch.int64, device=self._device)
         self._changes = torch.zeros(3, m, dtype=torch.int64, device=self._device)  # added, removed, key_added
+        self._unique = torch.zeros(2, m, dtype=torch.int64, device=self._device)  # distinct experts, forwards
         self._mask: torch.Tensor | None = None  # bool [T]: real tokens of the current forward
         self._rows: torch.Tensor | None = None  # long [T]: domain index per token (auto)
         self._row_domains: torch.Tensor | None = None  # long [B]
@@ -95,16 +113,18 @@ class RoutingHandle:
         avg = [float(x) / t if t else 0.0 for x, t in zip(experts.tolist(), tokens.tolist())]
         total_tokens = int(tokens.sum())
         changes = self._changes.cpu().tolist()
+        unique, forwards = self._unique.cpu().tolist()
         domain = self.plan.domain if isinstance(self.plan, RoutingPlan) else AUTO
         choices = dict(zip(self.plan.domains, self._choices.tolist())) if isinstance(self.plan, AutoPlan) else {}
         return RoutingStats(
             method=self.plan.method, domain=domain, k_base=self.loaded.routing.top_k, tokens=tokens.tolist(),
             avg_experts=avg, avg_experts_overall=float(experts.sum()) / total_tokens if total_tokens else 0.0,
             added=changes[0], removed=changes[1], key_added=changes[2], domain_choices=choices,
+            unique_experts_per_batch=[u / f if f else 0.0 for u, f in zip(unique, forwards)], batches=forwards,
         )
 
     def reset_stats(self) -> None:
-        for t in (self._experts, self._tokens, self._changes, self._choices):
+        for t in (self._experts, self._tokens, self._changes, self._choices, self._unique):
             t.zero_()
 
     @property
@@ -135,6 +155,8 @@ class RoutingHandle:
     def _override(self, position: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
         rule = self.plan.rules[position]
         routing = rule.route(logits)
+        if self._share_args is not None:
+            routing = batch_share(logits, self.plan.specs[position], routing, **self._share_args)
         self._count(position, indices, routing.indices, rule.key_experts)
         return _trimmed(routing)
 
@@ -192,8 +214,11 @@ class RoutingHandle:
             self._experts[position] += real.sum().to(self._device)
             self._tokens[position] += real.shape[0]
         else:  # sums, not boolean indexing: no host sync per layer
-            self._experts[position] += (real & mask.unsqueeze(-1)).sum().to(self._device)
+            real = real & mask.unsqueeze(-1)
+            self._experts[position] += real.sum().to(self._device)
             self._tokens[position] += mask.sum().to(self._device)
+        used = to_mask(torch.where(real, indices.long(), self._num_experts), self._num_experts).any(0)  # [E]
+        self._unique[:, position] += torch.stack([used.sum(), real.any()]).to(self._device)
 
     def _mask_on(self, like: torch.Tensor) -> torch.Tensor | None:
         """Returns the real-token mask on `like`'s device, or None when it does not fit these tokens."""

@@ -1,0 +1,92 @@
+"""The HF runtime's distinct experts per batch, and its batch-aware hook (routing.batch_share after the plan)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from banpick_cli.errors import BadSetting
+from banpick_cli.models.loading import load_model
+from banpick_cli.routing import batch_share
+from banpick_cli.runtime import apply
+from banpick_cli.runtime.hf import RoutingHandle
+from banpick_cli.runtime.plan import build_plan
+from rt_helpers import ids_for, make_profile
+
+
+@pytest.fixture(scope="module")
+def qwen(tiny_models):
+    return load_model(str(tiny_models["qwen3_moe"]), device="cpu")
+
+
+def test_distinct_experts_per_batch_by_hand(qwen):
+    e = qwen.routing.num_experts  # 8; index 8 is "no expert"
+    with apply(qwen, None, "baseline") as h:
+        # forward 1, layer 0: 3 tokens running {0, 1}, {1, 2}, {} -> 3 distinct experts
+        h._observe(0, None, None, torch.tensor([[0, 1], [1, 2], [e, e]]))
+        # forward 2, layer 0: {5}, {5, 7} -> 2; layer 1: {3, 4} -> 2
+        h._observe(0, None, None, torch.tensor([[5, e], [5, 7]]))
+        h._observe(1, None, None, torch.tensor([[3, 4], [4, 3]]))
+        # forward 3, layer 1, with the second token padding: {6} -> 1
+        h._mask = torch.tensor([True, False])
+        h._observe(1, None, None, torch.tensor([[6, e], [0, 1]]))
+        # a forward with no real token does not count as a batch
+        h._mask = torch.tensor([False, False])
+        h._observe(1, None, None, torch.tensor([[2, 3], [0, 1]]))
+    stats = h.stats()
+    assert stats.unique_experts_per_batch == [2.5, 1.5] and stats.batches == [2, 2]
+    h.reset_stats()
+    assert h.stats().unique_experts_per_batch == [0.0, 0.0]
+
+
+@pytest.mark.parametrize("method", ["baseline", "ban", "fixed-k"])
+def test_every_method_counts_the_experts_its_real_tokens_ran(qwen, method):
+    prof = make_profile(qwen)
+    ids = ids_for(qwen, batch=3, length=6)
+    mask = torch.ones_like(ids)
+    mask[2, :2] = 0  # left padding of the third row
+    seen: dict[int, list[int]] = {}
+    current = {}
+
+    def record(position, logits, weights, indices):
+        real = current["mask"].reshape(-1).bool()
+        seen.setdefault(position, []).append(len({int(x) for x in indices[real].flatten() if x < 8}))
+
+    extra = {"k": 2} if method == "fixed-k" else {}
+    with torch.inference_mode(), apply(qwen, prof, method, **extra) as h:
+        h.hooks.observers.append(record)
+        for width in (6, 3):
+            current["mask"] = mask[:, -width:]
+            qwen.model(ids[:, -width:], attention_mask=mask[:, -width:])
+    stats = h.stats()
+    assert stats.unique_experts_per_batch == [sum(v) / 2 for _, v in sorted(seen.items())]
+
+
+def test_the_batch_aware_hook_runs_the_core_after_the_plan(qwen):
+    prof = make_profile(qwen)
+    specs = qwen.router_specs()
+    plan = build_plan(prof, specs, "ban")
+    ids = ids_for(qwen, batch=8, length=1, seed=3)  # a decode-shaped batch: 8 sequences, one token each
+    got, want = {}, {}
+
+    def record(position, logits, weights, indices):
+        got[position] = indices.clone()
+        routing = batch_share(logits, specs[position], plan.rules[position].route(logits), candidates=8)
+        want[position] = routing.indices[:, : indices.shape[1]]
+
+    with torch.inference_mode():
+        plain = RoutingHandle(qwen, plan)
+        qwen.model(ids)
+        plain.remove()
+        handle = RoutingHandle(qwen, plan, batch_share={"candidates": 8})
+        handle.hooks.observers.append(record)
+        qwen.model(ids)
+        handle.remove()
+    assert got and all(torch.equal(got[p], want[p]) for p in got)
+    before, after = plain.stats(), handle.stats()
+    assert after.avg_experts == before.avg_experts  # swaps: the same experts per token
+    assert sum(after.unique_experts_per_batch) < sum(before.unique_experts_per_batch)
+    with pytest.raises(BadSetting, match="domain auto"):
+        from banpick_cli.runtime.auto import AutoPlan
+
+        RoutingHandle(qwen, AutoPlan.__new__(AutoPlan), batch_share={})
