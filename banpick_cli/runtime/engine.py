@@ -188,6 +188,7 @@ class EngineRouter:
         self.expected = expected_k(self.plan, profile)
         self.capture_safe = not (method == "pick" and self.plan.params.get("strategy") in ("C", "D"))
         self._scale: dict[int, float] = {}  # engine weight / core weight, learned by the self-check
+        self.sentinel = False  # pruned slots as expert id -1 (only where the engine's kernel skips it)
 
     def changes(self, layer_index: int | None) -> bool:
         """Returns whether the plan reroutes this decoder layer."""
@@ -218,6 +219,8 @@ class EngineRouter:
         routing = self.plan.route(position, logits)
         weights, ids = fit_slots(routing, logits, self.specs[position], self.slots, reweight=self.needed > self.slots)
         scale = self._scale.get(position, 1.0)
+        if self.sentinel:  # static shapes, no host sync: the pruned slots (weight 0) become -1
+            ids = torch.where(weights > 0, ids, torch.full_like(ids, -1))
         return (weights * scale if scale != 1.0 else weights), ids.to(ids_dtype or torch.int32)
 
     def log_line(self) -> str:

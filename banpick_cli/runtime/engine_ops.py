@@ -23,26 +23,26 @@ import torch
 
 VERSION = 1  # bump when an op's signature or meaning changes: it keys vLLM's compile cache
 _CALLS: dict[int, Callable[..., Any]] = {}
-_SLOTS: dict[int, int] = {}
 
 
-def add(call: Callable[..., Any], slots: int = 0) -> int:
+def add(call: Callable[..., Any]) -> int:
     """Registers `call` for one layer of this process; returns its handle for the ops."""
     handle = len(_CALLS)
-    _CALLS[handle], _SLOTS[handle] = call, slots
+    _CALLS[handle] = call
     return handle
 
 
 @torch.library.custom_op("banpick::route", mutates_args=())
-def route(hidden_states: torch.Tensor, logits: torch.Tensor, handle: int) -> tuple[torch.Tensor, torch.Tensor]:
+def route(hidden_states: torch.Tensor, logits: torch.Tensor, handle: int, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights float32 [T, slots], ids int32 [T, slots]) from the layer's routing call."""
     weights, ids = _CALLS[handle](hidden_states, logits)
     return weights.to(torch.float32).contiguous().clone(), ids.to(torch.int32).contiguous().clone()
 
 
 @route.register_fake
-def _route_fake(hidden_states, logits, handle):
-    shape = (logits.shape[0], _SLOTS[handle])
+def _route_fake(hidden_states, logits, handle, slots):
+    # Under torch.compile `handle` and `slots` may be symbolic: the fake reads neither as a key.
+    shape = (logits.shape[0], slots)
     return logits.new_empty(shape, dtype=torch.float32), logits.new_empty(shape, dtype=torch.int32)
 
 

@@ -101,6 +101,11 @@ def install(model: torch.nn.Module, *, engine: str = "vLLM", enforce_eager: bool
         raise EngineUnsupported(f"Pick {router.plan.params.get('strategy')} cannot run inside CUDA graphs: add --enforce-eager")
     mode = pruned_slots_mode()
     skipped = []
+    if mode == "sentinel":
+        why = sentinel_refusal(runners, router)
+        router.sentinel = why is None
+        if why:
+            logger.warning("banpick: %s=sentinel refused, pruned slots keep a valid expert at weight 0: %s", ENV_PRUNED, why)
     for index, runner in runners.items():
         if router.changes(index):
             _shadow(runner.router, router, index)
@@ -108,6 +113,8 @@ def install(model: torch.nn.Module, *, engine: str = "vLLM", enforce_eager: bool
             if mode == "auto" and _compactable(experts):
                 _skip_pruned(experts)
                 skipped.append(type(experts).__name__)
+            elif router.sentinel:
+                skipped.append(f"{type(experts).__name__} (expert id -1, unverified on a GPU)")
     _record_in_config(vllm_config, router, bool(skipped))
     model._banpick_router = router
     logger.info(router.log_line())
@@ -117,12 +124,60 @@ def install(model: torch.nn.Module, *, engine: str = "vLLM", enforce_eager: bool
 
 
 def pruned_slots_mode() -> str:
-    """BANPICK_PRUNED_SLOTS: "auto" (default: not computed where the kernel allows it safely) or
-    "compute" (every slot computed, the pruned ones at weight 0: for comparisons)."""
+    """BANPICK_PRUNED_SLOTS: "auto" (default: not computed where banpick can skip them safely: vLLM's
+    CPU kernel), "compute" (every slot computed, the pruned ones at weight 0: for comparisons), or
+    "sentinel" (opt-in, GPU: pruned slots get expert id -1 where this vLLM's Triton experts skip it)."""
     mode = os.environ.get(ENV_PRUNED, "auto").strip() or "auto"
-    if mode not in ("auto", "compute"):
-        raise EngineUnsupported(f"{ENV_PRUNED}={mode!r}: expected auto or compute")
+    if mode not in ("auto", "compute", "sentinel"):
+        raise EngineUnsupported(f"{ENV_PRUNED}={mode!r}: expected auto, compute or sentinel")
     return mode
+
+
+def sentinel_refusal(runners: dict[int, Any], router: EngineRouter) -> str | None:
+    """Returns why pruned slots cannot be given expert id -1 on these layers, or None when they can:
+    every rerouted layer runs vLLM's TritonExperts, and this vLLM's Triton path skips -1 at every batch
+    size (read in its source, `triton_sentinel_refusal`)."""
+    try:
+        from vllm.model_executor.layers.fused_moe import fused_moe
+        from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
+    except ImportError as err:
+        return f"this vLLM has no Triton experts module ({err})"
+    kernels = {type(_experts_kernel(r)).__name__ for i, r in runners.items() if router.changes(i)
+               if not isinstance(_experts_kernel(r), TritonExperts)}
+    if kernels:
+        return f"the experts kernel is {', '.join(sorted(kernels))}, not TritonExperts"
+    kernel = getattr(fused_moe.fused_moe_kernel, "fn", fused_moe.fused_moe_kernel)  # a triton.JITFunction on GPUs
+    return triton_sentinel_refusal(_source(kernel), _source(TritonExperts.moe_sum))
+
+
+def triton_sentinel_refusal(kernel_source: str, moe_sum_source: str) -> str | None:
+    """Returns why vLLM's Triton experts, given these sources, would not skip an expert id of -1 at
+    every batch size, or None.
+
+    Two places must skip it (vLLM 0.32, read): `fused_moe_kernel` writes zeros for a block whose
+    expert is -1 (`if off_experts == -1:`); the aligned path (more than E / (4 top_k) tokens) drops
+    -1 rows in `moe_align_block_size` and leaves them unwritten, so `TritonExperts.moe_sum` must
+    pass `topk_ids` to `ops.moe_sum`, which then skips them: 0.32 does so only with an expert_map
+    (expert parallelism), and otherwise would sum unwritten memory.
+    """
+    if "off_experts == -1" not in kernel_source:
+        return "its fused_moe_kernel does not zero-write blocks of expert -1"
+    call = moe_sum_source.split("ops.moe_sum(", 1)
+    if len(call) < 2 or "topk_ids" not in call[1].split(")", 1)[0]:
+        return "its TritonExperts.moe_sum does not pass topk_ids to ops.moe_sum"
+    if "if expert_map is not None" in moe_sum_source:
+        return ("its TritonExperts.moe_sum skips -1 slots only under expert parallelism (with an expert_map; "
+                "vLLM PR #54083): without one, -1 rows of the aligned path would be summed unwritten")
+    return None
+
+
+def _source(obj: Any) -> str:
+    import inspect
+
+    try:
+        return inspect.getsource(obj)
+    except (OSError, TypeError):
+        return ""
 
 
 def pruned_line(router: EngineRouter, skipped: list[str], mode: str, runners: dict[int, Any]) -> str:
@@ -150,11 +205,11 @@ def _shadow(engine_router: Any, router: EngineRouter, index: int) -> None:
         stock = original(hidden_states, router_logits, None) if check else None
         return router.route(index, router_logits, torch.int32, stock)
 
-    handle = engine_ops.add(call, router.slots)
+    handle, slots = engine_ops.add(call), router.slots
 
     @functools.wraps(original)
     def compute_routing(hidden_states, router_logits, indices_type=None, *args, **kwargs):
-        weights, ids = torch.ops.banpick.route(hidden_states, router_logits, handle)
+        weights, ids = torch.ops.banpick.route(hidden_states, router_logits, handle, slots)
         return weights, ids if indices_type in (None, torch.int32) else ids.to(indices_type)
 
     setattr(compute_routing, _MARK, True)
