@@ -96,6 +96,23 @@ def check_version(engine: str, version: str, supported: tuple[tuple[int, int], t
     )
 
 
+def attach_log_handler(engine_logger: str) -> None:
+    """Makes the plugin's INFO lines reach the engine's log when nobody configured the `banpick` logger.
+
+    The engines configure only their own logger (vLLM: `vllm`), so without this a user sees banpick's
+    lines only with a logging config naming it. The handlers of `engine_logger` (or one to stderr) are
+    shared, so the lines come out in the engine's format, in the same stream.
+    """
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handlers = logging.getLogger(engine_logger).handlers or [logging.StreamHandler()]
+    for handler in handlers:
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def gate_modules(named_modules) -> dict[int, Any]:
     """Returns {decoder layer index: router gate module} from a model's named_modules()."""
     from banpick_cli.models.registry import gate_pattern
@@ -114,7 +131,10 @@ def engine_fingerprint(gates: dict[int, Any]) -> str:
 class EngineRouter:
     """One serving process's routing: the plan on the engine's MoE layers, and the call each layer makes."""
 
-    def __init__(self, settings: EngineSettings, gates: dict[int, Any], *, engine: str, slots: int):
+    def __init__(self, settings: EngineSettings, gates: dict[int, Any], *, engine: str, slots: int,
+                 fingerprint: str | None = None):
+        """`fingerprint`: the gates' fingerprint taken before the engine repacked their weights (vLLM
+        on a CPU empties a linear layer's `weight` after loading); by default it is taken here."""
         self.settings = settings
         self.engine = engine
         self.slots = slots
@@ -129,7 +149,10 @@ class EngineRouter:
                 f"the profile's MoE layers are {list(ident.moe_layers)[:8]}…: pipeline parallelism and partial models "
                 "are not supported (the fingerprint covers every router)"
             )
-        found = engine_fingerprint(gates)
+        if fingerprint is None and not all(gates[i].weight.numel() for i in present):
+            raise EngineUnsupported(f"{engine} repacked the router gates' weights before banpick could read them: the "
+                                    "fingerprint cannot be checked (unsupported engine version or model loader)")
+        found = fingerprint or engine_fingerprint(gates)
         if found != profile.fingerprint:
             raise FingerprintMismatch(
                 f"{settings.profile} was made for another model ({ident.name_or_path}, router fingerprint "
@@ -171,6 +194,7 @@ class EngineRouter:
         self.expected = expected_k(self.plan, profile)
         self.capture_safe = self.plan.graph_safe
         self._scale: dict[int, float] = {}  # engine weight / core weight, learned by the self-check
+        self.sentinel = False  # pruned slots as expert id -1 (only where the engine's kernel skips it)
 
     def changes(self, layer_index: int | None) -> bool:
         """Returns whether the plan reroutes this decoder layer."""
@@ -201,6 +225,8 @@ class EngineRouter:
         routing = self.plan.route(position, logits)
         weights, ids = fit_slots(routing, logits, self.specs[position], self.slots, reweight=self.needed > self.slots)
         scale = self._scale.get(position, 1.0)
+        if self.sentinel:  # static shapes, no host sync: the pruned slots (weight 0) become -1
+            ids = torch.where(weights > 0, ids, torch.full_like(ids, -1))
         return (weights * scale if scale != 1.0 else weights), ids.to(ids_dtype or torch.int32)
 
     def log_line(self) -> str:
