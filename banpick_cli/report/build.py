@@ -31,6 +31,7 @@ class Report:
     html: Path
     figures: list[ReportFigure] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (section, note)
+    missing: list[str] = field(default_factory=list)  # the profile tensors whose absence skipped a figure
 
 
 def resolve_layers(profile: RoutingProfile, layers: list[int] | None) -> list[int] | None:
@@ -123,12 +124,14 @@ def build_report(
             else:
                 what = "KL per candidate" if part == "kl" else "accuracy gain"
                 report.skipped.append(("pick", _missing(prof.domain(d), part, f"{what} for '{d}'")))
+                report.missing.append(prof.domain(d).name_of(part))
     if prof.ban.has("layer_kl"):
         plan.append(("ban", "layer-sensitivity", "Layer sensitivity W_l",
                      "KL of the output when one layer alone drops from K_base to K_min experts (paper figure 5a).",
                      lambda: figures.layer_sensitivity(prof)))
     else:
         report.skipped.append(("ban", _missing(prof.ban, "layer_kl", "layer sensitivity (figure 5a)")))
+        report.missing.append(prof.ban.name_of("layer_kl"))
     if prof.ban.has("ratio_hist"):
         plan.append(("ban", "token-ratio", "Token ratio R per layer",
                      "Distribution of each token's ratio R of the top-K_min to the top-K_base routing weight, per layer, "
@@ -141,6 +144,7 @@ def build_report(
                          lambda: figures.ban_k(prof)))
     else:
         report.skipped.append(("ban", _missing(prof.ban, "ratio_hist", "token ratio and Ban's K (figure 5b)")))
+        report.missing.append(prof.ban.name_of("ratio_hist"))
 
     # Every file is staged beside its final name and renamed in only when the page is written too: a
     # failure (a full disk) leaves no 0-byte PNG and no page that points at missing figures.
