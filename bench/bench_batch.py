@@ -5,7 +5,7 @@ width, top-k, attention; a few decoder layers, no LM head) runs decode-shaped fo
 sequences, one new token each, no KV cache) in the HF runtime for B = 1, 8, 16, 32:
 
     baseline      the plain model, no banpick hooks
-    ban           runtime.apply(..., "ban") at lambda solved for --target Avg-TopK (runtime/budget.py)
+    ban           runtime.apply(..., "ban") at lambda solved for --target Avg-TopK (evaluation/budget.py)
     ban+batch     the same plan with the routing core's batch-aware step after it (RoutingHandle's
                   batch_share hook), its candidate bound from runtime/batch_calib.calibrate_candidates
     fixed-k       Fixed-K at the same target (one k per layer; a fraction mixes floor and ceil over layers)

@@ -53,6 +53,20 @@ def handle_errors(func: Callable) -> Callable:
     return wrapper
 
 
+def say(text: str) -> None:
+    """Prints a summary line (Rich markup allowed) that Rich never breaks: the terminal wraps it, so a path or
+    a command in it is copied whole."""
+    console.print(text, soft_wrap=True, highlight=False)
+
+
+def commands(lead: str, lines: list[str], *, stderr: bool = False) -> None:
+    """Prints `lead`, then each command on a line of its own, indented and never wrapped: copy a line, run it."""
+    out = err_console if stderr else console
+    out.print(lead, soft_wrap=True, highlight=False, markup=False)
+    for line in lines:
+        out.print(f"  {line}", soft_wrap=True, highlight=False, markup=False)
+
+
 def note(text: str) -> None:
     """Prints one "note:" line on stderr (the text verbatim: brackets in it are not Rich markup)."""
     err_console.print(f"note: {escape(text)}", highlight=False, soft_wrap=True)
@@ -158,11 +172,17 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def table(title: str, columns: list[str], rows: list[list[Any]], *, justify_right_from: int = 1) -> Table:
-    """Returns a Rich table; numeric columns (from `justify_right_from`) are right-aligned."""
-    out = Table(title=title, title_justify="left", header_style="bold")
+def table(title: str, columns: list[str], rows: list[list[Any]], *, justify_right_from: int = 1):
+    """Returns a Rich table under its title; numeric columns (from `justify_right_from`) are right-aligned.
+
+    The title is a line of its own above the table, not the table's caption: a caption wraps at the table's
+    width, so a long title over narrow columns broke mid-phrase."""
+    from rich.console import Group
+    from rich.text import Text
+
+    out = Table(header_style="bold")
     for i, name in enumerate(columns):
         out.add_column(name, justify="right" if i >= justify_right_from else "left")
     for row in rows:
         out.add_row(*[str(cell) for cell in row])
-    return out
+    return Group(Text(title, style="italic"), out)

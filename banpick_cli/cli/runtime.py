@@ -10,7 +10,7 @@ import typer
 from banpick_cli.runtime import methods
 
 from banpick_cli.cli.base import JsonOpt, app
-from banpick_cli.cli.render import console, handle_errors, print_json, table
+from banpick_cli.cli.render import console, handle_errors, print_json, say, table
 
 
 @app.command()
@@ -41,7 +41,12 @@ def export(
         span = f"{e['overall_low']:.2f}" if e["overall_low"] == e["overall_high"] else f"{e['overall_low']:.2f}-{e['overall_high']:.2f}"
         rows.append([name, len(served["changed_layers"]), served["engine_slots"], span])
     console.print(table(f"bundle for {target} (model top-{m['model']['k_base']})", ["serves", "layers changed", "slots", "experts/token"], rows, justify_right_from=1))
-    console.print(f"wrote {len(result.files)} files to {result.out} (profile sha256 {m['profile']['sha256'][:12]}…); see {result.out / 'README.md'}")
+    lams = sorted({served["hyperparameters"]["lam"] for served in m["served"].values() if "lam" in served["hyperparameters"]})
+    if lams:  # why this need not match eval's --target-avg-topk rows, which solve their own lambda for a budget
+        say(f"experts/token: Ban's expected count on the calibration text at the profile's lambda "
+            f"{', '.join(f'{x:g}' for x in lams)} (eval --target-avg-topk solves its own lambda for its budget; serve "
+            "that one with --param lam=VALUE)")
+    say(f"wrote {len(result.files)} files to {result.out} (profile sha256 {m['profile']['sha256'][:12]}…); see {result.out / 'README.md'}")
 
 
 def _params(items: list[str]) -> dict:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from banpick_cli.cli.base import settings_from, DeviceOpt, DryRunOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, StreamOpt, app
-from banpick_cli.cli.render import note, console, handle_errors, print_estimate, print_json, progress_bar, table
+from banpick_cli.cli.render import note, console, handle_errors, print_estimate, print_json, progress_bar, say, table
 
 DataOpt = typer.Option(
     None, "--data", help="Local .jsonl/.json/.parquet/.txt/.csv file, hub dataset id, or 'embedded'. Default: the domain's sources ('embedded' for the demo model)."
@@ -86,9 +86,9 @@ def kl_scan(
     stack: int = typer.Option(0, "--stack", help="Candidates of one layer stacked into one forward (0: 8 on a GPU, 2 on a CPU)."),
     hidden_cache_mb: int = CacheOpt,
     checkpoint_every: int = WindowOpt,
-    key_factor: float = typer.Option(2.0, "--key-factor", help="Key expert: KL >= this times the median KL of the layer's other candidates."),
-    key_top: int = typer.Option(2, "--key-top", help="At most this many key experts per layer (0: no cap)."),
-    key_min_kl: float = typer.Option(0.0, "--key-min-kl", help="Key expert: KL at least this."),
+    key_factor: float = typer.Option(2.0, "--key-factor", help="High-KL candidate (Pick's key experts until failure-probe runs): KL >= this times the median KL of the layer's other candidates."),
+    key_top: int = typer.Option(2, "--key-top", help="At most this many high-KL candidates per layer (0: no cap)."),
+    key_min_kl: float = typer.Option(0.0, "--key-min-kl", help="High-KL candidate: KL at least this."),
     show: int = typer.Option(15, "--show", help="Rows of the ranked table."),
     out: Optional[Path] = OutOpt,
     restart: bool = RestartOpt,
@@ -133,18 +133,21 @@ def kl_scan(
         return
     _notes(result.notes)
     rows = [[i + 1, f"L{r.layer_index}E{r.expert}", f"{r.kl:.4g}", f"{r.kl / values[0]:.0%}" if values[0] > 0 else "-",
-             f"{r.usage:.1%}", "key" if r.key else ""] for i, r in enumerate(ranked[:show])]
-    console.print(table(f"kl-scan '{result.domain}': experts that move the output most when pruned ({settings.prune})",
-                        ["rank", "expert", "top-k KL", "of max", "usage", ""], rows, justify_right_from=2))
-    resumed = f", {result.layers_resumed} resumed" if result.layers_resumed else ""
+             f"{r.usage:.1%}", "yes" if r.key else ""] for i, r in enumerate(ranked[:show])]
+    shown = f"; the top {len(rows)} shown" if len(rows) < len(ranked) else ""
+    console.print(table(f"kl-scan '{result.domain}': {len(ranked)} candidates by the KL of the output when each is pruned "
+                        f"({settings.prune}){shown}", ["rank", "expert", "top-k KL", "of max", "usage", "high KL"],
+                        rows, justify_right_from=2))
+    layers = result.layers_scanned + result.layers_resumed
+    resumed = f"; {result.layers_resumed} of {layers} layers resumed" if result.layers_resumed else ""
     if result.windows_resumed:
         resumed += f"; {result.windows_resumed} of {result.windows} windows resumed"
-    console.print(
-        f"[bold]{result.domain}[/]: {len(ranked)} experts in {result.layers_scanned + result.layers_resumed} layers "
-        f"({result.layers_scanned} scanned now{resumed}), {result.tokens:,} tokens, {result.wall_s:.1f}s; "
-        f"KL max {summary['kl_max']:.4g}, median {summary['kl_median']:.4g}; "
-        f"key experts: {', '.join(summary['key_experts']) or 'none'} -> {result.path}"
+    say(
+        f"[bold]{result.domain}[/]: KL of {len(ranked)} candidates in {layers} layers{resumed}, {result.tokens:,} tokens, "
+        f"{result.wall_s:.1f}s; KL max {summary['kl_max']:.4g}, median {summary['kl_median']:.4g} -> {result.path}"
     )
+    say(f"high-KL candidates: {', '.join(summary['key_experts']) or 'none'} (KL >= {settings.key_factor:g}x the median "
+        "of their layer's other candidates); Pick reinforces them until failure-probe chooses the key experts")
 
 
 @app.command("layer-sensitivity")
@@ -219,7 +222,7 @@ def layer_sensitivity(
         ["layer", "W", "L'", "", "R min", "R max"], rows, justify_right_from=1,
     ))
     w = result.layer_kl
-    console.print(
+    say(
         f"W spread: max/min {float(w.max() / w.min()) if float(w.min()) > 0 else float('inf'):.1f}x "
         f"(most sensitive L{layers[int(w.argmax())]}, least L{layers[int(w.argmin())]}); "
         f"R over all layers [{ban['ratio_min_global']:.3f}, {ban['ratio_max_global']:.3f}] (top-{ban['ratio_k_num']}/top-{ban['k_base']}); "

@@ -57,7 +57,8 @@ def resolve_model_name(name: str) -> str:
     """Returns a local path or hub id for a user's --model value."""
     if name == DEMO_MODEL_NAME:
         if not (DEMO_MODEL_DIR / "config.json").exists():
-            raise ModelError(f"the embedded demo model is missing at {DEMO_MODEL_DIR}; run `make demo-model`")
+            raise ModelError(f"the demo model is missing at {DEMO_MODEL_DIR}: reinstall banpick (its wheel carries it) "
+                             "or, in a checkout, run `make demo-model`")
         return str(DEMO_MODEL_DIR)
     return HUB_ALIASES.get(name, name)
 

@@ -91,6 +91,11 @@ class DomainView(_Group):
         """Returns (creating it) the domain's settings record: its candidate rule and key-expert rule."""
         return self._profile.settings.setdefault(f"domain/{self.name}", {})
 
+    def key_source(self) -> str | None:
+        """Returns the stage whose rule chose the stored key experts: "failure-probe" (its key experts) or
+        "kl-scan" (its high-KL candidates, which Pick reads until failure-probe runs); None when unrecorded."""
+        return self._profile.settings.get(f"domain/{self.name}", {}).get("key_experts", {}).get("source")
+
     def recorded_pick(self) -> dict[str, Any]:
         """Returns the recorded Pick settings without creating an empty record."""
         return dict(self._profile.settings.get(f"pick/{self.name}", {}))

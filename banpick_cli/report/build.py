@@ -103,12 +103,14 @@ def build_report(
             else:
                 what = "KL per candidate" if part == "kl" else "accuracy gain"
                 report.skipped.append(("pick", _missing(prof.domain(d), part, f"{what} for '{d}'")))
+                report.missing.append(prof.domain(d).name_of(part))
     if prof.ban.has("layer_kl"):
         plan.append(("ban", "layer-sensitivity", "Layer sensitivity W_l",
                      "KL of the output when one layer alone drops from K_base to K_min experts (paper figure 5a).",
                      lambda: figures.layer_sensitivity(prof)))
     else:
         report.skipped.append(("ban", _missing(prof.ban, "layer_kl", "layer sensitivity (figure 5a)")))
+        report.missing.append(prof.ban.name_of("layer_kl"))
     if prof.ban.has("ratio_hist"):
         plan.append(("ban", "token-ratio", "Token ratio R per layer",
                      "Distribution of each token's ratio R of the top-K_min to the top-K_base routing weight, per layer, "
@@ -121,6 +123,7 @@ def build_report(
                          lambda: figures.ban_k(prof)))
     else:
         report.skipped.append(("ban", _missing(prof.ban, "ratio_hist", "token ratio and Ban's K (figure 5b)")))
+        report.missing.append(prof.ban.name_of("ratio_hist"))
 
     # Every file is staged beside its final name and renamed in only when the page is written too: a
     # failure (a full disk) leaves no 0-byte PNG and no page that points at missing figures.

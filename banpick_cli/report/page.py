@@ -29,6 +29,7 @@ class Report:
     html: Path
     figures: list[ReportFigure] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (section, note)
+    missing: list[str] = field(default_factory=list)  # the profile tensors whose absence skipped a figure
 
 
 

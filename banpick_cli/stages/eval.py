@@ -122,6 +122,7 @@ class EvalReport:
     settings: EvalSettings
     wall_s: float
     notes: list[str] = field(default_factory=list)
+    expert_width: int = 0  # the model's expert FFN width: whether speed can show expert compute (the CLI decides)
 
     @property
     def baseline(self) -> MethodRun:
@@ -176,7 +177,7 @@ class EvalReport:
             "model": self.model, "profile": self.profile, "device": self.device, "wall_s": round(self.wall_s, 2),
             "tasks": {t.name: {"source": t.source, "n": len(t.tasks), "domain": t.domain} for t in self.task_sets},
             "task_order": [t.name for t in self.task_sets],  # JSON output sorts keys; this keeps --task's order
-            "rows": rows, "settings": settings, "notes": self.notes,
+            "rows": rows, "settings": settings, "notes": self.notes, "expert_width": self.expert_width,
         }
 
 
@@ -251,7 +252,13 @@ def _run_eval(settings: EvalSettings, *, model: str, profile: str | Path | None,
                 notes.append(f"{row.label} on {name}: no task answered in the expected form (shown as n/a, not 0%)")
     return EvalReport(loaded.identity.name_or_path if model == DEMO_MODEL_NAME else model,
                       str(profile) if profile else None, str(loaded.device), task_sets, results, settings,
-                      time.perf_counter() - start, notes)
+                      time.perf_counter() - start, notes, expert_width=_expert_width(loaded.model.config))
+
+
+def _expert_width(config) -> int:
+    """Returns the width of one expert's FFN from a model config (0 when it does not say)."""
+    config = getattr(config, "text_config", None) or config
+    return int(getattr(config, "moe_intermediate_size", 0) or getattr(config, "intermediate_size", 0) or 0)
 
 
 def _time_again(settings: EvalSettings, loaded: LoadedModel, prof, rows, task_sets: list[TaskSet],

@@ -255,6 +255,7 @@ def _store(prof: RoutingProfile, loaded: LoadedModel, settings: FailureProbeSett
     d = settings.domain
     prof.domain(d).put("accuracy_gain", accuracy_gain(fixed, len(failure_ids)))
     prof.domain(d).put("key_experts", key)
+    prof.domain(d).settings["key_experts"] = {"source": "failure-probe"}  # replaces kl-scan's high-KL proposal
     prof.domain(d).set_pick({
         "strategy": settings.strategy,
         "range_factor": settings.range_factor,

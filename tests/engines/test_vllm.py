@@ -14,7 +14,7 @@ code on a CPU test platform and stubs only what needs CUDA:
   routing, which the plugin's load-time self-check compares with banpick's].
 
 Everything else is vLLM's: EngineArgs and its config, plugin loading through the entry point of the
-installed banpick wheel, the default loader building Qwen3MoeForCausalLM from artifacts/demo-moe,
+installed banpick wheel, the default loader building Qwen3MoeForCausalLM from banpick_cli/artifacts/demo-moe,
 MoERunner/FusedTopKRouter.select_experts, the routed-experts capturer and the server's numpy2base64.
 """
 
