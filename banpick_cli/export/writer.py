@@ -13,6 +13,7 @@ temporary folder beside `out` and renamed into place, so a failure leaves nothin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -234,6 +235,8 @@ def _bundle_wheel(folder: Path) -> dict[str, str]:
                *(["--no-build-isolation"] if _has_build_backend() else []), "--wheel-dir", str(folder), str(source)]
     run = subprocess.run(command, capture_output=True, text=True)
     built = sorted(p.name for p in folder.iterdir())
+    if run.returncode != 0 and "No space left on device" in run.stderr + run.stdout:  # the bundle's disk, not the build
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
     if run.returncode != 0 or built != [wheel_name()]:
         last = (run.stderr.strip().splitlines() or ["no output"])[-1][:200]
         what = f"it built {built}" if run.returncode == 0 else f"pip wheel exited {run.returncode}: {last}"
