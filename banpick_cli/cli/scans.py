@@ -54,6 +54,20 @@ def dry_run(command: str, settings, *, model: str, device: str, dtype: str, as_j
         print_estimate(est)
 
 
+def _scan(command: str, run, settings, flags: dict, *, dry_profile: bool = False):
+    """Runs a scan stage with the command's flags (or prints its --dry-run estimate and returns None)."""
+    profile, out = _profile_path(flags["profile"], flags["out"]), flags["out"]
+    model, device, dtype, as_json = flags["model"], flags["device"], flags["dtype"], flags["as_json"]
+    if flags["dry"]:
+        dry_run(command, settings, model=model, device=device, dtype=dtype, as_json=as_json,
+                profile=profile if dry_profile else None)
+        return None
+    stream = choose_stream(flags["stream"], model, device, dtype)
+    with progress_bar(flags["show_progress"] and not as_json, command) as progress:
+        return run(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
+                   restart=flags["restart"], stream=stream, progress=progress)
+
+
 def _profile_path(profile: Optional[Path], out: Optional[Path]) -> Path:
     """Returns the profile to read: --profile, else --out (updated in place, as `profile -o` does)."""
     if profile is None and out is None:
@@ -102,14 +116,10 @@ def kl_scan(
     """Prune each candidate expert of a domain and rank them by the top-1000 KL of the output (section 4.2)."""
     from banpick_cli.stages.kl_scan import KLScanSettings, run_kl_scan
 
-    profile = _profile_path(profile, out)
     settings = settings_from(KLScanSettings, locals())
-    if dry:
-        return dry_run("kl-scan", settings, model=model, device=device, dtype=dtype, as_json=as_json, profile=profile)
-    stream = choose_stream(stream, model, device, dtype)
-    with progress_bar(show_progress and not as_json, "kl-scan") as progress:
-        result = run_kl_scan(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
-                             restart=restart, stream=stream, progress=progress)
+    result = _scan("kl-scan", run_kl_scan, settings, locals(), dry_profile=True)
+    if result is None:
+        return
     ranked = result.ranked()
     values = sorted((r.kl for r in ranked), reverse=True)
     summary = {
@@ -184,14 +194,9 @@ def layer_sensitivity(
     """Measure each MoE layer's sensitivity (K_base -> K_min, top-1000 KL) and the token ratios R that Ban needs."""
     from banpick_cli.stages.layer_sensitivity import LayerSensitivitySettings, run_layer_sensitivity
 
-    profile = _profile_path(profile, out)
-    settings = settings_from(LayerSensitivitySettings, locals())
-    if dry:
-        return dry_run("layer-sensitivity", settings, model=model, device=device, dtype=dtype, as_json=as_json)
-    stream = choose_stream(stream, model, device, dtype)
-    with progress_bar(show_progress and not as_json, "layer-sensitivity") as progress:
-        result = run_layer_sensitivity(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
-                                       restart=restart, stream=stream, progress=progress)
+    result = _scan("layer-sensitivity", run_layer_sensitivity, settings_from(LayerSensitivitySettings, locals()), locals())
+    if result is None:
+        return
     layers = result.profile.model.moe_layers
     summary = {
         "profile": str(result.path),
