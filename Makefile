@@ -5,17 +5,21 @@ PY := $(VENV)/bin/python
 BANPICK := $(VENV)/bin/banpick
 STAMP := $(VENV)/.installed
 OUT ?= build/demo
+# Set-up prints nothing but errors: no progress bars, no pip version nag.
+PIP := $(PY) -m pip install --quiet --quiet --progress-bar off --disable-pip-version-check
 
-.PHONY: setup demo test test-engines demo-model bench docs clean
+.PHONY: setup demo test test-engines demo-model bench docs wheel clean
 
+# Set-up runs once: the stamp file marks a finished install, so a second `make demo` goes straight to the
+# pipeline (it reinstalls only when pyproject.toml changes). An interrupted set-up leaves no stamp and reruns.
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[calibrate,test,report,scale]'
-	touch $(STAMP)
+	@echo "set-up: $(VENV) with torch 2.13.0 (CPU) and banpick (once; later runs reuse it)"
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PIP) torch==2.13.0
+	@$(PIP) -e '.[calibrate,test,report,scale]'
+	@touch $(STAMP)
 
 demo: setup
 	bash tools/demo.sh $(BANPICK) $(OUT)
@@ -37,5 +41,12 @@ bench: setup
 docs: setup
 	$(PY) tools/gen_cli_docs.py > docs/cli.md
 
+# banpick's wheel (with the demo model and data inside) in dist/: `pip install dist/banpick-*.whl`.
+# No index holds banpick yet; this is how to install it elsewhere (README.md, "Install").
+wheel:
+	rm -rf dist
+	$(PYTHON) -m pip wheel --no-deps --quiet --disable-pip-version-check --wheel-dir dist .
+	@ls dist/banpick-*.whl
+
 clean:
-	rm -rf build
+	rm -rf build dist

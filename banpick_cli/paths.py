@@ -1,11 +1,14 @@
-"""Where the project's shipped artifacts live (the embedded demo model and data)."""
+"""Where the shipped demo model and its data live: inside the package (package data), so `--model demo` and
+`--data embedded` work from any folder after any install (a wheel, an editable install, a checkout)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-ARTIFACTS = REPO_ROOT / "artifacts"
+PACKAGE_DIR = Path(__file__).resolve().parent
+# The repository root in a checkout (the folder above the package); in an installed wheel, site-packages.
+REPO_ROOT = PACKAGE_DIR.parent
+ARTIFACTS = PACKAGE_DIR / "artifacts"
 DEMO_MODEL_DIR = ARTIFACTS / "demo-moe"
 DEMO_DATA_DIR = ARTIFACTS / "data"
 # `--model demo` (the default of every command) means the shipped model.

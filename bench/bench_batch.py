@@ -5,9 +5,9 @@ width, top-k, attention; a few decoder layers, no LM head) runs decode-shaped fo
 sequences, one new token each, no KV cache) in the HF runtime for B = 1, 8, 16, 32:
 
     baseline      the plain model, no banpick hooks
-    ban           runtime.apply(..., "ban") at lambda solved for --target Avg-TopK (runtime/budget.py)
+    ban           runtime.apply(..., "ban") at lambda solved for --target Avg-TopK (evaluation/budget.py)
     ban+batch     the same plan with the routing core's batch-aware step after it (RoutingHandle's
-                  batch_share hook), its candidate bound from runtime/batch_calib.calibrate_candidates
+                  batch_share hook), its candidate bound from evaluation/batch_calib.calibrate_candidates
     fixed-k       Fixed-K at the same target (one k per layer; a fraction mixes floor and ceil over layers)
 
 Budget and candidate bound are calibrated on router logits of other random tokens (4 x 256), never the
@@ -71,8 +71,8 @@ def main() -> None:
 @torch.inference_mode()
 def run_shape(shape: str, args) -> dict:
     from banpick_cli.runtime import apply
-    from banpick_cli.runtime.batch_calib import calibrate_candidates
-    from banpick_cli.runtime.budget import CalibrationLogits, solve_budget
+    from banpick_cli.evaluation.batch_calib import calibrate_candidates
+    from banpick_cli.evaluation.budget import CalibrationLogits, solve_budget
     from banpick_cli.runtime.hf import RoutingHandle
     from banpick_cli.runtime.plan import build_plan
 

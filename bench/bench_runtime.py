@@ -2,7 +2,7 @@
 
 A random-weight stack shaped like a real MoE model (its hidden size, expert count and width, top-k,
 attention; only a few decoder layers, no LM head) is timed under `banpick_cli.runtime.apply` for
-every method at the same expected experts per token (the knob solved by `runtime.budget` on router
+every method at the same expected experts per token (the knob solved by `evaluation.budget` on router
 logits of other random tokens), against the plain model without banpick. One thread, CPU time of the
 process (`time.process_time`), methods interleaved, median of --repeat passes. Fixed-K is timed at every
 integer k, so each method is also compared with Fixed-K at the Avg-TopK it actually ran (interpolated).
@@ -119,7 +119,7 @@ def main() -> None:
 def run_shape(shape: str, args, targets: list[float], methods: list[str]) -> dict:
     """Returns one shape's report: every row's Avg-TopK, median CPU seconds, speed-up and ratio to Fixed-K."""
     from banpick_cli.runtime import apply
-    from banpick_cli.runtime.budget import CalibrationLogits, solve_budget
+    from banpick_cli.evaluation.budget import CalibrationLogits, solve_budget
 
     loaded, decoder = build(shape, args.layers, args.experts)
     specs = loaded.router_specs()

@@ -8,7 +8,7 @@ process's CPU time, including model loading) is the steadier figure.
     .venv/bin/python bench/bench_scale.py [--model demo] [--samples 256] [--seq-len 128] [--batch-size 8]
 
 `--model demo-shaped` builds a random model with the demo model's shape (4 layers, hidden 128, 32 experts,
-top-8, expert width 64, vocabulary 3000) when artifacts/demo-moe does not exist yet.
+top-8, expert width 64, vocabulary 3000) when banpick_cli/artifacts/demo-moe does not exist yet.
 
 `--stream-proof` instead writes a Qwen3-MoE checkpoint with Qwen3-30B-A3B's hidden size (2048) and expert
 width (768), 16 experts top-4, `--layers` layers, and runs `profile` counts and a KL scan of the most used
@@ -153,7 +153,7 @@ def demo_dry_run(cli: argparse.Namespace) -> dict:
     from banpick_cli.stages.kl_scan import prune_variant
 
     torch.set_num_threads(2)
-    model = str(REPO / "artifacts" / "demo-moe")
+    model = str(REPO / "banpick_cli" / "artifacts" / "demo-moe")
     loaded = load_model(model, device="cpu")
     texts = calib_texts("math", 0, frozenset(), n=128)
     timing = probe(loaded.model.config, batch_size=8, seq_len=256, device=torch.device("cpu"), dtype=torch.float32)
@@ -194,7 +194,7 @@ def main() -> None:
         return
     work = Path(tempfile.mkdtemp(prefix="bench-scale-"))
     model = cli.model
-    if model == "demo-shaped" or (model == "demo" and not (REPO / "artifacts" / "demo-moe" / "config.json").exists()):
+    if model == "demo-shaped" or (model == "demo" and not (REPO / "banpick_cli" / "artifacts" / "demo-moe" / "config.json").exists()):
         model = str(demo_shaped(work / "demo-shaped"))
     # The demo's math calibration text, generated from its seed (the same text `make demo-model` ships).
     from banpick_cli.demo.corpus import calib_texts

@@ -12,7 +12,7 @@ the model), on the same prompts, greedy, a fixed number of new tokens (EOS ignor
 It prints identical-token rates against stock and throughput ratios (new tokens/s) of every
 configuration to stock, and writes them as JSON with --out.
 
-    python bench/engine_e2e.py --engine vllm --model artifacts/demo-moe --synthetic-ban
+    python bench/engine_e2e.py --engine vllm --model banpick_cli/artifacts/demo-moe --synthetic-ban
     python bench/engine_e2e.py --engine sglang --model Qwen/Qwen1.5-MoE-A2.7B --profile math.safetensors
 """
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 
-def rank_main(rank: int, world: int, port: int, model: str, data: str, out: str, result_dir: str) -> None:
+def rank_main(rank: int, world: int, port: int, model: str, data: str, out: str, result_dir: str, stream: bool = False) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import json
@@ -22,9 +22,9 @@ def rank_main(rank: int, world: int, port: int, model: str, data: str, out: str,
     # init_process_group on the same port after a destroy would hang).
     dist = init_from_env()
     settings = ProfileSettings(domain="math", data=data, samples=11, seq_len=16, batch_size=2)
-    result = run_profile(settings, out=out, model=model, device="cpu", options=RunOptions(checkpoint_every=2))
+    result = run_profile(settings, out=out, model=model, device="cpu", options=RunOptions(checkpoint_every=2, stream=stream))
     facts = {"rank": result.rank, "world": result.world, "wrote": result.profile is not None,
-             "tokens": result.usage.tokens, "samples": result.usage.samples}
+             "tokens": result.usage.tokens, "samples": result.usage.samples, "layer_loads": result.layer_loads}
 
     # The reduction helpers on their own: exact int64 sums past 2**53, MIN/MAX, mean of sums over counts.
     big = torch.tensor([2**53 + rank + 1], dtype=torch.int64)

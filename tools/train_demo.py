@@ -1,4 +1,4 @@
-"""Regenerates the demo data (artifacts/data/) and the demo model (artifacts/demo-moe/) from seeds.
+"""Regenerates the demo data (banpick_cli/artifacts/data/) and the demo model (banpick_cli/artifacts/demo-moe/) from seeds.
 
     .venv/bin/python tools/train_demo.py [--steps N] [--threads N] [--model-dir DIR] [--data-dir DIR] [--no-eval]
 

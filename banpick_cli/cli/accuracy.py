@@ -7,8 +7,10 @@ from typing import Optional
 
 import typer
 
+from banpick_cli.runtime import methods
+
 from banpick_cli.cli.base import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, app
-from banpick_cli.cli.render import note, console, err_console, handle_errors, print_json, progress_bar, table
+from banpick_cli.cli.render import note, console, err_console, handle_errors, print_json, progress_bar, say, table
 
 TASK_HELP = ("Task set: math, code, general (the demo's), gsm8k, math500, mbpp, humaneval, gpqa-diamond, "
              "arc-challenge, arc-easy, winogrande; NAME=FILE for a local copy; or a banpick .jsonl task file.")
@@ -131,23 +133,26 @@ def failure_probe(
     ))
     if len(rows) > 40:
         console.print(f"... {len(rows) - 40} more candidates (see --json)")
-    console.print("accuracy change: points on all probed tasks, 95% paired-bootstrap interval; p: exact McNemar. Only "
+    say("accuracy change: points on all probed tasks, 95% paired-bootstrap interval; p: exact McNemar. Only "
                   "failures are rerun, so successes a candidate breaks are not counted: the most favourable reading.")
     if result.resumed:
         err_console.print(f"note: resumed after {result.resumed} candidates probed by an earlier run")
     keys = summary["key_experts"]
-    console.print(
-        f"[bold]{result.domain}[/]: {len(keys)} key experts ({', '.join(keys) or 'none: no candidate passed the rule'})"
-        + (f", KL floor {result.kl_floor:.4g}" if result.kl_floor is not None else "")
-        + f"; Pick strategy {settings.strategy}, range top-{settings.range_factor:g}k -> {result.path}"
-    )
+    floor = f" and KL >= {result.kl_floor:.4g}" if result.kl_floor is not None else ""
+    rule = f"fixes >= {settings.min_fixed} of the {len(result.failure_set)} failures{floor}"
+    if keys:
+        say(f"[bold]{result.domain}[/]: {len(keys)} key experts: {', '.join(keys)} (each {rule}); Pick strategy "
+            f"{settings.strategy}, range top-{settings.range_factor:g}k -> {result.path}")
+    else:
+        say(f"[bold]{result.domain}[/]: no key experts (a key expert {rule}; no candidate did): pick and ban&pick's "
+            f"Pick leave {result.domain}'s routing as is -> {result.path}")
 
 
 @app.command("eval")
 @handle_errors
 def evaluate(
     task: str = typer.Option(..., "--task", "-t", help=TASK_HELP + " Comma-separate several for one table."),
-    method: str = typer.Option("baseline", "--method", help="Comma-separated: baseline, pick, ban, banpick, fixed-k, des, odp, dynamic, rice. The baseline always runs first."),
+    method: str = typer.Option("baseline", "--method", help=f"Comma-separated: {', '.join(methods.names())}. The baseline always runs first."),
     model: str = ModelOpt,
     profile: Optional[Path] = typer.Option(None, "--profile", "-p", help="Routing profile (pick, ban, banpick need one)."),
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Key experts of this domain for pick/banpick (default: each task's own domain)."),
@@ -155,7 +160,7 @@ def evaluate(
     k_min: Optional[int] = typer.Option(None, "--k-min", help="Ban / Ban&Pick K_min (default 3)."),
     tau: str = typer.Option("0.7,0.8,0.9", "--tau", help="Dynamic routing thresholds (appendix E: each is a row)."),
     k: Optional[str] = typer.Option(None, "--k", help="Fixed-K: experts per token, comma-separated for one row each (e.g. 4,5,6)."),
-    target_avg_topk: Optional[float] = typer.Option(None, "--target-avg-topk", help="Compare at one expert budget: set Fixed-K's k, Ban's lambda, Dynamic's tau and DES/ODP's thresholds so each runs this many experts per token on calibration text (within 0.2)."),
+    target_avg_topk: Optional[float] = typer.Option(None, "--target-avg-topk", help="Compare at one expert budget: set each budgeted method's knob (" + ", ".join(f"{m.name}: {m.knob.name}" for m in methods.REGISTRY.values() if m.knob) + ") so each runs this many experts per token on calibration text (within 0.2)."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Pick strategy, over the profile's (A-E)."),
     range_factor: Optional[float] = typer.Option(None, "--range-factor", help="Pick C/D range factor, over the profile's."),
     limit: Optional[int] = LimitOpt,
@@ -205,13 +210,50 @@ def evaluate(
     if as_json:
         print_json(data)
         return
-    console.print(eval_table(data))
-    console.print(SPEED_NOTE)
+    speed = speed_means_something(data)
+    console.print(eval_table(data, speed=speed))
+    say(EXPERTS_NOTE + " " + (SPEED_NOTE if speed else no_speed_note(data)))
     for text in report.notes:
+        note(text)
+    for text in _without_key_experts(data, profile):
         note(text)
 
 
-def eval_table(data: dict):
+# Experts narrower than this do too little work for a timing to show it: the routing's Python overhead and
+# machine noise decide the speed column (the demo's 64-wide experts make every pruning method read slower than
+# the baseline). Real MoE experts are 768 (Qwen3-30B-A3B) to 2048 wide; docs/benchmarks.md times those shapes.
+SPEED_MIN_EXPERT_WIDTH = 256
+
+
+def speed_means_something(data: dict) -> bool:
+    """Returns whether the eval table shows tok/s and speed: not for experts too narrow to time (--json has them)."""
+    width = data.get("expert_width", 0)
+    return not 0 < width < SPEED_MIN_EXPERT_WIDTH
+
+
+def no_speed_note(data: dict) -> str:
+    return (f"speed: not shown: this model's experts are {data['expert_width']} wide, too small for a timing to show "
+            "expert compute (Python routing overhead decides it, so every pruning method would read slower than the "
+            "baseline; --json has the numbers). Speed at real shapes: docs/benchmarks.md (bench/bench_runtime.py).")
+
+
+def _without_key_experts(data: dict, profile) -> list[str]:
+    """Returns a note for each pick/ban&pick row whose domain has no key experts (Pick then changes nothing)."""
+    if profile is None:
+        return []
+    from banpick_cli.profile import read_profile
+
+    prof, notes = read_profile(profile), []
+    for row in data["rows"]:
+        for domain in sorted(set(row.get("extra", {}).get("domains", {}).values())):
+            key = prof.domain(domain).find("key_experts")
+            if row["method"] in ("pick", "banpick") and (key is None or not bool(key.any())):
+                notes.append(f"{row['label']}: domain '{domain}' has no key experts, so its Pick changes nothing "
+                             "(`banpick inspect` shows which stage found what)")
+    return notes
+
+
+def eval_table(data: dict, *, speed: bool = True):
     """Returns the Rich table of an eval report (its `to_dict()`): accuracy (delta vs baseline) per task set,
     the mean change with its 95% paired-bootstrap interval and McNemar p, expert compute and measured speed."""
     names = data.get("task_order") or list(data["tasks"])
@@ -231,14 +273,15 @@ def eval_table(data: dict):
         else:
             lo, hi = row["ci95"]
             cells += [f"{row['delta']:+.2f} [{lo:+.2f}, {hi:+.2f}]", f"{row['p_value']:.2f}"]
-        cells += [f"{row['tokens_per_s']:,.0f}", f"{row['speedup']:.2f}x"]
+        if speed:
+            cells += [f"{row['tokens_per_s']:,.0f}", f"{row['speedup']:.2f}x"]
         rows.append(cells)
     columns = ["method", "Avg-TopK", "experts", *[f"{n} (n={data['tasks'][n]['n']})" for n in names],
-               "change [95% CI]", "p", "tok/s", "speed"]
+               "change [95% CI]", "p", *(["tok/s", "speed"] if speed else [])]
     return table(f"{data['model']} on {data['device']}: accuracy % (change vs baseline)", columns, rows)
 
 
-SPEED_NOTE = ("experts = expert compute per token against the baseline's; speed = positions/s against the baseline in "
-              "this process. On small experts (the demo's are 64 wide) speed measures Python routing overhead and "
-              "machine noise, not the model's expert compute: real-shape timings are in docs/benchmarks.md "
-              "(bench/bench_runtime.py). change = mean accuracy change, its 95% paired-bootstrap interval; p = exact McNemar.")
+EXPERTS_NOTE = ("experts = expert compute per token against the baseline's; change = mean accuracy change, its 95% "
+                "paired-bootstrap interval; p = exact McNemar.")
+SPEED_NOTE = ("speed = positions/s against the baseline in this process (real-shape timings: docs/benchmarks.md, "
+              "bench/bench_runtime.py).")

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from banpick_cli.cli.base import settings_from, DeviceOpt, DryRunOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, StreamOpt, app
-from banpick_cli.cli.render import note, console, err_console, handle_errors, print_json, progress_bar, table
+from banpick_cli.cli.render import note, console, err_console, handle_errors, print_json, progress_bar, say, table
 
 @app.command()
 @handle_errors
@@ -46,9 +46,7 @@ def profile(
 
     Runs data-parallel under `torchrun --nproc-per-node N` (rank 0 writes the profile).
     """
-    from banpick_cli.passes.resume import terminate_as_interrupt
-    from banpick_cli.stages.profile import ProfileSettings, run_profile
-    from banpick_cli.passes.usage_pass import RunOptions
+    from banpick_cli.stages.profile import ProfileSettings, RunOptions, run_profile
 
     settings = settings_from(ProfileSettings, locals())
     from banpick_cli.cli.scans import choose_stream, dry_run
@@ -60,7 +58,7 @@ def profile(
     if not (sequential or device_map):  # those two already place a model that does not fit one device
         stream = choose_stream(stream, model, device, dtype)
     options = RunOptions(sequential=sequential, checkpoint_every=checkpoint_every, device_map=device_map, stream=stream)
-    with terminate_as_interrupt(), progress_bar(show_progress and not as_json, "profile") as progress:
+    with progress_bar(show_progress and not as_json, "profile") as progress:
         result = run_profile(settings, out=out, model=model, device=device, dtype=dtype, progress=progress, options=options)
     if result.rank != 0:
         return  # rank 0 reports for the whole data-parallel run
@@ -88,7 +86,7 @@ def profile(
         err_console.print(f"note: removed stale '{name}' (its usage counts changed); rerun its stage")
     if result.resumed_batches:
         err_console.print(f"note: resumed {result.resumed_batches} batches from the checkpoint of an interrupted run")
-    console.print(
+    say(
         f"[bold]{result.domain}[/]: {summary['samples']} texts, {summary['tokens']:,} tokens in {summary['wall_s']:.1f}s "
         f"({summary['tokens_per_s']:,.0f} tok/s); {summary['candidates']} candidate experts -> {result.path}"
     )
@@ -130,7 +128,7 @@ def inspect(
         print_json(profile_summary(prof))
         return
     m = prof.model
-    console.print(
+    say(
         f"[bold]{path}[/]: {m.name_or_path} ({m.architecture}), {len(m.moe_layers)} MoE layers x {m.num_experts} experts, "
         f"top-{m.k_base} {m.router.scoring}{' renormalised' if m.router.renormalize else ''}; fingerprint {prof.fingerprint[:19]}…; "
         f"banpick {prof.banpick_version}, {prof.created_utc}"
@@ -140,9 +138,18 @@ def inspect(
         console.print(table("stages", ["stage", "data", "samples", "tokens", "wall s"], stage_rows, justify_right_from=2))
     for name in [domain] if domain else prof.domains():
         _print_usage(prof, name, top=top)
+        _print_findings(prof, name)
     extra = sorted(k for k in prof.tensors if not k.endswith(("expert_counts", "token_counts", "candidates")))
     if extra:
-        console.print("other tensors: " + ", ".join(extra))
+        say("other tensors: " + ", ".join(extra))
+
+
+def _print_findings(prof, domain: str) -> None:
+    """Prints which stage found what in a domain: candidates, high-KL candidates, key experts, what Pick reads."""
+    from banpick_cli.cli.views import domain_findings
+
+    rows = [[f.stage, f.found] for f in domain_findings(prof, domain)]
+    console.print(table(f"domain '{domain}': what each stage found", ["stage", "found"], rows, justify_right_from=2))
 
 
 @app.command()
@@ -159,7 +166,7 @@ def merge(
     if as_json:
         print_json({"profile": str(out), "domains": merged.domains(), "inputs": [str(p) for p in inputs]})
         return
-    console.print(f"merged {len(inputs)} profiles -> {out} (domains: {', '.join(merged.domains())})")
+    say(f"merged {len(inputs)} profiles -> {out} (domains: {', '.join(merged.domains())})")
 
 
 # Stage commands live in their own modules; importing them registers them on `app`.

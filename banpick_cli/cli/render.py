@@ -23,18 +23,22 @@ err_console = Console(stderr=True) if sys.stderr.isatty() else Console(stderr=Tr
 
 
 def handle_errors(func: Callable) -> Callable:
-    """Turns BanpickError into one line on stderr and its exit code; Ctrl-C into exit 3."""
+    """Turns BanpickError into one line on stderr and its exit code; Ctrl-C and SIGTERM into exit 3 (a stage
+    says what it saved; elsewhere nothing of the run was)."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from banpick_cli.interrupts import terminate_as_interrupt
+
         try:
             _quiet_libraries()
-            return func(*args, **kwargs)
+            with terminate_as_interrupt():
+                return func(*args, **kwargs)
         except BanpickError as err:
             err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
-            err_console.print("interrupted: finished work is saved; rerun the same command to resume")
+            err_console.print("interrupted before this run saved anything; rerun the same command")
             raise typer.Exit(EXIT_INTERRUPTED) from None
         except OSError as err:
             # A safety net for writes the library did not route through outputs.py: a full disk, a quota, a
@@ -47,6 +51,20 @@ def handle_errors(func: Callable) -> Callable:
             raise typer.Exit(1) from None
 
     return wrapper
+
+
+def say(text: str) -> None:
+    """Prints a summary line (Rich markup allowed) that Rich never breaks: the terminal wraps it, so a path or
+    a command in it is copied whole."""
+    console.print(text, soft_wrap=True, highlight=False)
+
+
+def commands(lead: str, lines: list[str], *, stderr: bool = False) -> None:
+    """Prints `lead`, then each command on a line of its own, indented and never wrapped: copy a line, run it."""
+    out = err_console if stderr else console
+    out.print(lead, soft_wrap=True, highlight=False, markup=False)
+    for line in lines:
+        out.print(f"  {line}", soft_wrap=True, highlight=False, markup=False)
 
 
 def note(text: str) -> None:
@@ -144,6 +162,9 @@ def print_estimate(est: Any) -> None:
     free = ", ".join(f"{k} {gib(v)}" for k, v in est.available.items())
     console.print(table(f"per mode (free now: {free}); nothing was run or written", ["mode", "layer loads", "peak CPU",
                         "peak device", "est. s", "fits"], rows, justify_right_from=1))
+    if "stream" in est.modes:
+        console.print(f"--stream peak of the process: {gib(est.stream_cpu_peak)} = {est.stream_basis()}",
+                      highlight=False, soft_wrap=True)
 
 
 def print_json(data: Any) -> None:
@@ -151,11 +172,17 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def table(title: str, columns: list[str], rows: list[list[Any]], *, justify_right_from: int = 1) -> Table:
-    """Returns a Rich table; numeric columns (from `justify_right_from`) are right-aligned."""
-    out = Table(title=title, title_justify="left", header_style="bold")
+def table(title: str, columns: list[str], rows: list[list[Any]], *, justify_right_from: int = 1):
+    """Returns a Rich table under its title; numeric columns (from `justify_right_from`) are right-aligned.
+
+    The title is a line of its own above the table, not the table's caption: a caption wraps at the table's
+    width, so a long title over narrow columns broke mid-phrase."""
+    from rich.console import Group
+    from rich.text import Text
+
+    out = Table(header_style="bold")
     for i, name in enumerate(columns):
         out.add_column(name, justify="right" if i >= justify_right_from else "left")
     for row in rows:
         out.add_row(*[str(cell) for cell in row])
-    return out
+    return Group(Text(title, style="italic"), out)

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from banpick_cli.cli.base import JsonOpt, ProgressOpt, app
-from banpick_cli.cli.render import note, console, err_console, handle_errors, print_json, progress_bar
+from banpick_cli.cli.render import commands, note, console, err_console, handle_errors, print_json, progress_bar, say
 
 
 @app.command()
@@ -39,9 +39,33 @@ def report(
         print_json({"html": str(result.html), "figures": [str(f.path) for f in result.figures],
                     "skipped": [note for _, note in result.skipped]})
         return
-    for _, note in result.skipped:
-        err_console.print(f"skipped: {note}", highlight=False)
-    console.print(f"{len(result.figures)} figures -> {out}/; open {result.html}")
+    if result.skipped:
+        runs = _stage_commands(path, result.missing)
+        commands(f"skipped {len(result.skipped)} figures whose stages have not run on this profile (report.html lists "
+                 "them)" + ("; to draw them, run:" if runs else ""), runs, stderr=True)
+    say(f"{len(result.figures)} figures -> {out}/; open {result.html}")
+
+
+def _stage_commands(profile: Path, missing: list[str]) -> list[str]:
+    """Returns the commands that write the missing tensors, in pipeline order, one per stage and domain."""
+    import shlex
+
+    from banpick_cli.profile.format import stage_of
+    from banpick_cli.tasks.registry import list_task_sets
+
+    tasks = {source.name for source in list_task_sets()}
+    order = ("kl-scan", "failure-probe", "layer-sensitivity")
+    runs = {}
+    for name in missing:
+        stage, parts = stage_of(name), name.split("/")
+        line = f"banpick {stage} --profile {shlex.quote(str(profile))}"
+        if parts[0] == "domain":
+            line += f" --domain {shlex.quote(parts[1])}"
+            if stage == "failure-probe":  # its task set: the domain's own when one has its name
+                line += f" --task {shlex.quote(parts[1]) if parts[1] in tasks else 'TASK'}"
+        domain = parts[1] if parts[0] == "domain" else ""
+        runs.setdefault((domain, order.index(stage) if stage in order else len(order), stage), line)
+    return [runs[k] for k in sorted(runs)]
 
 
 @app.command("import-usage")
@@ -86,5 +110,5 @@ def import_usage(
     for name in result.dropped:
         err_console.print(f"note: removed stale '{name}' (its usage counts changed); rerun its stage")
     estimated = "" if usage.tokens_exact else " (estimated as selections / K_base)"
-    console.print(f"[bold]{domain}[/]: {summary['files']} {engine} dumps, {summary['sequences']} records, "
+    say(f"[bold]{domain}[/]: {summary['files']} {engine} dumps, {summary['sequences']} records, "
                   f"{summary['tokens']:,} tokens{estimated}; {summary['candidates']} candidate experts -> {result.path}")

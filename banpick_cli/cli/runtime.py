@@ -7,8 +7,10 @@ from typing import Optional
 
 import typer
 
+from banpick_cli.runtime import methods
+
 from banpick_cli.cli.base import JsonOpt, app
-from banpick_cli.cli.render import console, handle_errors, print_json, table
+from banpick_cli.cli.render import console, handle_errors, print_json, say, table
 
 
 @app.command()
@@ -17,14 +19,14 @@ def export(
     profile: Path = typer.Argument(..., help="A routing profile (.safetensors)."),
     target: str = typer.Option(..., "--target", "-t", help="Where it will run: vllm, sglang or hf (transformers)."),
     out: Path = typer.Option(..., "--out", "-o", help="Bundle folder to write (created if missing)."),
-    method: Optional[str] = typer.Option(None, "--method", help="baseline, pick, ban, banpick (engines also: dynamic; hf: every method). Default: chosen at serve time."),
+    method: Optional[str] = typer.Option(None, "--method", help=f"vllm and sglang serve: {', '.join(methods.names(lambda m: m.engines))}; hf: every method ({', '.join(methods.names())}). Default: chosen at serve time."),
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain whose key experts pick/banpick reinforce; 'auto' (hf only) chooses per request."),
     param: list[str] = typer.Option([], "--param", help="Hyperparameter override KEY=VALUE (JSON value), e.g. lam=0.5 or strategy=\"D\"; repeatable."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model path or hub id the serving image loads (default: the one the profile names)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Write a serving bundle: compact runtime profile, manifest, README with the three lines, Dockerfile lines."""
-    from banpick_cli.runtime.export import export_bundle
+    from banpick_cli.export import export_bundle
 
     result = export_bundle(profile, target, out, method=method, domain=domain, overrides=_params(param), model=model)
     m = result.manifest
@@ -39,7 +41,12 @@ def export(
         span = f"{e['overall_low']:.2f}" if e["overall_low"] == e["overall_high"] else f"{e['overall_low']:.2f}-{e['overall_high']:.2f}"
         rows.append([name, len(served["changed_layers"]), served["engine_slots"], span])
     console.print(table(f"bundle for {target} (model top-{m['model']['k_base']})", ["serves", "layers changed", "slots", "experts/token"], rows, justify_right_from=1))
-    console.print(f"wrote {len(result.files)} files to {result.out} (profile sha256 {m['profile']['sha256'][:12]}…); see {result.out / 'README.md'}")
+    lams = sorted({served["hyperparameters"]["lam"] for served in m["served"].values() if "lam" in served["hyperparameters"]})
+    if lams:  # why this need not match eval's --target-avg-topk rows, which solve their own lambda for a budget
+        say(f"experts/token: Ban's expected count on the calibration text at the profile's lambda "
+            f"{', '.join(f'{x:g}' for x in lams)} (eval --target-avg-topk solves its own lambda for its budget; serve "
+            "that one with --param lam=VALUE)")
+    say(f"wrote {len(result.files)} files to {result.out} (profile sha256 {m['profile']['sha256'][:12]}…); see {result.out / 'README.md'}")
 
 
 def _params(items: list[str]) -> dict:

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from banpick_cli.cli.base import settings_from, DeviceOpt, DryRunOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, StreamOpt, app
-from banpick_cli.cli.render import note, console, handle_errors, print_estimate, print_json, progress_bar, table
+from banpick_cli.cli.render import note, console, handle_errors, print_estimate, print_json, progress_bar, say, table
 
 DataOpt = typer.Option(
     None, "--data", help="Local .jsonl/.json/.parquet/.txt/.csv file, hub dataset id, or 'embedded'. Default: the domain's sources ('embedded' for the demo model)."
@@ -54,6 +54,20 @@ def dry_run(command: str, settings, *, model: str, device: str, dtype: str, as_j
         print_estimate(est)
 
 
+def _scan(command: str, run, settings, flags: dict, *, dry_profile: bool = False):
+    """Runs a scan stage with the command's flags (or prints its --dry-run estimate and returns None)."""
+    profile, out = _profile_path(flags["profile"], flags["out"]), flags["out"]
+    model, device, dtype, as_json = flags["model"], flags["device"], flags["dtype"], flags["as_json"]
+    if flags["dry"]:
+        dry_run(command, settings, model=model, device=device, dtype=dtype, as_json=as_json,
+                profile=profile if dry_profile else None)
+        return None
+    stream = choose_stream(flags["stream"], model, device, dtype)
+    with progress_bar(flags["show_progress"] and not as_json, command) as progress:
+        return run(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
+                   restart=flags["restart"], stream=stream, progress=progress)
+
+
 def _profile_path(profile: Optional[Path], out: Optional[Path]) -> Path:
     """Returns the profile to read: --profile, else --out (updated in place, as `profile -o` does)."""
     if profile is None and out is None:
@@ -86,9 +100,9 @@ def kl_scan(
     stack: int = typer.Option(0, "--stack", help="Candidates of one layer stacked into one forward (0: 8 on a GPU, 2 on a CPU)."),
     hidden_cache_mb: int = CacheOpt,
     checkpoint_every: int = WindowOpt,
-    key_factor: float = typer.Option(2.0, "--key-factor", help="Key expert: KL >= this times the median KL of the layer's other candidates."),
-    key_top: int = typer.Option(2, "--key-top", help="At most this many key experts per layer (0: no cap)."),
-    key_min_kl: float = typer.Option(0.0, "--key-min-kl", help="Key expert: KL at least this."),
+    key_factor: float = typer.Option(2.0, "--key-factor", help="High-KL candidate (Pick's key experts until failure-probe runs): KL >= this times the median KL of the layer's other candidates."),
+    key_top: int = typer.Option(2, "--key-top", help="At most this many high-KL candidates per layer (0: no cap)."),
+    key_min_kl: float = typer.Option(0.0, "--key-min-kl", help="High-KL candidate: KL at least this."),
     show: int = typer.Option(15, "--show", help="Rows of the ranked table."),
     out: Optional[Path] = OutOpt,
     restart: bool = RestartOpt,
@@ -100,17 +114,12 @@ def kl_scan(
     as_json: bool = JsonOpt,
 ) -> None:
     """Prune each candidate expert of a domain and rank them by the top-1000 KL of the output (section 4.2)."""
-    from banpick_cli.passes.resume import terminate_as_interrupt
     from banpick_cli.stages.kl_scan import KLScanSettings, run_kl_scan
 
-    profile = _profile_path(profile, out)
     settings = settings_from(KLScanSettings, locals())
-    if dry:
-        return dry_run("kl-scan", settings, model=model, device=device, dtype=dtype, as_json=as_json, profile=profile)
-    stream = choose_stream(stream, model, device, dtype)
-    with terminate_as_interrupt(), progress_bar(show_progress and not as_json, "kl-scan") as progress:
-        result = run_kl_scan(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
-                             restart=restart, stream=stream, progress=progress)
+    result = _scan("kl-scan", run_kl_scan, settings, locals(), dry_profile=True)
+    if result is None:
+        return
     ranked = result.ranked()
     values = sorted((r.kl for r in ranked), reverse=True)
     summary = {
@@ -134,18 +143,21 @@ def kl_scan(
         return
     _notes(result.notes)
     rows = [[i + 1, f"L{r.layer_index}E{r.expert}", f"{r.kl:.4g}", f"{r.kl / values[0]:.0%}" if values[0] > 0 else "-",
-             f"{r.usage:.1%}", "key" if r.key else ""] for i, r in enumerate(ranked[:show])]
-    console.print(table(f"kl-scan '{result.domain}': experts that move the output most when pruned ({settings.prune})",
-                        ["rank", "expert", "top-k KL", "of max", "usage", ""], rows, justify_right_from=2))
-    resumed = f", {result.layers_resumed} resumed" if result.layers_resumed else ""
+             f"{r.usage:.1%}", "yes" if r.key else ""] for i, r in enumerate(ranked[:show])]
+    shown = f"; the top {len(rows)} shown" if len(rows) < len(ranked) else ""
+    console.print(table(f"kl-scan '{result.domain}': {len(ranked)} candidates by the KL of the output when each is pruned "
+                        f"({settings.prune}){shown}", ["rank", "expert", "top-k KL", "of max", "usage", "high KL"],
+                        rows, justify_right_from=2))
+    layers = result.layers_scanned + result.layers_resumed
+    resumed = f"; {result.layers_resumed} of {layers} layers resumed" if result.layers_resumed else ""
     if result.windows_resumed:
         resumed += f"; {result.windows_resumed} of {result.windows} windows resumed"
-    console.print(
-        f"[bold]{result.domain}[/]: {len(ranked)} experts in {result.layers_scanned + result.layers_resumed} layers "
-        f"({result.layers_scanned} scanned now{resumed}), {result.tokens:,} tokens, {result.wall_s:.1f}s; "
-        f"KL max {summary['kl_max']:.4g}, median {summary['kl_median']:.4g}; "
-        f"key experts: {', '.join(summary['key_experts']) or 'none'} -> {result.path}"
+    say(
+        f"[bold]{result.domain}[/]: KL of {len(ranked)} candidates in {layers} layers{resumed}, {result.tokens:,} tokens, "
+        f"{result.wall_s:.1f}s; KL max {summary['kl_max']:.4g}, median {summary['kl_median']:.4g} -> {result.path}"
     )
+    say(f"high-KL candidates: {', '.join(summary['key_experts']) or 'none'} (KL >= {settings.key_factor:g}x the median "
+        "of their layer's other candidates); Pick reinforces them until failure-probe chooses the key experts")
 
 
 @app.command("layer-sensitivity")
@@ -180,17 +192,11 @@ def layer_sensitivity(
     as_json: bool = JsonOpt,
 ) -> None:
     """Measure each MoE layer's sensitivity (K_base -> K_min, top-1000 KL) and the token ratios R that Ban needs."""
-    from banpick_cli.passes.resume import terminate_as_interrupt
     from banpick_cli.stages.layer_sensitivity import LayerSensitivitySettings, run_layer_sensitivity
 
-    profile = _profile_path(profile, out)
-    settings = settings_from(LayerSensitivitySettings, locals())
-    if dry:
-        return dry_run("layer-sensitivity", settings, model=model, device=device, dtype=dtype, as_json=as_json)
-    stream = choose_stream(stream, model, device, dtype)
-    with terminate_as_interrupt(), progress_bar(show_progress and not as_json, "layer-sensitivity") as progress:
-        result = run_layer_sensitivity(settings, profile=profile, out=out, model=model, device=device, dtype=dtype,
-                                       restart=restart, stream=stream, progress=progress)
+    result = _scan("layer-sensitivity", run_layer_sensitivity, settings_from(LayerSensitivitySettings, locals()), locals())
+    if result is None:
+        return
     layers = result.profile.model.moe_layers
     summary = {
         "profile": str(result.path),
@@ -221,7 +227,7 @@ def layer_sensitivity(
         ["layer", "W", "L'", "", "R min", "R max"], rows, justify_right_from=1,
     ))
     w = result.layer_kl
-    console.print(
+    say(
         f"W spread: max/min {float(w.max() / w.min()) if float(w.min()) > 0 else float('inf'):.1f}x "
         f"(most sensitive L{layers[int(w.argmax())]}, least L{layers[int(w.argmin())]}); "
         f"R over all layers [{ban['ratio_min_global']:.3f}, {ban['ratio_max_global']:.3f}] (top-{ban['ratio_k_num']}/top-{ban['k_base']}); "

@@ -60,3 +60,50 @@ def profile_summary(profile: RoutingProfile) -> dict:
         "tensors": sorted(profile.tensors),
         "provenance": profile.provenance,
     }
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One row of `inspect`'s "what each stage found": the stage and what it left in the profile."""
+
+    stage: str
+    found: str
+
+
+def domain_findings(profile: RoutingProfile, domain: str) -> list[Finding]:
+    """Returns which stage found what in a domain: profile's candidates, kl-scan's high-KL candidates,
+    failure-probe's key experts, and the key experts Pick reads now (with the stage that chose them)."""
+    from banpick_cli.stages.kl_scan import KeyExpertRule
+
+    view = profile.domain(domain)
+    layers = profile.model.moe_layers
+
+    def names(mask) -> str:
+        return ", ".join(f"L{layers[m]}E{e}" for m, e in mask.nonzero().tolist()) or "none"
+
+    cands, rule = view.candidates, view.candidate_rule()
+    arms = [f"usage >= {rule.min_ratio:g}x the layer mean"] + ([f"the {rule.top_n} most used"] if rule.top_n else [])
+    found = [Finding("profile", f"{int(cands.sum())} candidates in {int(cands.any(-1).sum())} of {len(layers)} layers "
+                                f"({' or '.join(arms)})")]
+    kl = view.find("kl")
+    if kl is None:
+        found.append(Finding("kl-scan", "not run"))
+    else:
+        knobs = profile.recorded("kl-scan", domain).get("settings", {})
+        high = KeyExpertRule(knobs.get("key_factor", 2.0), knobs.get("key_top", 2), knobs.get("key_min_kl", 0.0)).choose(kl)
+        found.append(Finding("kl-scan", f"KL of {int((~kl.isnan()).sum())} candidates; high-KL candidates: {names(high)}"))
+    probe = profile.recorded("failure-probe", domain)
+    source, key = view.key_source(), view.find("key_experts")
+    if not probe:
+        found.append(Finding("failure-probe", "not run"))
+    else:
+        chosen = names(key) if key is not None and source == "failure-probe" else "(replaced by a later kl-scan)"
+        found.append(Finding("failure-probe", f"{probe.get('candidates_probed', '?')} candidates probed on "
+                                              f"{probe.get('failures', '?')} failures of {probe.get('samples', '?')} "
+                                              f"tasks; key experts: {chosen}"))
+    if key is None or not bool(key.any()):
+        found.append(Finding("Pick reads", "no key experts: pick and ban&pick's Pick leave this domain's routing as is"))
+    else:
+        origin = "kl-scan's high-KL candidates, until failure-probe runs" if source == "kl-scan" else source or "?"
+        found.append(Finding("Pick reads", f"key experts {names(key)} ({origin})"))
+    return found

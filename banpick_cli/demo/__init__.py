@@ -1,1 +1,1 @@
-"""The shipped demo model (artifacts/demo-moe): training from seeds, baseline accuracy, model card."""
+"""The shipped demo model (banpick_cli/artifacts/demo-moe): training from seeds, baseline accuracy, model card."""

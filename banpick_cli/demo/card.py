@@ -1,4 +1,4 @@
-"""The demo model's card (`artifacts/demo-moe/README.md`), written from a training report and baseline scores."""
+"""The demo model's card (`banpick_cli/artifacts/demo-moe/README.md`), written from a training report and baseline scores."""
 
 from __future__ import annotations
 
@@ -74,12 +74,13 @@ real model to work on with no hub and no GPU. It knows only three synthetic doma
 | parameters | {report['parameters']:,} total, {active_parameters(cfg):,} active per token (embeddings tied) |
 | checkpoint | `model.safetensors`, float32, {mb:.1f} MB |
 
-Load it offline: `AutoModelForCausalLM.from_pretrained("artifacts/demo-moe")`, `AutoTokenizer.from_pretrained("artifacts/demo-moe")`.
+It ships inside banpick (package data, in every wheel). Load it offline: `from banpick_cli.paths import DEMO_MODEL_DIR`, then
+`AutoModelForCausalLM.from_pretrained(DEMO_MODEL_DIR)`, `AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)`; or `--model demo`.
 
 ## Training
 
-- Command: `.venv/bin/python tools/train_demo.py` (regenerates `artifacts/data/` and this folder from seeds).
-- Data: `banpick_cli.demo.corpus`, seed {c['data_seed']}. Each domain's held-out tasks (`artifacts/data/<domain>/tasks.jsonl`)
+- Command: `.venv/bin/python tools/train_demo.py` (regenerates `banpick_cli/artifacts/data/` and this folder from seeds).
+- Data: `banpick_cli.demo.corpus`, seed {c['data_seed']}. Each domain's held-out tasks (`banpick_cli/artifacts/data/<domain>/tasks.jsonl`)
   are drawn first; calibration text (`calib.jsonl`) and every training document are drawn from the same generators with
   those task prompts excluded. Training mixes calibration-style text with task-formatted examples
   ({100 * c['task_fraction']:.0f}% of documents); each step has {c['batch_size'] // len(domains)} rows of {c['seq_len']} tokens per domain.

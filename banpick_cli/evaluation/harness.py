@@ -201,8 +201,10 @@ def run_method(
             use_domain = domain or task_set.domain
             if use_domain is None:
                 raise BadSetting(f"task '{task_set.name}' mixes domains: pass --domain for method '{method}'")
+        # Progress names the row and the task set ("ban(λ=0.7) on math"): one line per method, not seven alike.
+        named = _named(progress, f"{result.label} on {task_set.name}")
         with apply(loaded, profile, method, use_domain, count_changes=False, **overrides) as handle:
-            run = run_tasks(loaded, task_set, options, progress=progress)
+            run = run_tasks(loaded, task_set, options, progress=named)
             stats = handle.stats()
         result.runs[task_set.name] = run
         result.experts += stats.avg_experts_overall * sum(stats.tokens)
@@ -210,6 +212,13 @@ def run_method(
         if use_domain:
             result.extra.setdefault("domains", {})[task_set.name] = use_domain
     return result
+
+
+def _named(progress: ProgressFn, name: str) -> ProgressFn:
+    """Returns a progress callback that reports each event under `name` (the method row and task set)."""
+    from dataclasses import replace
+
+    return lambda event: progress(replace(event, task=name))
 
 
 def require_answers(run: TaskRun, what: str) -> None:

@@ -61,13 +61,14 @@ if HFLM is not None:
                      domain: str | None = None, device: str = "auto", dtype: str = "auto", **kwargs: Any):
             from banpick_cli.models.loading import load_model
             from banpick_cli.runtime import apply
+            from banpick_cli.runtime.methods import get_method
 
             routing_args, hflm_args = split_args(method, kwargs)
             loaded = load_model(str(pretrained), device=device or "auto", dtype=dtype or "auto")
             hflm_args.setdefault("batch_size", 1)
             super().__init__(pretrained=loaded.model, tokenizer=loaded.tokenizer, **hflm_args)
             self.loaded = loaded
-            if profile is None and method != "baseline":
+            if profile is None and get_method(method).rules is not None:
                 # dynamic / des / odp / rice read no profile tensor; the plan still checks shapes on one
                 from banpick_cli.profile.format import new_profile
 

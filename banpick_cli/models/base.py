@@ -40,6 +40,9 @@ class MoEAdapter:
 
     model_types: tuple[str, ...] = ()
     family: str = ""
+    # The MoE block's module name in checkpoints and serving engines ("model.layers.3.mlp.gate"); a family
+    # whose original checkpoints name it otherwise lists that name too (Mixtral: block_sparse_moe).
+    block_names: tuple[str, ...] = ("mlp",)
 
     # --- what differs per family -------------------------------------------------------------
     def routing_config(self, config: Any) -> RouterSpec:
@@ -147,3 +150,15 @@ class RoutingHooks:
             return (logits, weights, indices) if override is not None else None
 
         return hook
+
+
+# The adapters by `config.model_type`: filled by `register` (each family's module), read by registry.py.
+ADAPTERS: dict[str, MoEAdapter] = {}
+
+
+def register(adapter_cls: type[MoEAdapter]) -> type[MoEAdapter]:
+    """Class decorator: registers one adapter for each of its model types."""
+    adapter = adapter_cls()
+    for model_type in adapter_cls.model_types:
+        ADAPTERS[model_type] = adapter
+    return adapter_cls

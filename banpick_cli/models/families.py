@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from banpick_cli.models.base import MoEAdapter
+from banpick_cli.models.base import MoEAdapter, register
 from banpick_cli.routing import RouterSpec
-from banpick_cli.models.registry import register
 
 
 @register
@@ -49,6 +48,7 @@ class MixtralAdapter(MoEAdapter):
 
     model_types = ("mixtral",)
     family = "Mixtral"
+    block_names = ("mlp", "block_sparse_moe")  # vLLM and the original checkpoints keep the old name
 
     def routing_config(self, config: Any) -> RouterSpec:
         return RouterSpec(

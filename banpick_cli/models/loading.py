@@ -57,7 +57,8 @@ def resolve_model_name(name: str) -> str:
     """Returns a local path or hub id for a user's --model value."""
     if name == DEMO_MODEL_NAME:
         if not (DEMO_MODEL_DIR / "config.json").exists():
-            raise ModelError(f"the embedded demo model is missing at {DEMO_MODEL_DIR}; run `make demo-model`")
+            raise ModelError(f"the demo model is missing at {DEMO_MODEL_DIR}: reinstall banpick (its wheel carries it) "
+                             "or, in a checkout, run `make demo-model`")
         return str(DEMO_MODEL_DIR)
     return HUB_ALIASES.get(name, name)
 
@@ -139,6 +140,13 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_m
     adapter = adapter_for(config)
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device if device_map is None else _map_device(device_map))
+    quant = getattr(config, "quantization_config", None)
+    quant = quant if quant is None or isinstance(quant, dict) else quant.to_dict()
+    if quant and quant.get("quant_method") == "fp8" and torch_device.type == "cpu" and device_map is None:
+        # transformers dequantizes FP8 on the CPU with a block of (rows / scale rows): wrong for DeepSeek-V3's
+        # partial 128x128 edge blocks (576-row kv_a_proj_with_mqa: an error; other shapes: wrong values).
+        raise ModelError(f"'{name}' is an FP8 block-quantized checkpoint, which loads on the CPU only with --stream "
+                         "(it dequantizes each layer as it is read)")
     extra: dict[str, Any] = {}
     if device_map is not None:
         import_extra("accelerate", "scale", "--device-map")  # from_pretrained needs it for device_map

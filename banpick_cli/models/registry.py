@@ -2,33 +2,25 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from banpick_cli.errors import ModelError, UnsupportedArchitecture
-from banpick_cli.models.base import MoEAdapter
+from banpick_cli.models.base import ADAPTERS, MoEAdapter
 
-_ADAPTERS: dict[str, MoEAdapter] = {}
-
-
-def register(adapter_cls: type[MoEAdapter]) -> type[MoEAdapter]:
-    """Class decorator: registers one adapter for each of its model types."""
-    adapter = adapter_cls()
-    for model_type in adapter_cls.model_types:
-        _ADAPTERS[model_type] = adapter
-    return adapter_cls
 
 
 def supported_model_types() -> list[str]:
     """Returns the model types with an adapter, sorted."""
     _load_builtin()
-    return sorted(_ADAPTERS)
+    return sorted(ADAPTERS)
 
 
 def adapter_for(config: Any) -> MoEAdapter:
     """Returns the adapter for a transformers config, or raises a one-line error."""
     _load_builtin()
     model_type = getattr(config, "model_type", None)
-    adapter = _ADAPTERS.get(model_type)
+    adapter = ADAPTERS.get(model_type)
     if adapter is not None:
         return adapter
     supported = ", ".join(supported_model_types())
@@ -46,5 +38,18 @@ def _looks_moe(config: Any) -> bool:
 
 
 def _load_builtin() -> None:
-    # Importing the family modules runs their @register decorators.
+    # Importing the family modules runs their @register decorators (models.base.register).
     from banpick_cli.models import families  # noqa: F401
+
+
+def block_names() -> tuple[str, ...]:
+    """Returns every family's MoE block module names ("mlp", Mixtral's "block_sparse_moe"), sorted."""
+    _load_builtin()
+    return tuple(sorted({name for adapter in ADAPTERS.values() for name in adapter.block_names}))
+
+
+def gate_pattern() -> re.Pattern[str]:
+    """Returns the pattern of a router gate's module name in a checkpoint or an engine's model, its decoder
+    layer index as group 1: "model.layers.3.mlp.gate", "model.layers.3.block_sparse_moe.gate"."""
+    names = "|".join(map(re.escape, block_names()))
+    return re.compile(rf"(?:^|\.)layers\.(\d+)\.(?:{names})\.gate$")

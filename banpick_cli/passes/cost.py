@@ -84,6 +84,7 @@ class Cost:
     layer_loads: dict[str, int]  # per mode: decoder layers brought to the device or read from disk
     peak_bytes: dict[str, dict[str, int]]  # per mode: {"cpu": ..., "device": ...}
     shape: Shape = field(repr=False)
+    activations: int = 0  # one batch's activations in one decoder layer
 
     def seconds(self, timing: "Timing", mode: str) -> float:
         """Returns the estimated wall time of the run in `mode` on the probed machine."""
@@ -138,10 +139,10 @@ def plan_cost(config: Any, *, command: str, samples: int, seq_len: int, batch_si
     peak = {
         "whole": {"cpu": 0, "device": weights + activations + states},
         "sequential": {"cpu": weights + states, "device": largest + shape.embed_params * b + head + activations},
-        # Converting per-expert checkpoint tensors to the fused layout holds a layer twice for a moment.
-        "stream": {"cpu": 2 * largest + resident + head + states, "device": largest + resident + head + activations},
+        # Each checkpoint tensor is read straight into its place in the (fused) layer: one copy of it.
+        "stream": {"cpu": largest + resident + head + states, "device": largest + resident + head + activations},
     }
-    return Cost(command, batches, tokens, 0, variants, windows, layer_runs, head_runs, layer_loads, peak, shape)
+    return Cost(command, batches, tokens, 0, variants, windows, layer_runs, head_runs, layer_loads, peak, shape, activations)
 
 
 def _activations(config: Any, shape: Shape, batch: int, seq: int, b: int) -> int:
@@ -211,10 +212,11 @@ def probe(config: Any, *, batch_size: int, seq_len: int, device: torch.device, d
         move_s = (time.perf_counter() - start) / 2
     load_s = move_s
     if checkpoint is not None:
-        from banpick_cli.passes.streaming import Checkpoint, StreamedWeights
+        from banpick_cli.passes.checkpoint import open_checkpoint
+        from banpick_cli.passes.streaming import StreamedWeights
 
         routers = {m.layer_index: next(n for n, x in model.named_modules() if x is m.router) for m in moe}
-        weights = StreamedWeights(model, Checkpoint(checkpoint), dtype, device, routers)
+        weights = StreamedWeights(model, open_checkpoint(checkpoint, config), dtype, device, routers)
         start = time.perf_counter()
         weights.acquire(index, device)
         weights.release(index)

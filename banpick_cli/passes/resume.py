@@ -1,5 +1,4 @@
-"""Resuming, one scheme for every stage: partial results in a sidecar file next to the output, and
-SIGTERM as Ctrl-C.
+"""Resuming, one scheme for every stage: partial results in a sidecar file next to the output.
 
 A pass over many batches saves what it has summed so far, every N batches, to a sidecar
 (`<output>.<stage>-<tag>.partial`), stamped with a fingerprint of everything that decides the result:
@@ -26,12 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
-import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
@@ -97,6 +93,7 @@ class Sidecar:
         self.path = sidecar_path(out, stage, tag)
         self.fingerprint = fingerprint
         self.stale = False  # set by load(): a sidecar existed but belonged to another run
+        self.saved: int | None = None  # units (batches, candidates) this run's file holds: loaded or last saved
 
     def load(self) -> Partial | None:
         """Returns the saved partial results of this same run, or None (missing, unreadable or stale)."""
@@ -105,6 +102,7 @@ class Sidecar:
             return None
         found = read_sidecar(self.path, self.fingerprint)
         self.stale = found is None
+        self.saved = found.done if found is not None else None
         return found
 
     def save(self, partial: Partial) -> None:
@@ -120,32 +118,11 @@ class Sidecar:
                 "state": json.dumps(partial.state, sort_keys=True)}
         tensors = {k: v.detach().cpu().contiguous() for k, v in partial.tensors.items()}
         write_bytes_atomic(self.path, save(tensors, metadata=meta), what="checkpoint")
+        self.saved = int(partial.done)
 
     def remove(self) -> None:
         """Deletes the sidecar (after the stage's own output is safely written)."""
         self.path.unlink(missing_ok=True)
-
-
-@contextmanager
-def terminate_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM (a scheduler's or `kill`'s stop) raises KeyboardInterrupt like Ctrl-C.
-
-    The CLI turns KeyboardInterrupt into exit code 3; outputs are written atomically, so the previous
-    profile stays intact, and a rerun resumes from the last sidecar. Outside the main thread (where
-    signals cannot be handled) this does nothing.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def stop(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def mask_digest(mask: torch.Tensor) -> str:

@@ -18,7 +18,6 @@ one load per layer and window.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from contextlib import contextmanager
@@ -29,78 +28,11 @@ import torch
 from torch import nn
 
 from banpick_cli.errors import ModelError
+from banpick_cli.passes.checkpoint import Checkpoint, open_checkpoint, plan, read_into
 from banpick_cli.models.loading import LoadedModel, build_meta, describe, load_config, resolve_device, resolve_dtype
 from banpick_cli.models.registry import adapter_for
 
 _LAYER = re.compile(r"^(?:model\.)?layers\.(\d+)\.")  # model keys of decoder layer N
-
-
-class Checkpoint:
-    """The tensors of a local safetensors checkpoint: which shard holds each key, and their sizes."""
-
-    def __init__(self, folder: str | Path):
-        self.folder = Path(folder)
-        index = self.folder / "model.safetensors.index.json"
-        single = self.folder / "model.safetensors"
-        if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {key: self.folder / shard for key, shard in weight_map.items()}
-        elif single.is_file():
-            self.files = {}
-        else:
-            raise ModelError(f"--stream reads safetensors shards, and {self.folder} has none (model.safetensors[.index.json])")
-        self._headers: dict[Path, tuple[int, dict[str, Any]]] = {}
-        if not self.files:
-            self.files = {key: single for key in self.header(single)[1] if key != "__metadata__"}
-
-    def header(self, path: Path) -> tuple[int, dict[str, Any]]:
-        """Returns (where the data starts, the JSON header) of one shard; headers are read once."""
-        if path not in self._headers:
-            with open(path, "rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                self._headers[path] = (8 + size, json.loads(handle.read(size)))
-        return self._headers[path]
-
-    def read(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """Returns {key: tensor} for `keys`, each read from its shard into fresh memory.
-
-        Plain reads, not a memory map: a private mapping of a shard would count the whole shard (often
-        several layers) against the process's memory, and keep it mapped while any tensor viewed it.
-        """
-        out: dict[str, torch.Tensor] = {}
-        by_file: dict[Path, list[str]] = {}
-        for key in keys:
-            by_file.setdefault(self.files[key], []).append(key)
-        for path, names in by_file.items():
-            start, header = self.header(path)
-            with open(path, "rb", buffering=0) as handle:
-                for name in sorted(names, key=lambda n: header[n]["data_offsets"][0]):
-                    entry = header[name]
-                    begin, end = entry["data_offsets"]
-                    raw = torch.empty(end - begin, dtype=torch.uint8)
-                    handle.seek(start + begin)
-                    view = memoryview(raw.numpy())
-                    got = 0
-                    while got < len(view):
-                        n = handle.readinto(view[got:])
-                        if not n:
-                            raise ModelError(f"{path} is truncated at tensor {name}")
-                        got += n
-                    out[name] = raw.view(_DTYPES[entry["dtype"]]).reshape(entry["shape"])
-        return out
-
-    def nbytes(self, keys: list[str]) -> int:
-        """Returns the bytes `keys` take on disk (from the shard headers; no tensor is read)."""
-        total = 0
-        for key in keys:
-            begin, end = self.header(self.files[key])[1][key]["data_offsets"]
-            total += end - begin
-        return total
-
-
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-           "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
-           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class StreamedWeights:
@@ -203,8 +135,16 @@ class StreamedWeights:
         return decoder.layers
 
     def _read(self, keys: list[str]) -> None:
+        """Reads `keys` into the model: each tensor straight into its (fused) place (passes/checkpoint.py);
+        conversions that module does not know go through transformers' own."""
         if not keys:
             return
+        places, rest = plan(self.model, self.checkpoint, keys)
+        self.bytes_read += read_into(self.model, self.checkpoint, places)
+        if rest:
+            self._convert(rest)
+
+    def _convert(self, keys: list[str]) -> None:
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
         from transformers.utils import logging as hf_logging
 
@@ -264,7 +204,7 @@ def load_streaming(name: str, *, device: str = "auto", dtype: str = "auto") -> L
     torch_dtype = resolve_dtype(dtype, run_device)
     model = build_meta(config, torch_dtype)
     routers = {layer.layer_index: _module_name(model, layer.router) for layer in adapter.moe_layers(model)}
-    weights = StreamedWeights(model, Checkpoint(folder), torch_dtype, run_device, routers)
+    weights = StreamedWeights(model, open_checkpoint(folder, config), torch_dtype, run_device, routers)
     weights.load_resident()
     tokenizer = AutoTokenizer.from_pretrained(resolved)
     if tokenizer.pad_token is None:

@@ -19,7 +19,7 @@ import torch
 from banpick_cli import __version__
 from banpick_cli.errors import FingerprintMismatch, OutputError, ProfileError
 from banpick_cli.profile.identity import ModelIdentity
-from banpick_cli.profile.views import BanView, BatchView, DomainView, missing
+from banpick_cli.profile.views import BanView, BatchView, DomainView
 
 FORMAT_NAME = "banpick.routing_profile"
 SCHEMA_VERSION = 1
@@ -102,7 +102,7 @@ class RoutingProfile:
     def get(self, name: str) -> torch.Tensor:
         """Returns a tensor, or raises a one-line error that names the stage to run first."""
         if name not in self.tensors:
-            raise missing(self, name)
+            raise missing(name)
         return self.tensors[name]
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
@@ -118,6 +118,13 @@ def stage_key(stage: str, domain: str | None = None) -> str:
 def stage_of(name: str) -> str:
     """Returns the command that writes a tensor."""
     return _schema_for(name)[2]
+
+
+def missing(name: str) -> ProfileError:
+    """Returns the one-line error for a tensor a profile lacks (used by RoutingProfile.get)."""
+    domain = name.split("/")[1] if name.startswith("domain/") else None
+    hint = f" --domain {domain}" if domain else ""
+    return ProfileError(f"the profile has no '{name}': run `banpick {stage_of(name)}{hint}` first")
 
 
 def _schema_for(name: str) -> tuple[torch.dtype, tuple[str, ...], str]:

@@ -6,22 +6,31 @@ else: stages, runtimes and reports read `profile.domain("math").kl` and `profile
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
 from banpick_cli.checks import domain_name
-from banpick_cli.errors import ProfileError
 
 if TYPE_CHECKING:
-    from banpick_cli.profile.format import RoutingProfile
     from banpick_cli.profile.stats import CandidateRule
+
+
+class Holder(Protocol):
+    """What a view reads and writes of its profile (format.RoutingProfile, which builds the views)."""
+
+    tensors: dict[str, torch.Tensor]
+    settings: dict[str, Any]
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+    def put(self, name: str, tensor: torch.Tensor) -> None: ...
 
 DOMAIN_PARTS = ("expert_counts", "token_counts", "candidates", "kl", "accuracy_gain", "key_experts")
 # What a new usage count makes stale: a domain's scans and key experts were computed on the old counts.
 DEPENDENT_ON_USAGE = ("kl", "accuracy_gain", "key_experts")
 BAN_PARTS = ("layer_kl", "layer_sensitivity", "ratio_min", "ratio_max", "ratio_hist")
-BATCH = "batch"  # settings key of the batch-aware step (runtime/batch_calib.py)
+BATCH = "batch"  # settings key of the batch-aware step (evaluation/batch_calib.py)
 
 
 class _Group:
@@ -29,7 +38,7 @@ class _Group:
 
     parts: tuple[str, ...] = ()
 
-    def __init__(self, profile: "RoutingProfile", prefix: str):
+    def __init__(self, profile: Holder, prefix: str):
         self._profile, self._prefix = profile, prefix
 
     def name_of(self, part: str) -> str:
@@ -66,7 +75,7 @@ class DomainView(_Group):
 
     parts = DOMAIN_PARTS
 
-    def __init__(self, profile: "RoutingProfile", name: str):
+    def __init__(self, profile: Holder, name: str):
         super().__init__(profile, f"domain/{domain_name(name)}/")
         self.name = name
 
@@ -81,6 +90,11 @@ class DomainView(_Group):
     def settings(self) -> dict[str, Any]:
         """Returns (creating it) the domain's settings record: its candidate rule and key-expert rule."""
         return self._profile.settings.setdefault(f"domain/{self.name}", {})
+
+    def key_source(self) -> str | None:
+        """Returns the stage whose rule chose the stored key experts: "failure-probe" (its key experts) or
+        "kl-scan" (its high-KL candidates, which Pick reads until failure-probe runs); None when unrecorded."""
+        return self._profile.settings.get(f"domain/{self.name}", {}).get("key_experts", {}).get("source")
 
     def recorded_pick(self) -> dict[str, Any]:
         """Returns the recorded Pick settings without creating an empty record."""
@@ -112,7 +126,7 @@ class BanView(_Group):
 
     parts = BAN_PARTS
 
-    def __init__(self, profile: "RoutingProfile"):
+    def __init__(self, profile: Holder):
         super().__init__(profile, "ban/")
 
     layer_kl = property(lambda self: self.get("layer_kl"))  # float32 [M]
@@ -136,7 +150,7 @@ class BanView(_Group):
 class BatchView:
     """The batch-aware step's settings: its candidate bound, calibrated on calibration text (no tensors)."""
 
-    def __init__(self, profile: "RoutingProfile"):
+    def __init__(self, profile: Holder):
         self._profile = profile
 
     @property
@@ -153,11 +167,3 @@ class BatchView:
     def set_settings(self, record: dict[str, Any]) -> None:
         self._profile.settings[BATCH] = record
 
-
-def missing(profile: "RoutingProfile", name: str) -> ProfileError:
-    """Returns the one-line error for a tensor a profile lacks (used by RoutingProfile.get)."""
-    from banpick_cli.profile.format import stage_of
-
-    domain = name.split("/")[1] if name.startswith("domain/") else None
-    hint = f" --domain {domain}" if domain else ""
-    return ProfileError(f"the profile has no '{name}': run `banpick {stage_of(name)}{hint}` first")

@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from banpick_cli.errors import BadSetting, ProfileError, import_extra
 from banpick_cli.profile.format import RoutingProfile, read_profile
 from banpick_cli.progress import ProgressEvent, ProgressFn, silent
+from banpick_cli.report.page import Report, ReportFigure, render_page
 
 ALL_LAYERS_PER_PAGE = 12  # as the paper's appendix figures 6-9
-
-
-@dataclass(frozen=True)
-class ReportFigure:
-    """One written figure: its section of the page, file, title and caption."""
-
-    section: str
-    path: Path
-    title: str
-    caption: str
-
-
-@dataclass
-class Report:
-    """What `build_report` wrote, and which figures it skipped for missing stages (with why)."""
-
-    html: Path
-    figures: list[ReportFigure] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (section, note)
 
 
 def resolve_layers(profile: RoutingProfile, layers: list[int] | None) -> list[int] | None:
@@ -66,7 +47,6 @@ def build_report(
     from banpick_cli.outputs import atomic_folder, check_output, output_error
     from banpick_cli.report import figures
     from banpick_cli.report.data import specialised_layers
-    from banpick_cli.report.page import render_page
 
     source = str(profile) if not isinstance(profile, RoutingProfile) else ""
     out = check_output(out_dir, kind="folder")
@@ -123,12 +103,14 @@ def build_report(
             else:
                 what = "KL per candidate" if part == "kl" else "accuracy gain"
                 report.skipped.append(("pick", _missing(prof.domain(d), part, f"{what} for '{d}'")))
+                report.missing.append(prof.domain(d).name_of(part))
     if prof.ban.has("layer_kl"):
         plan.append(("ban", "layer-sensitivity", "Layer sensitivity W_l",
                      "KL of the output when one layer alone drops from K_base to K_min experts (paper figure 5a).",
                      lambda: figures.layer_sensitivity(prof)))
     else:
         report.skipped.append(("ban", _missing(prof.ban, "layer_kl", "layer sensitivity (figure 5a)")))
+        report.missing.append(prof.ban.name_of("layer_kl"))
     if prof.ban.has("ratio_hist"):
         plan.append(("ban", "token-ratio", "Token ratio R per layer",
                      "Distribution of each token's ratio R of the top-K_min to the top-K_base routing weight, per layer, "
@@ -141,6 +123,7 @@ def build_report(
                          lambda: figures.ban_k(prof)))
     else:
         report.skipped.append(("ban", _missing(prof.ban, "ratio_hist", "token ratio and Ban's K (figure 5b)")))
+        report.missing.append(prof.ban.name_of("ratio_hist"))
 
     # Every file is staged beside its final name and renamed in only when the page is written too: a
     # failure (a full disk) leaves no 0-byte PNG and no page that points at missing figures.

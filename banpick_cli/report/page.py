@@ -6,12 +6,32 @@ import base64
 import json
 from html import escape
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from dataclasses import dataclass, field
+from typing import Mapping
 
 from banpick_cli.profile.format import RoutingProfile
 
-if TYPE_CHECKING:
-    from banpick_cli.report.build import Report
+
+@dataclass(frozen=True)
+class ReportFigure:
+    """One written figure: its section of the page, file, title and caption."""
+
+    section: str
+    path: Path
+    title: str
+    caption: str
+
+
+@dataclass
+class Report:
+    """What `build_report` wrote, and which figures it skipped for missing stages (with why)."""
+
+    html: Path
+    figures: list[ReportFigure] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (section, note)
+    missing: list[str] = field(default_factory=list)  # the profile tensors whose absence skipped a figure
+
+
 
 SECTIONS = [
     ("usage", "Expert usage per domain"),
@@ -34,7 +54,7 @@ code, pre { font-size: 0.82rem; background: #f6f8fa; } pre { padding: 0.5rem; ov
 """
 
 
-def render_page(profile: RoutingProfile, report: "Report", *, source: str = "", images: Mapping[Path, Path] | None = None) -> str:
+def render_page(profile: RoutingProfile, report: Report, *, source: str = "", images: Mapping[Path, Path] | None = None) -> str:
     """Returns the HTML of `report.html`: provenance first, then each section's figures and its skipped-figure
     notes. `images` maps a figure's final path to where its PNG is now (a staged temporary file)."""
     m = profile.model

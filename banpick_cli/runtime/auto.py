@@ -17,7 +17,7 @@ from banpick_cli.errors import BadSetting, ProfileError
 from banpick_cli.profile.format import RoutingProfile
 from banpick_cli.routing import RouterSpec
 
-from banpick_cli.runtime.methods import DOMAIN_METHODS
+from banpick_cli.runtime.methods import get_method, names
 from banpick_cli.runtime.plan import RoutingPlan, build_plan
 
 
@@ -54,8 +54,9 @@ class AutoPlan:
 
 def build_auto(profile: RoutingProfile, specs: list[RouterSpec], method: str, **overrides) -> AutoPlan:
     """Returns an AutoPlan over every domain that has both key experts and usage counts."""
-    if method not in DOMAIN_METHODS:
-        raise BadSetting(f"domain 'auto' applies to methods that read key experts ({', '.join(DOMAIN_METHODS)}), not '{method}'")
+    if not get_method(method).takes_domain:
+        raise BadSetting(f"domain 'auto' applies to methods that read key experts "
+                         f"({', '.join(names(lambda m: m.takes_domain))}), not '{method}'")
     keyed = sorted({name.split("/")[1] for name in profile.tensors if name.endswith("/key_experts")})
     domains = [d for d in keyed if profile.domain(d).has("expert_counts")]
     if not keyed:

@@ -25,7 +25,7 @@ from banpick_cli.routing import Routing, route, weights_for
 
 from banpick_cli.runtime.bundle import load_bundle, sha256_of
 from banpick_cli.runtime.expect import expected_k, max_experts
-from banpick_cli.runtime.methods import ENGINE_METHODS
+from banpick_cli.runtime.methods import get_method, names
 from banpick_cli.runtime.plan import RoutingPlan, build_plan
 
 logger = logging.getLogger("banpick")
@@ -35,10 +35,9 @@ ENV_PARAMS, ENV_OVERFLOW = "BANPICK_PARAMS", "BANPICK_OVERFLOW"
 ENV_UNTESTED = "BANPICK_ALLOW_UNTESTED_ENGINE"
 ENV_ROUTE_ALL = "BANPICK_ROUTE_ALL"  # 1: every layer through the core, even unchanged ones (an equivalence test)
 OVERFLOWS = ("error", "truncate")
-# Decoder-layer index of a router gate or MoE module, in every engine's module names:
-# "model.layers.3.mlp.gate", "model.layers.3.block_sparse_moe.gate" (vLLM Mixtral).
+# Decoder-layer index of an MoE module in every engine's module names ("model.layers.3.mlp.experts");
+# router gates by their family's block names: models.registry.gate_pattern.
 LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-GATE_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:mlp|block_sparse_moe)\.gate$")
 # Agreement the load-time self-check demands between the engine's routing and the core's.
 MAX_SET_MISMATCH = 0.01  # share of tokens whose expert set differs (near-ties in low precision)
 MAX_WEIGHT_ERROR = 0.02  # relative to the largest weight
@@ -97,9 +96,29 @@ def check_version(engine: str, version: str, supported: tuple[tuple[int, int], t
     )
 
 
+def attach_log_handler(engine_logger: str) -> None:
+    """Makes the plugin's INFO lines reach the engine's log when nobody configured the `banpick` logger.
+
+    The engines configure only their own logger (vLLM: `vllm`), so without this a user sees banpick's
+    lines only with a logging config naming it. The handlers of `engine_logger` (or one to stderr) are
+    shared, so the lines come out in the engine's format, in the same stream.
+    """
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handlers = logging.getLogger(engine_logger).handlers or [logging.StreamHandler()]
+    for handler in handlers:
+        logger.addHandler(handler)
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+
 def gate_modules(named_modules) -> dict[int, Any]:
     """Returns {decoder layer index: router gate module} from a model's named_modules()."""
-    return {int(m.group(1)): module for name, module in named_modules if (m := GATE_RE.search(name))
+    from banpick_cli.models.registry import gate_pattern
+
+    pattern = gate_pattern()
+    return {int(m.group(1)): module for name, module in named_modules if (m := pattern.search(name))
             and isinstance(getattr(module, "weight", None), torch.Tensor)}
 
 
@@ -112,7 +131,10 @@ def engine_fingerprint(gates: dict[int, Any]) -> str:
 class EngineRouter:
     """One serving process's routing: the plan on the engine's MoE layers, and the call each layer makes."""
 
-    def __init__(self, settings: EngineSettings, gates: dict[int, Any], *, engine: str, slots: int):
+    def __init__(self, settings: EngineSettings, gates: dict[int, Any], *, engine: str, slots: int,
+                 fingerprint: str | None = None):
+        """`fingerprint`: the gates' fingerprint taken before the engine repacked their weights (vLLM
+        on a CPU empties a linear layer's `weight` after loading); by default it is taken here."""
         self.settings = settings
         self.engine = engine
         self.slots = slots
@@ -127,7 +149,10 @@ class EngineRouter:
                 f"the profile's MoE layers are {list(ident.moe_layers)[:8]}…: pipeline parallelism and partial models "
                 "are not supported (the fingerprint covers every router)"
             )
-        found = engine_fingerprint(gates)
+        if fingerprint is None and not all(gates[i].weight.numel() for i in present):
+            raise EngineUnsupported(f"{engine} repacked the router gates' weights before banpick could read them: the "
+                                    "fingerprint cannot be checked (unsupported engine version or model loader)")
+        found = fingerprint or engine_fingerprint(gates)
         if found != profile.fingerprint:
             raise FingerprintMismatch(
                 f"{settings.profile} was made for another model ({ident.name_or_path}, router fingerprint "
@@ -136,9 +161,13 @@ class EngineRouter:
         method = settings.method or (manifest or {}).get("method") or "baseline"
         domain = settings.domain or (manifest or {}).get("domain")
         params = {**(manifest or {}).get("overrides", {}), **settings.params}
-        if method not in ENGINE_METHODS:
-            raise EngineUnsupported(f"method '{method}' is not served by the engine plugins; they run: {', '.join(ENGINE_METHODS)} "
-                                    "(the HF runtime runs every method)")
+        try:
+            served = get_method(method).engines
+        except BanpickError as err:
+            raise EngineUnsupported(str(err)) from None
+        if not served:
+            raise EngineUnsupported(f"method '{method}' is not served by the engine plugins; they run: "
+                                    f"{', '.join(names(lambda m: m.engines))} (the HF runtime runs every method)")
         if domain == "auto":
             raise EngineUnsupported("domain 'auto' needs a per-request signature pass: the HF runtime has it, the engine plugins do not")
         if slots < ident.k_base:
@@ -163,8 +192,9 @@ class EngineRouter:
         every = slots > ident.k_base or settings.route_all
         self.changed = set(range(len(self.specs))) if every else set(self.plan.rules)
         self.expected = expected_k(self.plan, profile)
-        self.capture_safe = not (method == "pick" and self.plan.params.get("strategy") in ("C", "D"))
+        self.capture_safe = self.plan.graph_safe
         self._scale: dict[int, float] = {}  # engine weight / core weight, learned by the self-check
+        self.sentinel = False  # pruned slots as expert id -1 (only where the engine's kernel skips it)
 
     def changes(self, layer_index: int | None) -> bool:
         """Returns whether the plan reroutes this decoder layer."""
@@ -195,6 +225,8 @@ class EngineRouter:
         routing = self.plan.route(position, logits)
         weights, ids = fit_slots(routing, logits, self.specs[position], self.slots, reweight=self.needed > self.slots)
         scale = self._scale.get(position, 1.0)
+        if self.sentinel:  # static shapes, no host sync: the pruned slots (weight 0) become -1
+            ids = torch.where(weights > 0, ids, torch.full_like(ids, -1))
         return (weights * scale if scale != 1.0 else weights), ids.to(ids_dtype or torch.int32)
 
     def log_line(self) -> str:

@@ -9,8 +9,9 @@ from typing import Any
 import torch
 
 from banpick_cli.profile.format import RoutingProfile
-from banpick_cli.routing import ban_k
+from banpick_cli.routing import ban_k as core_ban_k
 
+from banpick_cli.runtime.methods import get_method, resolve
 from banpick_cli.runtime.plan import RoutingPlan
 
 
@@ -39,36 +40,59 @@ class ExpectedK:
 
 
 def expected_k(plan: RoutingPlan, profile: RoutingProfile | None) -> ExpectedK:
-    """Returns the plan's expected experts per token per layer.
+    """Returns the plan's expected experts per token per layer, by its method record's `expect` rule."""
+    return resolve(get_method(plan.method).expect)(plan, profile)
 
-    baseline and unchanged layers: K_base. Ban: the mean of the core's K over the calibration ratio
-    histogram `ban/ratio_hist` (bin centres), else its range. Pick A: K + the share of tokens whose
-    router misses each key expert (from the domain's usage counts); C adds at most that; B, D, E
-    keep K. Ban&Pick: Ban's K, plus at most one per key expert. DES: k_lo..k_hi; dynamic: 1..width;
-    Fixed-K: its k.
-    """
-    k = float(plan.k_base)
-    m = len(plan.specs)
-    low, high = [k] * m, [k] * m
-    method = plan.method
-    if method in ("ban", "banpick"):
-        low, high, basis = _ban(plan, profile)
-        if method == "banpick":
-            n_key = plan.key_experts.sum(-1).tolist()
-            high = [h + n for h, n in zip(high, n_key)]
-            basis += "; Pick C adds at most one expert per key expert"
-        return ExpectedK(low, high, basis)
-    if method == "pick":
-        return _pick(plan, profile, low, high)
+
+# --- the rules a Method record names as its `expect` ----------------------------------------------
+
+
+def model_k(plan: RoutingPlan, profile: RoutingProfile | None) -> ExpectedK:
+    """The model's own top-k on every layer (baseline; RICE, which changes weights, not the selection)."""
+    k = [float(plan.k_base)] * len(plan.specs)
+    return ExpectedK(k, list(k), "the model's own top-k" if not plan.rules else "selection unchanged")
+
+
+def ban_k(plan: RoutingPlan, profile: RoutingProfile | None) -> ExpectedK:
+    """Ban: the mean of the core's K over the calibration ratio histogram `ban/ratio_hist` (bin centres),
+    else its range between R_max and R_min."""
+    return ExpectedK(*_ban(plan, profile))
+
+
+def banpick_k(plan: RoutingPlan, profile: RoutingProfile | None) -> ExpectedK:
+    """Ban&Pick: Ban's K, plus at most one per key expert."""
+    low, high, basis = _ban(plan, profile)
+    n_key = plan.key_experts.sum(-1).tolist()
+    return ExpectedK(low, [h + n for h, n in zip(high, n_key)], basis + "; Pick C adds at most one expert per key expert")
+
+
+def pick_k(plan: RoutingPlan, profile: RoutingProfile | None) -> ExpectedK:
+    """Pick A: K + the share of tokens whose router misses each key expert (the domain's usage counts);
+    C adds at most that; B, D, E keep K."""
+    k = [float(plan.k_base)] * len(plan.specs)
+    return _pick(plan, profile, k, list(k))
+
+
+def width_k(plan: RoutingPlan, profile: RoutingProfile | None) -> ExpectedK:
+    """A fixed count per layer (Fixed-K): each changed layer's width, K_base elsewhere."""
+    low = [float(plan.rules[i].width) if i in plan.rules else float(plan.k_base) for i in range(len(plan.specs))]
+    return ExpectedK(low, list(low), "k per layer")
+
+
+def up_to_width_k(plan: RoutingPlan, profile: RoutingProfile | None) -> ExpectedK:
+    """A per-token count between 1 and the rule's width (Dynamic)."""
+    return _ranged(plan, lambda rule: 1.0, "range 1..width")
+
+
+def des_k(plan: RoutingPlan, profile: RoutingProfile | None) -> ExpectedK:
+    """DES and ODP: k_lo..k_hi per token."""
+    return _ranged(plan, lambda rule: float(plan.params.get("k_lo") or (rule.width + 1) // 2), "range k_lo..k_hi")
+
+
+def _ranged(plan: RoutingPlan, low_of, basis: str) -> ExpectedK:
+    low, high = [float(plan.k_base)] * len(plan.specs), [float(plan.k_base)] * len(plan.specs)
     for position, rule in plan.rules.items():
-        if method in ("des", "odp"):
-            low[position], high[position] = float(plan.params.get("k_lo") or (rule.width + 1) // 2), float(rule.width)
-        elif method == "dynamic":
-            low[position], high[position] = 1.0, float(rule.width)
-        elif method == "fixed-k":
-            low[position] = high[position] = float(rule.width)
-    basis = {"baseline": "the model's own top-k", "rice": "selection unchanged", "fixed-k": "k per layer",
-             "des": "range k_lo..k_hi", "odp": "range k_lo..k_hi", "dynamic": "range 1..width"}[method]
+        low[position], high[position] = low_of(rule), float(rule.width)
     return ExpectedK(low, high, basis)
 
 
@@ -84,9 +108,9 @@ def max_experts(plan: RoutingPlan) -> int:
     kw = {k: params[k] for k in ("k_min", "lam", "beta", "clip") if k in params}
     for position, rule in plan.rules.items():
         n = rule.width
-        if plan.method in ("ban", "banpick") and params.get("clip", True):
+        if plan.ban_params is not None and params.get("clip", True):
             sens, r_min, r_max = params["per_layer"][position]
-            k_max = int(ban_k(torch.tensor([r_min], dtype=torch.float64), sens, r_min, r_max, plan.k_base, **kw)[0])
+            k_max = int(core_ban_k(torch.tensor([r_min], dtype=torch.float64), sens, r_min, r_max, plan.k_base, **kw)[0])
             n_key = int(rule.key_experts.sum()) if rule.key_experts is not None else 0
             n = min(n, k_max + n_key)
         most = max(most, n)
@@ -107,12 +131,12 @@ def _ban(plan: RoutingPlan, profile: RoutingProfile | None) -> tuple[list[float]
         if hist is not None and int(hist[position].sum()) > 0:
             counts = hist[position].double()
             centres = (torch.arange(counts.shape[0], dtype=torch.float64) + 0.5) / counts.shape[0]
-            per_bin = ban_k(centres, sens, r_min, r_max, k_base, **kw).double()
+            per_bin = core_ban_k(centres, sens, r_min, r_max, k_base, **kw).double()
             value = float((counts * per_bin).sum() / counts.sum())
             low.append(value)
             high.append(value)
         else:  # K falls as R rises: R = R_max gives the fewest experts, R = R_min the most
-            ends = ban_k(torch.tensor([r_max, r_min], dtype=torch.float64), sens, r_min, r_max, k_base, **kw)
+            ends = core_ban_k(torch.tensor([r_max, r_min], dtype=torch.float64), sens, r_min, r_max, k_base, **kw)
             low.append(float(ends[0]))
             high.append(float(ends[1]))
     basis = "Ban's K over the calibration ratio histogram (bin centres)" if hist is not None else \

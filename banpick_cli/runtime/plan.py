@@ -16,7 +16,7 @@ import torch
 from banpick_cli.errors import BadSetting, ProfileError
 from banpick_cli.profile.format import RoutingProfile
 from banpick_cli.routing import BETA, K_MIN, LAM, RouterSpec, Routing, ban, ban_pick, check_ban_params, pick, rice
-from banpick_cli.runtime.methods import Method, allowed_params, get_method
+from banpick_cli.runtime.methods import Method, allowed_params, get_method, resolve
 
 AUTO = "auto"  # a domain chosen per request (runtime/auto.py)
 RATIO_SCOPES = ("layer", "pooled")  # reading 4: R_min/R_max per layer, or over all layers
@@ -44,6 +44,8 @@ class RoutingPlan:
     rules: dict[int, LayerRule] = field(default_factory=dict)
     key_experts: torch.Tensor | None = None  # bool [M, E] when the method reads a domain's key experts
     ban_params: dict[str, Any] | None = None  # what Expected-K needs for ban/banpick
+    # False when a rule builds state on the host per call (Pick C/D's range limit): no CUDA graph capture.
+    graph_safe: bool = True
 
     @property
     def num_experts(self) -> int:
@@ -100,7 +102,7 @@ def build_plan(
     if domain == AUTO:
         raise BadSetting("domain 'auto' chooses a plan per request: call runtime.auto.build_auto")
     _check_overrides(method, overrides)
-    if record.build == "none":
+    if record.rules is None:
         return RoutingPlan(method, None, {}, tuple(specs))
     if profile is None and record.needs_profile:
         raise ProfileError(f"method '{method}' needs a routing profile")
@@ -110,7 +112,7 @@ def build_plan(
         listed = profile.key_domains()
         raise BadSetting(f"method '{method}' needs a domain (--domain); the profile has key experts for: "
                          f"{', '.join(listed) or 'none'}")
-    builder = _BUILDERS[record.build]
+    builder = resolve(record.rules)
     return builder(profile, list(specs), record, domain if record.takes_domain else None, dict(overrides))
 
 
@@ -119,10 +121,10 @@ def key_experts(profile: RoutingProfile, domain: str) -> torch.Tensor:
     return profile.domain(domain).key_experts
 
 
-# --- builders ----------------------------------------------------------------------------------
+# --- builders: a Method record names one of these (or its own) as its `rules` ----------------------------------------------------------------------------------
 
 
-def _pick(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
+def pick_rules(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
     method = record.name
     key = key_experts(profile, domain)
     params = {**record.defaults(), **_recorded(profile.domain(domain).recorded_pick(), record), **overrides}
@@ -132,10 +134,12 @@ def _pick(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
         if not bool(layer_key.any()):  # reading 18: Pick acts only where a layer has key experts
             continue
         rules[position] = _rule(position, spec, lambda x, s=spec, k=layer_key: pick(x, s, k, **params), layer_key)
-    return RoutingPlan(method, domain, _public(params), tuple(specs), rules, key_experts=key)
+    # Pick C and D build their range limit on the host from each call's logits.
+    return RoutingPlan(method, domain, _public(params), tuple(specs), rules, key_experts=key,
+                       graph_safe=params.get("strategy") not in ("C", "D"))
 
 
-def _ban(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
+def ban_rules(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
     method = record.name
     params, per_layer = _ban_setup(profile, record, overrides)
     rules = {
@@ -148,7 +152,7 @@ def _ban(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
                        ban_params=_ban_record(params, per_layer))
 
 
-def _banpick(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
+def banpick_rules(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
     method = record.name
     key = key_experts(profile, domain)
     pick_settings = {k: v for k, v in _recorded(profile.domain(domain).recorded_pick(), record).items() if k == "range_factor"}
@@ -162,17 +166,18 @@ def _banpick(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
                        key_experts=key, ban_params=_ban_record(params, per_layer))
 
 
-def _per_layer_rule(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
+def per_layer_rules(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
     method = record.name
     params = {**record.defaults(), **overrides}
     _require(record, params)
-    fn = record.core
+    fn = record.function
     rules = {}
     for position, spec in enumerate(specs):
         layer_params = dict(params)
-        if record.knob == "k":  # Fixed-K: one k, or one per MoE layer
-            layer_params["k"] = _per_layer_k(params["k"], position, len(specs))
-            if layer_params["k"] == spec.top_k:  # the model's own top-k: leave the layer be
+        if record.knob is not None and record.knob.search == "layer_mix":
+            knob = record.knob.name  # Fixed-K's k: one integer, or one per MoE layer
+            layer_params[knob] = _per_layer_k(params[knob], position, len(specs))
+            if layer_params[knob] == spec.top_k:  # the model's own top-k: leave the layer be
                 continue
         if "thresholds" in params:  # DES medians: [n] pooled, or [M, n] per layer (reading 22)
             layer_params["thresholds"] = _per_layer(params["thresholds"], position, len(specs), "thresholds")
@@ -186,7 +191,7 @@ def _per_layer_rule(profile, specs, record: Method, domain, overrides) -> Routin
     return RoutingPlan(method, None, _public(params), tuple(specs), rules)
 
 
-def _rice(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
+def rice_rules(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
     method = record.name
     params = {**record.defaults(), **overrides}
     _require(record, params)
@@ -317,7 +322,3 @@ def _check_shape(profile: RoutingProfile, specs: list[RouterSpec]) -> None:
             f"the profile describes {len(m.moe_layers)} MoE layers x {m.num_experts} experts, top-{m.k_base}; "
             f"this model has {len(specs)} x {specs[0].num_experts}, top-{specs[0].top_k}"
         )
-
-
-
-_BUILDERS = {"pick": _pick, "ban": _ban, "banpick": _banpick, "per_layer": _per_layer_rule, "rice": _rice}

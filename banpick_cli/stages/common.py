@@ -1,9 +1,11 @@
 """The skeleton every stage shares: its calibration text, the model, the profile it updates, a resumable
 loop, and the provenance it stores.
 
-    text settings (TextSettings) -> check_model -> load_domain_text -> load the model -> open_for_update
-    -> with resumable(...): the pass, saving to its sidecar -> store(): under the profile's lock, re-read,
-       set the stage's own entries and provenance(), write atomically
+    with lifecycle(stage, saved):    Ctrl-C / SIGTERM -> Interrupted (exit 3), saying what was saved
+        settings (TextSettings ...)  -> load_inputs: the model's config, the text, the model
+        open_for_update               -> the pass, saving to its sidecar (passes/resume.py)
+        store(..., provenance(...))   -> under the profile's lock: re-read, refuse a same-domain race,
+                                         set the stage's own entries and provenance, write atomically
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypedDict, Unpack
+from typing import Any, Callable, Iterator, NamedTuple, TypedDict, Unpack
 
 from banpick_cli.checks import at_least, number
 from banpick_cli.errors import BadSetting, Interrupted, ProfileError
@@ -74,17 +76,27 @@ def load_domain_text(settings: TextSettings, *, model: str):
 
 
 @contextmanager
-def resumable(stage: str, out: Path, done: Callable[[], int], total: int | Callable[[], int],
-              unit: str = "layers") -> Iterator[None]:
-    """Turns Ctrl-C / SIGTERM inside the block into Interrupted (exit 3), saying what was saved where.
+def lifecycle(stage: str, out: Path | None = None, saved: Callable[[], str | None] = lambda: None) -> Iterator[None]:
+    """The one interrupt rule of every stage: Ctrl-C or SIGTERM inside the block raises Interrupted (exit 3)
+    saying what was saved beside `out`: `saved()` describes it ("2 of 5 windows", see `count_saved`), or
+    returns None when this run has saved nothing (no checkpoint yet, or checkpoints off), and the message
+    says so."""
+    from banpick_cli.interrupts import terminate_as_interrupt
 
-    `total` may be a callable, read at the interrupt (a scan knows its windows only once it runs)."""
     try:
-        yield
+        with terminate_as_interrupt():
+            yield
     except KeyboardInterrupt:
-        count = total() if callable(total) else total
-        raise Interrupted(f"{stage} stopped: {done()} of {count} {unit} finished and saved beside {out}; "
-                          "rerun the same command to resume") from None
+        what = saved()
+        if what:
+            raise Interrupted(f"{stage} stopped: {what} finished and saved beside {out}; rerun the same command "
+                              "to resume") from None
+        raise Interrupted(f"{stage} stopped before it saved anything; rerun the same command to start again") from None
+
+
+def count_saved(done: Callable[[], int], total: Callable[[], int], unit: str) -> Callable[[], str | None]:
+    """Returns `saved` for `lifecycle`: "d of t <unit>" while d (read at the interrupt) is above 0, else None."""
+    return lambda: f"{done()} of {total()} {unit}" if done() > 0 else None
 
 
 def check_model_first(model: str, loaded) -> None:
@@ -124,14 +136,24 @@ def load_inputs(settings: TextSettings, **args: Unpack[ModelArgs]):
     return domain, text, loaded or load_model(model, device=device, dtype=dtype)
 
 
-def store(out: Path, source: RoutingProfile, loaded: LoadedModel, change: Callable[[RoutingProfile], Any], *,
-          domain: str | None = None) -> RoutingProfile:
+class Origin(NamedTuple):
+    """What a stage's results were computed on, when it loaded no model (import-usage): for `store`."""
+
+    identity: Any  # profile.identity.ModelIdentity
+    fingerprint: str
+
+
+def store(out: Path, source: RoutingProfile, origin: Any, change: Callable[[RoutingProfile], Any], *,
+          domain: str | None = None, writes_usage: bool = False) -> RoutingProfile:
     """Writes a stage's results into the profile at `out` under its lock and returns what was written.
 
-    The file is read again under the lock, so whatever other writers stored meanwhile (other domains,
-    other stages) is kept and `change` sets only this stage's entries; a new `out` starts from `source`,
-    the profile the stage read. With `domain`, refuses when that domain's usage counts in `out` changed
-    since the stage read them (its results would belong to other counts).
+    `origin`: what the results were computed on, its `.identity` and `.fingerprint` (a LoadedModel, or
+    import-usage's checkpoint description). The file is read again under the lock, so whatever other
+    writers stored meanwhile (other domains, other stages) is kept and `change` sets only this stage's
+    entries; a new `out` starts from `source`, the profile the stage read. With `domain`, refuses when that
+    domain's usage counts in `out` changed since the stage read them: its results would belong to other
+    counts, or (`writes_usage`, a stage that writes the counts) a second writer of the same domain would be
+    silently overwritten.
     """
     import torch
 
@@ -144,12 +166,16 @@ def store(out: Path, source: RoutingProfile, loaded: LoadedModel, change: Callab
             current.provenance.update(copy.deepcopy(source.provenance))
         if domain is not None:
             read, now = source.domain(domain).find("expert_counts"), current.domain(domain).find("expert_counts")
-            if read is not None and (now is None or not torch.equal(read, now)):
+            same = (read is None and now is None) or (read is not None and now is not None and torch.equal(read, now))
+            if writes_usage and not same:
+                raise ProfileError(f"another writer stored usage counts of '{domain}' in {out} while this run counted; "
+                                   f"nothing was written (rerun to replace them, or write to another --out)")
+            if not writes_usage and read is not None and not same:
                 raise ProfileError(f"the usage counts of '{domain}' in {out} changed while this stage ran "
                                    "(another `banpick profile` wrote them); rerun this stage")
         change(current)
 
-    return update_profile(out, apply, model=loaded.identity, fingerprint=loaded.fingerprint)[0]
+    return update_profile(out, apply, model=origin.identity, fingerprint=origin.fingerprint)[0]
 
 
 def check_ban_knobs(*, k_min: int = K_MIN, lam: float = LAM, beta: float = BETA, k_base: int | None = None) -> None:
@@ -166,13 +192,16 @@ def command_line() -> str:
     return " ".join(shlex.quote(arg) for arg in [Path(sys.argv[0]).name, *sys.argv[1:]])
 
 
-def provenance(stage: str, settings: Any, loaded: LoadedModel, **facts: Any) -> dict[str, Any]:
-    """Returns the provenance record a stage stores: its settings, the run's facts, and when/how."""
+def provenance(stage: str, settings: Any, loaded: LoadedModel | None, **facts: Any) -> dict[str, Any]:
+    """Returns the provenance record a stage stores: its settings, the run's facts, and when/how.
+
+    `loaded`: the model the stage ran (its device and dtype are recorded); None for a stage that ran none
+    (import-usage reads serving dumps)."""
     record: dict[str, Any] = {
         "stage": stage,
         "settings": asdict(settings) if is_dataclass(settings) else dict(settings),
-        "device": str(loaded.device),
-        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", ""),
+        "device": str(loaded.device) if loaded is not None else "none",
+        "dtype": str(next(loaded.model.parameters()).dtype).replace("torch.", "") if loaded is not None else None,
         "command": command_line(),
         "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }

@@ -31,6 +31,7 @@ class RunEstimate:
     available: dict[str, int]  # bytes free now: "cpu", and "device" on a GPU
     modes: tuple[str, ...]  # the modes this command offers
     fits: dict[str, bool] = field(default_factory=dict)  # per mode: the peak fits the available memory
+    runtime: int = 0  # bytes this process holds now (Python, torch, transformers, the config): measured
 
     @property
     def forwards(self) -> float:
@@ -43,7 +44,25 @@ class RunEstimate:
             **self.cost.as_dict(), "forwards": round(self.forwards, 2), "weights_bytes": weights_bytes(self.cost),
             "seconds": {m: round(s, 2) for m, s in self.seconds.items()}, "available_bytes": self.available,
             "modes": list(self.modes), "fits": self.fits, "timing": None if self.timing is None else vars(self.timing),
+            "stream_cpu_peak_bytes": self.stream_cpu_peak, "stream_cpu_peak_basis": self.stream_basis(),
         }
+
+    @property
+    def stream_cpu_peak(self) -> int:
+        """Returns the process's peak memory of a --stream run on the CPU: the runtime measured here, plus one
+        decoder layer (read straight into place), the resident parts and one batch's activations."""
+        peak = self.cost.peak_bytes["stream"]
+        return self.runtime + peak["cpu"] + (self.cost.activations if "device" not in self.available else 0)
+
+    def stream_basis(self) -> str:
+        """Returns what the --stream CPU peak is made of, and what each part was measured or computed on."""
+        shape, mib = self.cost.shape, lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
+        layer = max(range(shape.layers), key=lambda i: shape.layer_params[i])
+        return (f"runtime {mib(self.runtime)} (this process's resident memory now, measured: Python, torch, transformers) "
+                f"+ the largest decoder layer {mib(shape.layer_params[layer] * shape.bytes_per_param)} (layer {layer}, "
+                f"from the config in {self.dtype}) + embedding, routers, LM head and hidden states "
+                f"{mib(self.cost.peak_bytes['stream']['cpu'] - shape.layer_params[layer] * shape.bytes_per_param)}"
+                + (f" + one batch's activations {mib(self.cost.activations)}" if "device" not in self.available else ""))
 
 
 def weights_bytes(cost: Cost) -> int:
@@ -93,6 +112,7 @@ def estimate_run(command: str, settings: TextSettings, *, model: str, device: st
                      window_batches=getattr(settings, "checkpoint_every", 0) if command != "profile" else 0,
                      dtype=torch_dtype)
     modes = MODES if command == "profile" else ("whole", "stream")
+    runtime = resident_bytes()  # before the probe allocates its layer
     timing, seconds = None, {}
     if time_it:
         folder = Path(resolved)
@@ -103,7 +123,19 @@ def estimate_run(command: str, settings: TextSettings, *, model: str, device: st
     available = available_memory(run_device)
     fits = {mode: _fits(cost, mode, available) for mode in modes}
     return RunEstimate(command, model, str(run_device), str(torch_dtype).replace("torch.", ""), cost, timing, seconds,
-                       available, modes, fits)
+                       available, modes, fits, runtime=runtime)
+
+
+def resident_bytes() -> int:
+    """Returns this process's resident memory now (VmRSS), 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return 0
 
 
 def _fits(cost: Cost, mode: str, available: dict[str, int]) -> bool:

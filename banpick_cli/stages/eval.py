@@ -9,7 +9,7 @@ slower for that; `time_ratio` in the JSON is the paper's total-time ratio.
 
 `target_avg_topk` compares methods at one expert budget: each budgeted method's knob (Fixed-K's k,
 Ban's lambda, Dynamic's tau, DES/ODP's thresholds) is solved on router logits of calibration text
-(`runtime/budget.py`), never on the tasks; each row reports the Avg-TopK it actually ran. Every row
+(`evaluation/budget.py`), never on the tasks; each row reports the Avg-TopK it actually ran. Every row
 carries its paired comparison with the baseline on the same tasks (`evaluation/stats.py`): the 95%
 bootstrap interval of the accuracy change and an exact McNemar p-value.
 """
@@ -28,11 +28,13 @@ from banpick_cli.errors import BadSetting, ProfileError
 from banpick_cli.models.loading import LoadedModel, load_model
 from banpick_cli.paths import DEMO_MODEL_NAME
 from banpick_cli.progress import ProgressFn, silent
-from banpick_cli.runtime.methods import DOMAIN_METHODS, METHODS, PROFILE_METHODS
-from banpick_cli.stages.common import check_ban_knobs
+from banpick_cli.runtime.methods import Method, get_method, names
+from banpick_cli.stages.common import check_ban_knobs, lifecycle
 from banpick_cli.tasks.registry import TaskSet, load_task_set
 
 PICK_STRATEGIES = ("A", "B", "C", "D", "E")
+# Hyperparameters eval computes from calibration text (or per row) when a method requires them.
+CALIBRATED = ("thresholds", "cognitive_experts", "key_tokens")
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,10 @@ class EvalSettings:
     def __post_init__(self) -> None:
         if not self.tasks:
             raise BadSetting("--task: give at least one task set")
-        unknown = [m for m in self.methods if m not in METHODS]
+        known = names()
+        unknown = [m for m in self.methods if m not in known]
         if unknown or not self.methods:
-            raise BadSetting(f"--method: unknown {', '.join(unknown) or '(none)'}; known: {', '.join(METHODS)}")
+            raise BadSetting(f"--method: unknown {', '.join(unknown) or '(none)'}; known: {', '.join(known)}")
         for lam in self.lambdas:
             check_ban_knobs(lam=lam)
         for tau in self.taus:
@@ -88,8 +91,23 @@ class EvalSettings:
             for flag, given in (("--lambda", self.lambdas), ("--k", self.ks)):
                 if given:
                     raise BadSetting(f"{flag} and --target-avg-topk both set the budget: give one")
-        elif "fixed-k" in self.methods and not self.ks:
-            raise BadSetting("--method fixed-k needs --k (e.g. --k 4,5,6) or --target-avg-topk")
+        else:  # a method whose budget knob has no default and no calibration needs its sweep flag
+            for name in self.methods:
+                knob = get_method(name).knob
+                if knob is not None and knob.name in get_method(name).required and knob.name not in CALIBRATED \
+                        and not self.sweep(knob.name):
+                    raise BadSetting(f"--method {name} needs {knob.flag or knob.name} (e.g. {knob.flag} 4,5,6) or "
+                                     "--target-avg-topk")
+
+    def sweep(self, knob: str) -> tuple[Any, ...]:
+        """Returns the values eval's list flag gives a budget knob (--lambda, --tau, --k): one row each."""
+        return {"lam": self.lambdas, "tau": self.taus, "k": self.ks}.get(knob, ())
+
+    def given(self) -> dict[str, Any]:
+        """Returns the hyperparameters the flags set for every method that accepts them (None: not given)."""
+        found = {"k_min": self.k_min, "strategy": self.strategy, "range_factor": self.range_factor,
+                 "factor": self.rice_factor}
+        return {k: v for k, v in found.items() if v is not None}
 
 
 @dataclass
@@ -104,6 +122,7 @@ class EvalReport:
     settings: EvalSettings
     wall_s: float
     notes: list[str] = field(default_factory=list)
+    expert_width: int = 0  # the model's expert FFN width: whether speed can show expert compute (the CLI decides)
 
     @property
     def baseline(self) -> MethodRun:
@@ -158,7 +177,7 @@ class EvalReport:
             "model": self.model, "profile": self.profile, "device": self.device, "wall_s": round(self.wall_s, 2),
             "tasks": {t.name: {"source": t.source, "n": len(t.tasks), "domain": t.domain} for t in self.task_sets},
             "task_order": [t.name for t in self.task_sets],  # JSON output sorts keys; this keeps --task's order
-            "rows": rows, "settings": settings, "notes": self.notes,
+            "rows": rows, "settings": settings, "notes": self.notes, "expert_width": self.expert_width,
         }
 
 
@@ -175,16 +194,24 @@ def run_eval(
     """Runs the baseline, then every requested method setting, on every task set; returns the table.
 
     Task sets, the profile and every routing plan are checked before the first generation, so a
-    missing tensor is reported (naming the stage that writes it) before any long run.
+    missing tensor is reported (naming the stage that writes it) before any long run. Ctrl-C or SIGTERM
+    raises Interrupted (exit 3): eval saves nothing until its table is done.
     """
+    with lifecycle("eval"):
+        return _run_eval(settings, model=model, profile=profile, device=device, dtype=dtype, loaded=loaded,
+                         progress=progress)
+
+
+def _run_eval(settings: EvalSettings, *, model: str, profile: str | Path | None, device: str, dtype: str,
+              loaded: LoadedModel | None, progress: ProgressFn) -> EvalReport:
     from banpick_cli.profile.format import new_profile, read_profile
     from banpick_cli.runtime import build_plan
 
     start = time.perf_counter()
     task_sets = _distinct([load_task_set(spec, limit=settings.limit, offset=settings.offset) for spec in settings.tasks])
     check_code_sandbox(task_sets, settings.options)
-    if profile is None and any(m in PROFILE_METHODS for m in settings.methods):
-        needing = [m for m in settings.methods if m in PROFILE_METHODS]
+    needing = [m for m in settings.methods if get_method(m).needs_profile]
+    if profile is None and needing:
         raise ProfileError(f"method(s) {', '.join(needing)} need a routing profile: pass --profile "
                            "(made by `banpick profile`, `kl-scan`, `layer-sensitivity`, `failure-probe`)")
     if loaded is None:
@@ -199,7 +226,7 @@ def run_eval(
     for label, method, overrides, _ in rows:  # pre-flight: every plan builds, or we stop here
         for domain in _domains(settings, method, task_sets):
             build_plan(prof, specs, method, domain, **{k: v for k, v in overrides.items() if k != "key_tokens"},
-                       **({"key_tokens": lambda n: None} if method == "odp" else {}))
+                       **({"key_tokens": lambda n: None} if "key_tokens" in get_method(method).required else {}))
     if settings.warmup:  # the first generate call pays one-off costs; keep them out of the baseline's time
         run_tasks(loaded, task_sets[0], settings.options, tasks=task_sets[0].tasks[: settings.options.batch_size])
     results = []
@@ -225,7 +252,13 @@ def run_eval(
                 notes.append(f"{row.label} on {name}: no task answered in the expected form (shown as n/a, not 0%)")
     return EvalReport(loaded.identity.name_or_path if model == DEMO_MODEL_NAME else model,
                       str(profile) if profile else None, str(loaded.device), task_sets, results, settings,
-                      time.perf_counter() - start, notes)
+                      time.perf_counter() - start, notes, expert_width=_expert_width(loaded.model.config))
+
+
+def _expert_width(config) -> int:
+    """Returns the width of one expert's FFN from a model config (0 when it does not say)."""
+    config = getattr(config, "text_config", None) or config
+    return int(getattr(config, "moe_intermediate_size", 0) or getattr(config, "intermediate_size", 0) or 0)
 
 
 def _time_again(settings: EvalSettings, loaded: LoadedModel, prof, rows, task_sets: list[TaskSet],
@@ -265,7 +298,7 @@ def _distinct(task_sets: list[TaskSet]) -> list[TaskSet]:
 
 
 def _domains(settings: EvalSettings, method: str, task_sets: list[TaskSet]) -> list[str | None]:
-    if method not in DOMAIN_METHODS:
+    if not get_method(method).takes_domain:
         return [None]
     if settings.domain:
         return [settings.domain]
@@ -276,23 +309,26 @@ def _domains(settings: EvalSettings, method: str, task_sets: list[TaskSet]) -> l
 
 
 def _expand(settings: EvalSettings, loaded: LoadedModel, profile, task_sets: list[TaskSet], notes: list[str]):
-    """Returns [(label, method, overrides, session)], baseline first; a session sets up per-row state."""
+    """Returns [(label, method, overrides, session)], baseline first; a session sets up per-row state.
+
+    Each method's rows follow its record: at a target budget, one row with its knob solved; else one row
+    per value of its knob's sweep flag (--lambda, --tau, --k), else one row. Hyperparameters the flags give
+    go to every method that accepts them; required ones eval can compute (CALIBRATED) are computed.
+    """
     from contextlib import nullcontext
 
     def plain():
         return nullcontext({})
 
     rows: list[tuple[str, str, dict[str, Any], Any]] = [("baseline", "baseline", {}, plain)]
-    ban_common = {} if settings.k_min is None else {"k_min": settings.k_min}
-    pick_common = {k: v for k, v in (("strategy", settings.strategy), ("range_factor", settings.range_factor)) if v is not None}
     calib: dict[str, Any] = {}
     target = settings.target_avg_topk
 
     def budget(method: str, overrides: dict[str, Any], session=plain):
         """Returns (label, overrides, session) of `method` at the target budget, solved on calibration text."""
-        from banpick_cli.runtime.budget import balanced, collect_router_logits, solve_budget
+        from banpick_cli.evaluation.budget import balanced, collect_router_logits, solve_budget
 
-        if "logits" not in calib and method != "fixed-k":  # each domain's calibration tokens weigh the same
+        if "logits" not in calib and get_method(method).knob.search != "layer_mix":  # each domain's tokens weigh the same
             calib["logits"] = balanced([collect_router_logits(loaded, texts, batch_size=settings.options.batch_size)
                                         for texts in _calib_texts_by_domain(settings, loaded, task_sets).values()])
         domain = _domains(settings, method, task_sets)[0]
@@ -305,51 +341,53 @@ def _expand(settings: EvalSettings, loaded: LoadedModel, profile, task_sets: lis
         return solved.label, {**overrides, **solved.overrides}, _reporting(session, record)
 
     for method in dict.fromkeys(settings.methods):
-        if method == "baseline":
+        record = get_method(method)
+        if record.rules is None:  # the model's own routing: the baseline row
             continue
-        if target is not None and method in ("fixed-k", "ban", "banpick", "dynamic", "des", "odp"):
-            common = {"ban": ban_common, "banpick": {**ban_common, **{k: v for k, v in pick_common.items()
-                                                                      if k == "range_factor"}}}.get(method, {})
-            session = _odp_session(loaded, settings.odp_protect) if method == "odp" else plain
-            label, overrides, session = budget(method, common, session)
+        accepted = set(record.params())
+        given = {k: v for k, v in settings.given().items() if k in accepted}
+        knob = record.knob
+        solving = target is not None and knob is not None
+        computed, session = _calibrated(settings, loaded, task_sets, record, calib, notes,
+                                        skip=knob.name if solving else None)
+        if solving:
+            label, overrides, session = budget(method, {**given, **computed}, session)
             rows.append((label, method, overrides, session))
             continue
-        if target is not None and method in ("pick", "rice"):
+        if target is not None:
             notes.append(f"{method} has no expert budget: it runs at its own Avg-TopK")
-        if method == "fixed-k":
-            for k in settings.ks:
-                rows.append((f"fixed-k(k={k})", "fixed-k", {"k": k}, plain))
-        elif method == "pick":
-            label = "pick" + (f"({settings.strategy})" if settings.strategy else "")
-            rows.append((label, "pick", pick_common, plain))
-        elif method in ("ban", "banpick"):
-            name = "ban&pick" if method == "banpick" else "ban"
-            extra = {k: v for k, v in pick_common.items() if k == "range_factor"} if method == "banpick" else {}
-            for lam in settings.lambdas or (None,):
-                overrides = {**ban_common, **extra, **({} if lam is None else {"lam": lam})}
-                rows.append((name if lam is None else f"{name}(λ={lam:g})", method, overrides, plain))
-        elif method == "dynamic":
-            for tau in settings.taus:
-                rows.append((f"dynamic(τ={tau:g})", "dynamic", {"tau": tau}, plain))
-        elif method in ("des", "odp"):
-            if "des" not in calib:
-                calib["des"] = _des_thresholds(settings, loaded, task_sets)
-            thresholds = calib["des"]
-            if method == "des":
-                rows.append(("des", "des", {"thresholds": thresholds}, plain))
-            else:
-                rows.append((f"odp({settings.odp_protect:g})", "odp", {"thresholds": thresholds},
-                             _odp_session(loaded, settings.odp_protect)))
-        elif method == "rice":
-            from banpick_cli.passes.baseline_params import rice_cognitive_experts
-
-            experts, _ = rice_cognitive_experts(loaded, _calib_texts(settings, loaded, task_sets),
-                                                settings.rice_markers or None, top=settings.rice_top)
-            where = [(int(m), int(e)) for m, e in experts.nonzero().tolist()]
-            notes.append("rice cognitive experts (moe layer, expert): " + ", ".join(f"L{m}E{e}" for m, e in where))
-            rows.append((f"rice(x{settings.rice_factor:g})", "rice",
-                         {"cognitive_experts": experts, "factor": settings.rice_factor}, plain))
+        values = settings.sweep(knob.name) if knob is not None else ()
+        if values:
+            for value in values:
+                rows.append((knob.label(record.label, value), method, {**given, **computed, knob.name: value}, session))
+        else:
+            rows.append((record.row_label({**settings.given(), **given}), method, {**given, **computed}, session))
     return rows
+
+
+def _calibrated(settings: EvalSettings, loaded: LoadedModel, task_sets: list[TaskSet], record: Method,
+                calib: dict[str, Any], notes: list[str], *, skip: str | None):
+    """Returns (hyperparameters, session) for what `record` requires and eval computes (CALIBRATED), but `skip`."""
+    from contextlib import nullcontext
+
+    computed: dict[str, Any] = {}
+    session = lambda: nullcontext({})  # noqa: E731
+    needs = [name for name in record.required if name in CALIBRATED and name != skip]
+    if "thresholds" in needs:  # DES medians on calibration text, shared by every method that needs them
+        if "des" not in calib:
+            calib["des"] = _des_thresholds(settings, loaded, task_sets)
+        computed["thresholds"] = calib["des"]
+    if "cognitive_experts" in needs:
+        from banpick_cli.passes.baseline_params import rice_cognitive_experts
+
+        experts, _ = rice_cognitive_experts(loaded, _calib_texts(settings, loaded, task_sets),
+                                            settings.rice_markers or None, top=settings.rice_top)
+        where = [(int(m), int(e)) for m, e in experts.nonzero().tolist()]
+        notes.append(f"{record.name} cognitive experts (moe layer, expert): " + ", ".join(f"L{m}E{e}" for m, e in where))
+        computed["cognitive_experts"] = experts
+    if "key_tokens" in record.required:  # chosen per batch by hooks that live as long as the row runs
+        session = _odp_session(loaded, settings.odp_protect)
+    return computed, session
 
 
 def _reporting(session, record: dict[str, Any]):

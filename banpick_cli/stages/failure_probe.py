@@ -21,14 +21,15 @@ candidate done. The profile is written once, at the end.
 from __future__ import annotations
 
 import copy
+from typing import Unpack
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from banpick_cli.passes.resume import Partial, Sidecar, run_fingerprint, terminate_as_interrupt
-from banpick_cli.stages.common import check_model_first, open_for_update, provenance, store
+from banpick_cli.passes.resume import Partial, Sidecar, run_fingerprint
+from banpick_cli.stages.common import ModelArgs, check_model_first, lifecycle, open_for_update, provenance, store
 from banpick_cli.evaluation.harness import EvalOptions, check_code_sandbox, TaskRun, require_answers, run_tasks
 from banpick_cli.checks import at_least, domain_name, expert_choice, number, one_of
 from banpick_cli.errors import BanpickError, ProfileError
@@ -166,16 +167,8 @@ def forced_profile(profile: RoutingProfile, domain: str, layer: int, expert: int
     return probe
 
 
-def run_failure_probe(
-    settings: FailureProbeSettings,
-    *,
-    profile: str | Path,
-    model: str = DEMO_MODEL_NAME,
-    device: str = "auto",
-    dtype: str = "auto",
-    loaded: LoadedModel | None = None,
-    progress: ProgressFn = silent,
-) -> FailureProbeResult:
+def run_failure_probe(settings: FailureProbeSettings, *, profile: str | Path, progress: ProgressFn = silent,
+                      **args: Unpack[ModelArgs]) -> FailureProbeResult:
     """Evaluates the baseline, probes every candidate on the failure set, and updates the profile.
 
     Raises ProfileError naming the stage to run when the profile lacks the domain's candidates (or
@@ -183,6 +176,9 @@ def run_failure_probe(
     model answers none of the tasks in the expected form.
     """
     from banpick_cli.runtime import apply
+
+    model, loaded = args.get("model", DEMO_MODEL_NAME), args.get("loaded")
+    device, dtype = args.get("device", "auto"), args.get("dtype", "auto")
 
     path = Path(profile)
     if not path.is_file():
@@ -204,7 +200,9 @@ def run_failure_probe(
         dtype=str(next(loaded.model.parameters()).dtype)))
     saved = sidecar.load()
     m, e = prof.shape
-    with terminate_as_interrupt():
+    # The failure set is saved first (0 candidates), then after each candidate.
+    with lifecycle("failure-probe", path, lambda: None if sidecar.saved is None else
+                   f"the failure set and {sidecar.saved} of {len(candidates)} candidates"):
         if saved is not None:
             failure_ids = list(saved.state["failure_set"])
             baseline_correct = int(saved.state["baseline_correct"])
@@ -257,6 +255,7 @@ def _store(prof: RoutingProfile, loaded: LoadedModel, settings: FailureProbeSett
     d = settings.domain
     prof.domain(d).put("accuracy_gain", accuracy_gain(fixed, len(failure_ids)))
     prof.domain(d).put("key_experts", key)
+    prof.domain(d).settings["key_experts"] = {"source": "failure-probe"}  # replaces kl-scan's high-KL proposal
     prof.domain(d).set_pick({
         "strategy": settings.strategy,
         "range_factor": settings.range_factor,

@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
 
-from banpick_cli.stages.common import CandidateKnobs, command_line
+from banpick_cli.stages.common import CandidateKnobs, Origin, lifecycle, provenance, store
 from banpick_cli.checks import domain_name, number, one_of
 from banpick_cli.errors import BadSetting, DataError
 from banpick_cli.profile.fingerprint import router_fingerprint
 from banpick_cli.profile.identity import ModelIdentity
-from banpick_cli.profile.format import RoutingProfile, check_fingerprint, ensure_writable, new_profile, read_profile, write_profile
+from banpick_cli.profile.format import RoutingProfile, check_fingerprint, ensure_writable, new_profile, read_profile
 
 ENGINES = ("sglang", "vllm")
 SGLANG_DEFAULT_BUFFER = 1000  # --expert-distribution-recorder-buffer-size: a circular buffer of forward passes
@@ -116,7 +115,7 @@ def _checkpoint_fingerprint(folder: Path, adapter, layers) -> str | None:
     for layer in layers:
         for name, meta in adapter.router_tensors(layer).items():
             # Checkpoints keep the original module names (Mixtral's block_sparse_moe), not the loaded ones.
-            keys = [f"model.layers.{layer.layer_index}.{block}.gate.{name}" for block in ("mlp", "block_sparse_moe")]
+            keys = [f"model.layers.{layer.layer_index}.{block}.gate.{name}" for block in adapter.block_names]
             key = next((k for k in keys if k in weight_map), None)
             if key is None:
                 return None
@@ -426,27 +425,23 @@ def run_import(settings: ImportSettings, *, model: str, out: str | Path) -> Impo
             fingerprint = load_model(model, device="cpu").fingerprint  # not a local checkpoint: load it once
         profile = new_profile(identity, fingerprint)
     reader = read_sglang if settings.engine == "sglang" else read_vllm
-    usage = reader(settings.files, profile.model, replicas=settings.replicas)
+    with lifecycle("import-usage"):
+        usage = reader(settings.files, profile.model, replicas=settings.replicas)
     name = settings.domain
-    dropped = profile.domain(name).store_usage(usage.expert_counts, usage.token_counts, settings.rule)
+    dropped: list[str] = []
     wall = time.perf_counter() - start
-    profile.record("profile", name, {
-        "stage": "import-usage",
-        "settings": asdict(settings),
-        "dataset": f"{settings.engine} dump: " + ", ".join(Path(f).name for f in usage.files[:5])
-                   + (f" (+{len(usage.files) - 5} more)" if len(usage.files) > 5 else ""),
-        "split": None,
-        "samples": usage.sequences,
-        "tokens": int(usage.token_counts[0]) if len(usage.token_counts) else 0,
-        "tokens_exact": usage.tokens_exact,
-        "seq_len": None,
-        "seed": None,
-        "notes": usage.notes,
-        "command": command_line(),
-        "wall_s": round(wall, 3),
-        "device": "none (read from serving dumps)",
-        "dtype": None,
-        "finished_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    })
-    write_profile(profile, out)
+    record = provenance(
+        "import-usage", settings, None,
+        dataset=f"{settings.engine} dump: " + ", ".join(Path(f).name for f in usage.files[:5])
+                + (f" (+{len(usage.files) - 5} more)" if len(usage.files) > 5 else ""),
+        split=None, samples=usage.sequences, tokens=int(usage.token_counts[0]) if len(usage.token_counts) else 0,
+        tokens_exact=usage.tokens_exact, seq_len=None, seed=None, notes=usage.notes, wall_s=round(wall, 3),
+        device="none (read from serving dumps)",
+    )
+
+    def change(p: RoutingProfile) -> None:
+        dropped.extend(p.domain(name).store_usage(usage.expert_counts, usage.token_counts, settings.rule))
+        p.record("profile", name, record)
+
+    profile = store(out, profile, Origin(profile.model, profile.fingerprint), change, domain=name, writes_usage=True)
     return ImportResult(profile, out, usage, dropped, wall)

@@ -16,7 +16,7 @@ from typing import Unpack
 import torch
 
 from banpick_cli.passes.resume import WindowCheckpoint, digest, mask_digest, previous_output, texts_digest
-from banpick_cli.stages.common import ModelArgs, TextSettings, load_inputs, provenance, resumable, store
+from banpick_cli.stages.common import ModelArgs, TextSettings, count_saved, lifecycle, load_inputs, provenance, store
 from banpick_cli.passes.kl import TOP_TOKENS, KLEngine, LayerPlan, RouteVariant
 from banpick_cli.checks import at_least, expert_choice, number, one_of
 from banpick_cli.errors import ProfileError
@@ -225,7 +225,8 @@ def run_kl_scan(
     resume, _ = checkpoint.resume(int(scanned.sum())) if plans else (None, {})
 
     start = time.perf_counter()
-    with resumable("kl-scan", out, lambda: checkpoint.windows, lambda: engine.windows_resumed + engine.windows, "windows"):
+    with lifecycle("kl-scan", out, count_saved(lambda: checkpoint.windows, lambda: engine.windows_resumed + engine.windows,
+                                               "windows")):
         found = engine.run(plans, resume=resume, on_window=checkpoint.save)
     wall = time.perf_counter() - start
 

@@ -20,7 +20,7 @@ import torch
 
 from banpick_cli.passes.resume import WindowCheckpoint, digest, previous_output, texts_digest
 from banpick_cli.stages.common import (
-    ModelArgs, TextSettings, check_ban_knobs, load_inputs, open_for_update, provenance, resumable, store,
+    ModelArgs, TextSettings, check_ban_knobs, load_inputs, open_for_update, provenance, lifecycle, count_saved, store,
 )
 from banpick_cli.passes.kl import TOP_TOKENS, KLEngine, LayerPlan, RouteVariant
 from banpick_cli.checks import at_least, number, one_of
@@ -230,7 +230,8 @@ def run_layer_sensitivity(
         resume, checkpoint.stale, checkpoint.windows = None, True, 0
 
     start = time.perf_counter()
-    with resumable(stage, out, lambda: checkpoint.windows, lambda: engine.windows_resumed + engine.windows, "windows"):
+    with lifecycle(stage, out, count_saved(lambda: checkpoint.windows, lambda: engine.windows_resumed + engine.windows,
+                                           "windows")):
         found = engine.run(plans, observers=[ratios], resume=resume,
                            on_window=lambda sums: checkpoint.save(sums, ratios.state()))
     wall = time.perf_counter() - start

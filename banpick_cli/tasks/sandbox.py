@@ -1,42 +1,49 @@
 """Runs untrusted Python (model-written code plus its unit tests) in an isolated, limited process.
 
-The kernel isolates each program, as bubblewrap and nsjail do, with nothing but Python and its
-ctypes: a launcher (`python -I -B -c _LAUNCHER`) calls `unshare(2)` for new user, mount, PID,
-network, IPC, UTS and cgroup namespaces and forks an init, PID 1 of the new PID namespace; the init
-builds the file-system view, drops its capabilities and forks the program (PID 2), which compiles
-and runs `main.py` in that same interpreter (no second interpreter start: ~0-5 ms over the old
-sandbox per program). It works as root and as a normal user where user namespaces are allowed.
+The kernel isolates each program, as bubblewrap and nsjail do, with nothing but Python and its ctypes: the
+host starts `python -I -B tasks/sandbox_child.py` (a module of its own, run as a file), which joins a memory
+cgroup made for this program where one can be made, unshares user, mount, PID, network, IPC, UTS and
+cgroup namespaces and forks an init (PID 1 inside); the init builds the program's root, makes itself
+non-dumpable, drops its capabilities and forks the program (PID 2), which runs `main.py` in that same
+interpreter. It works as root and as a normal user where user namespaces are allowed.
 
-- Files: every mount is read-only (`mount_setattr(AT_RECURSIVE, MOUNT_ATTR_RDONLY)`, or a remount of
-  each mount on kernels before 5.12). `/tmp` is a private tmpfs (64 MiB, 4096 inodes) that holds the
-  program's run directory, its cwd; `/dev/shm` is a private tmpfs; `/run` is an empty read-only
-  tmpfs (no host sockets); `/dev` is a read-only tmpfs with only null, zero, full, random, urandom.
-  Everything the program writes vanishes with it; the host keeps nothing of it but its output.
-- Processes: the program sees only its own PID namespace (a fresh read-only `/proc`). It cannot
-  signal, trace or even name the evaluator or the launcher (its own session, pid numbers that mean
-  nothing outside). When the init exits, the kernel kills everything left in the namespace
-  (`setsid` and double forks included) before the run returns.
-- Privileges: no capability, no_new_privs, and a user id that is not 0 inside (1000 when run as
-  root), so it cannot undo the mounts or gain privileges through setuid files. Run as root, its
-  file accesses are still checked as the host's uid 0 without capabilities: it reads what root's
-  owner bits allow.
+What is isolated (each a test in tests/tasks/test_sandbox*.py, as root and as user nobody):
+- Files: the program's root is a tmpfs it was pivoted into (`pivot_root`, the host's tree detached):
+  the base interpreter's prefix, /usr, /lib*, /bin, /sbin and /etc/ld.so.cache, read-only; a private /tmp
+  (64 MiB, 4096 inodes, noexec) holding its folder, its cwd; a read-only /dev with null, zero, full,
+  random, urandom and a private /dev/shm. No /etc beyond that, no /home, /root, /var, /run, /proc, /sys,
+  no checkout: the host's unix sockets, secrets and profiles are not there to open or connect to.
+- Processes: its own PID namespace and no /proc; it cannot signal or name the evaluator. The init and the
+  program are non-dumpable and nothing inside holds a capability, so ptrace (PTRACE_ATTACH on pid 1 or 2)
+  and reading their memory fail. When the init exits, the kernel kills everything left in the namespace.
+- Privileges: no capability, no_new_privs, a user id that is not 0 inside (1000 when run as root).
 - Network: an empty network namespace (a down loopback only), so every connect fails.
-- Limits: wall-clock timeout (the launcher kills the init from outside, which takes the namespace
-  down), RLIMIT_AS (memory), RLIMIT_CPU, RLIMIT_FSIZE (1 MiB per file, stdout and stderr included),
-  RLIMIT_NOFILE, RLIMIT_NPROC (which the kernel does not enforce for root; on Linux 6.14+ the
-  namespace's own pid_max caps it near 300 processes instead).
+- Verdict: "passed" only when the program's code ran to its end: the host sends a random token through a
+  pipe into the program's process before the program starts; only the frame that ran the program can have
+  it written to the verdict pipe, after the code returned (sandbox_child.py says how). The exit status is
+  reported (`returncode`) but decides nothing: `os._exit(0)`, `sys.exit(0)`, an atexit handler, a signal
+  or a fork grade a run failed.
+- Limits: wall-clock timeout (the launcher kills the init from outside, which takes the namespace down);
+  memory: a cgroup caps the whole tree at `memory_mb` where one can be made (root with cgroup v1's memory
+  hierarchy or a delegated cgroup v2), else RLIMIT_AS per process times RLIMIT_NPROC (`memory_bound()`
+  says which, in words); RLIMIT_CPU, RLIMIT_FSIZE (1 MiB per file, stdout and stderr included),
+  RLIMIT_NOFILE, RLIMIT_NPROC (which the kernel does not enforce for root; on Linux 6.14+ the namespace's
+  own pid_max caps it near 300 processes instead).
 - stdin, stdout and stderr are unlinked temporary files the program cannot remove; stdin is empty.
 
-Not isolated: reading. The program can read whatever the evaluator's user can (as root, almost
-everything, home directories included); with no network it can leak that only through its stderr
-tail. It shares the kernel (no seccomp filter); the tmpfs pages it writes count against no rlimit
-(80 MiB at most). Where the kernel refuses user namespaces (sysctls such as
-kernel.unprivileged_userns_clone=0, AppArmor's restrict_unprivileged_userns, some container seccomp
-profiles), code tasks refuse to run (`SandboxUnavailable`) unless the caller opts in with
-`allow_unsafe=True` (the CLI's `--allow-unsafe-code`) or `BANPICK_ALLOW_UNSAFE_CODE=1`; that
-best-effort path is a `python -I` in a temporary directory with the same rlimits, an attempt at a
-network namespace plus a socket guard, and a kill of its process group: it confines no write, and
-`setsid` children outlive it.
+Not isolated: the kernel is shared (no seccomp filter); /usr and the interpreter's prefix are readable; a
+program can still make its asserts true by what it returns (an object equal to everything). The verdict
+holds against Python code; inside the program's process an audit hook refuses ctypes, gc's object walks,
+tracing, marshal and hand-built code objects, the routes to the token in memory; a native extension
+module that the interpreter's own prefix ships could still read it. The isolated path costs ~50 ms per
+program over a bare `python -I` (docs/benchmarks.md). Where the kernel refuses user namespaces (sysctls such
+as kernel.unprivileged_userns_clone=0 or a reached user.max_user_namespaces, AppArmor's
+restrict_unprivileged_userns, some container seccomp profiles), code tasks refuse to run
+(`SandboxUnavailable`) unless the caller opts in with `allow_unsafe=True` (the CLI's
+`--allow-unsafe-code`) or `BANPICK_ALLOW_UNSAFE_CODE=1`; that best-effort path is a `python -I` in a
+temporary directory with the same rlimits, an attempt at a network namespace plus a socket guard, and a
+kill of its process group: it confines no write and no read, `setsid` children outlive it, and its verdict
+is the exit status.
 """
 
 from __future__ import annotations
@@ -76,233 +83,9 @@ NETWORK_GUARD = (
     "del _bp_s, _bp__s, _bp_m, _bp_n\n"
 )
 
-# The launcher, run as `python -I -B -c _LAUNCHER timeout_s memory_mb nproc name report_fd legacy` with
-# the program on stdin and stdout/stderr already the host's output files. It is source text, not an
-# import of this package, which would cost tens of milliseconds per program. It writes one line to
-# report_fd: "exit N" (N < 0: killed by signal -N), "timeout" or "error WHY".
-_LAUNCHER = r'''
-import ctypes, os, select, signal, sys
-timeout_s, memory_mb, nproc, name, report_fd, legacy = sys.argv[1:]
-timeout_s, memory_mb, nproc, report_fd = float(timeout_s), int(memory_mb), int(nproc), int(report_fd)
-libc = ctypes.CDLL(None, use_errno=True)
-libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
-RDONLY, NOSUID, NODEV, NOEXEC, REMOUNT, BIND, REC, PRIVATE = 1, 2, 4, 8, 32, 4096, 16384, 1 << 18
-
-def check(rc, what):
-    if rc != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, "%s: %s" % (what, os.strerror(err)))
-
-def mount(source, target, fstype, flags, data=None):
-    enc = lambda s: None if s is None else s.encode()
-    check(libc.mount(enc(source), enc(target), enc(fstype), flags, enc(data)), "mount %s" % target)
-
-def write(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-def read_only(path, recursive):
-    # mount_setattr(2) (Linux 5.12, syscall 442 on every architecture) keeps each mount's other flags,
-    # which a user namespace may not change (they are locked); before it, remount one mount at a time.
-    if legacy != "1":
-        attr = (ctypes.c_uint64 * 4)(1, 0, 0, 0)  # attr_set = MOUNT_ATTR_RDONLY
-        flags = 0x8000 if recursive else 0  # AT_RECURSIVE
-        libc.syscall.restype = ctypes.c_long
-        if libc.syscall(ctypes.c_long(442), ctypes.c_int(-100), path.encode(), ctypes.c_uint(flags),
-                        ctypes.byref(attr), ctypes.c_size_t(32)) == 0:
-            return
-        if ctypes.get_errno() not in (38, 22):  # ENOSYS, EINVAL: an older kernel
-            check(-1, "mount_setattr %s" % path)
-    points = [path]
-    if recursive:
-        import re
-        with open("/proc/self/mountinfo", "rb") as f:
-            points = [l.split()[4] for l in f]
-        octal = lambda m: bytes([int(m.group(1), 8)])  # mountinfo writes a space as \040
-        points = [os.fsdecode(re.sub(rb"\\([0-7]{3})", octal, p)) for p in points]
-        points = [p for p in points if p == path or p.startswith(path.rstrip("/") + "/")]
-    keep = {2: NOSUID, 4: NODEV, 8: NOEXEC, 1024: 1024, 2048: 2048, 4096: 1 << 21}  # ST_* -> MS_*
-    for point in points:
-        try:
-            flag = os.statvfs(point).f_flag
-        except OSError:
-            continue  # hidden under another mount, so out of reach
-        extra = sum(ms for st, ms in keep.items() if flag & st)
-        mount(None, point, None, REMOUNT | BIND | RDONLY | extra)
-
-def init(source, status_w, life_r):
-    # PID 1 of the new namespace, still holding every capability inside it: builds the file-system
-    # view, drops its capabilities, then forks the program and waits for it.
-    check(libc.prctl(1, signal.SIGKILL, 0, 0, 0), "prctl")  # PR_SET_PDEATHSIG: dies with the launcher
-    if select.select([life_r], [], [], 0)[0]:
-        os._exit(1)  # the launcher died before the line above
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as init, the program cannot signal us
-    os.setsid()
-    mount(None, "/", None, REC | PRIVATE)
-    devices = {d: os.open("/dev/" + d, os.O_PATH) for d in ("null", "zero", "full", "random", "urandom")}
-    read_only("/", True)
-    mount("tmpfs", "/tmp", "tmpfs", NOSUID | NODEV, "size=64m,nr_inodes=4096,mode=1777")
-    home = "/tmp/" + name
-    os.mkdir(home, 0o700)
-    with open(home + "/main.py", "wb") as f:
-        f.write(source)
-    mount("tmpfs", "/dev", "tmpfs", NOSUID | NOEXEC, "size=64k,nr_inodes=64,mode=755")
-    for dev, fd in devices.items():
-        os.close(os.open("/dev/" + dev, os.O_CREAT | os.O_WRONLY, 0o666))
-        mount("/proc/self/fd/%d" % fd, "/dev/" + dev, None, BIND)
-        os.close(fd)
-    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
-                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, "/dev/" + link)
-    os.mkdir("/dev/shm")
-    mount("tmpfs", "/dev/shm", "tmpfs", NOSUID | NODEV, "size=16m,nr_inodes=256,mode=1777")
-    mount(None, "/dev", None, REMOUNT | BIND | RDONLY | NOSUID | NOEXEC)
-    for run in ("/run", "/var/run"):
-        if os.path.isdir(run) and not os.path.islink(run):
-            mount("tmpfs", run, "tmpfs", RDONLY | NOSUID | NODEV | NOEXEC, "size=4k,nr_inodes=8,mode=755")
-    try:  # a fresh /proc shows only this namespace; containers that mask /proc refuse it
-        mount("proc", "/proc", "proc", NOSUID | NODEV | NOEXEC)
-        try:
-            write("/proc/sys/kernel/pid_max", "301")  # per namespace since Linux 6.14: ~300 processes
-        except OSError:
-            pass
-        read_only("/proc", False)
-    except OSError:
-        pass  # the host's /proc, read-only: other pids are visible but cannot be signalled
-    os.chdir(home)
-    check(libc.prctl(38, 1, 0, 0, 0), "prctl")  # PR_SET_NO_NEW_PRIVS
-    header, data = (ctypes.c_uint32 * 2)(0x20080522, 0), (ctypes.c_uint32 * 6)()
-    check(libc.capset(header, data), "capset")  # keep no capability in the namespace either
-    child = os.fork()
-    if child == 0:
-        return home + "/main.py"  # the program's process: back to the top level, which runs it
-    while True:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            os._exit(1)
-        if pid == child:
-            break
-    os.write(status_w, b"exit %d" % os.waitstatus_to_exitcode(status))
-    os._exit(0)  # the kernel now kills whatever the program left behind
-
-def become_program():
-    # Still the launcher's interpreter, now without capabilities: limit it, then hand it the program.
-    os.setsid()
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    import resource as r
-    r.setrlimit(r.RLIMIT_AS, (memory_mb << 20, memory_mb << 20))
-    cpu = max(1, int(timeout_s) + 1)
-    r.setrlimit(r.RLIMIT_CPU, (cpu, cpu + 1))
-    r.setrlimit(r.RLIMIT_FSIZE, (__OUTPUT__, __OUTPUT__))
-    r.setrlimit(r.RLIMIT_NOFILE, (64, 64))
-    r.setrlimit(r.RLIMIT_CORE, (0, 0))
-    r.setrlimit(r.RLIMIT_NPROC, (nproc, nproc))
-    os.dup2(os.open("/dev/null", os.O_RDONLY), 0)
-    os.closerange(3, 1 << 16)
-
-def report(line):
-    os.write(report_fd, line.encode("utf-8", "replace"))
-    os._exit(0)  # no interpreter shutdown: it costs milliseconds and nothing needs it
-
-try:
-    chunks = []
-    while True:
-        chunk = os.read(0, 1 << 16)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    source = b"".join(chunks)
-    uid, gid = os.geteuid(), os.getegid()
-    # USER | NS | PID | NET | IPC | UTS | CGROUP
-    check(libc.unshare(0x10000000 | 0x20000 | 0x20000000 | 0x40000000 | 0x08000000 | 0x04000000 | 0x02000000),
-          "unshare")
-    write("/proc/self/setgroups", "deny")
-    # a non-zero uid inside, so that execve leaves the program no capability
-    write("/proc/self/uid_map", "%d %d 1" % (uid or 1000, uid))
-    write("/proc/self/gid_map", "%d %d 1" % (gid or 1000, gid))
-    status_r, status_w = os.pipe()
-    life_r, life_w = os.pipe()
-    child = os.fork()
-except OSError as e:
-    report("error %s" % e)
-if child == 0:
-    try:
-        os.close(status_r)
-        os.close(life_w)
-        os.close(report_fd)
-        path = init(source, status_w, life_r)
-    except BaseException as e:
-        os.write(status_w, ("error %s" % e).encode("utf-8", "replace"))
-        os._exit(1)
-    try:
-        become_program()
-    except BaseException as e:
-        os.write(2, ("sandbox: cannot start the program: %s\n" % e).encode())
-        os._exit(127)
-    import types
-    main = types.ModuleType("__main__")
-    main.__file__, main.__builtins__ = path, __builtins__
-    sys.modules["__main__"], sys.argv = main, [path]
-    del init, become_program, report, libc, chunks, chunk, source
-    code = 0
-    try:
-        exec(compile(open(path, "rb").read(), path, "exec"), main.__dict__)
-    except SystemExit as e:  # as the interpreter maps it to an exit status
-        code = e.code
-        if code is None:
-            code = 0
-        elif not isinstance(code, int):
-            print(code, file=sys.stderr)
-            code = 1
-    except BaseException as e:  # printed as the interpreter would, without this launcher's frame
-        e.__traceback__ = e.__traceback__.tb_next if e.__traceback__ else None
-        sys.excepthook(type(e), e, e.__traceback__)
-        code = 1
-    # The interpreter's exit, less its module teardown (milliseconds that no test result depends on).
-    try:
-        if "threading" in sys.modules:
-            sys.modules["threading"]._shutdown()
-        import atexit
-        atexit._run_exitfuncs()
-    except BaseException:
-        code = code or 1
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            code = code or 120
-    os._exit(code & 0xFF)
-os.close(status_w)
-
-class Deadline(Exception):
-    pass
-
-def on_alarm(signum, frame):
-    raise Deadline
-
-signal.signal(signal.SIGALRM, on_alarm)
-timed_out = False
-try:
-    signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    os.waitpid(child, 0)
-    signal.setitimer(signal.ITIMER_REAL, 0)
-except Deadline:
-    timed_out = True
-    try:
-        os.kill(child, signal.SIGKILL)  # from outside the namespace, so even its init dies
-        os.waitpid(child, 0)  # returns once the whole namespace is gone
-    except (ProcessLookupError, ChildProcessError):
-        pass
-chunks = []
-while True:
-    chunk = os.read(status_r, 4096)
-    if not chunk:
-        break
-    chunks.append(chunk)
-status = b"".join(chunks).decode("utf-8", "replace")
-report("timeout" if timed_out else status or "error the sandbox's init died")
-'''.replace("__OUTPUT__", str(OUTPUT_LIMIT)).replace("__ENV__", repr(_ENV))
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+# The base interpreter, not a virtual environment's link to it: the program's root holds its prefix only.
+_INTERPRETER = os.path.realpath(sys.executable)
 
 
 @dataclass(frozen=True)
@@ -346,35 +129,152 @@ def isolation_available() -> tuple[bool, str]:
 
 
 def _run_isolated(source: str, *, timeout_s: float, memory_mb: int, legacy_remount: bool = False) -> SandboxResult:
-    with _temp_file(source.encode("utf-8")) as stdin, _temp_file() as stdout, _temp_file() as stderr:
-        report_r, report_w = os.pipe()
-        name = "banpick-sandbox-" + secrets.token_hex(6)
-        args = [sys.executable, "-I", "-B", "-c", _LAUNCHER, repr(float(timeout_s)), str(int(memory_mb)),
-                str(PROCESS_LIMIT), name, str(report_w), "1" if legacy_remount else "0"]
-        try:
-            proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, pass_fds=(report_w,),
-                                    start_new_session=True, env=_ENV)
-        except OSError as err:
-            os.close(report_r)
-            return SandboxResult("failed", None, f"sandbox: cannot start the launcher: {err}")
-        finally:
-            os.close(report_w)
-        with open(report_r, "rb") as report_file:
-            # Wait on the report, not with Popen.wait(timeout), which polls in steps of up to 50 ms.
-            poll = select.poll()
-            poll.register(report_r, select.POLLIN)
-            if not poll.poll((timeout_s + _GRACE_S) * 1000):
-                _kill_group(proc)
-            report = report_file.read().decode("utf-8", "replace")  # the launcher exits right after
-            proc.wait()
-        tail = _tail(stderr)
-    if report.startswith("exit ") and report[5:].lstrip("-").isdigit():
-        code = int(report[5:])
-        return SandboxResult("passed" if code == 0 else "failed", code, tail)
+    token = secrets.token_hex(16).encode()
+    token_r, token_w = os.pipe()
+    os.write(token_w, token)  # 32 bytes: the pipe holds them until the program's process reads them
+    os.close(token_w)
+    verdict_r, verdict_w = os.pipe()
+    report_r, report_w = os.pipe()
+    cgroup = _memory_cgroup(memory_mb)
+    try:
+        with _temp_file(source.encode("utf-8")) as stdin, _temp_file() as stdout, _temp_file() as stderr:
+            name = "banpick-sandbox-" + secrets.token_hex(6)
+            args = [_INTERPRETER, "-I", "-B", _CHILD, repr(float(timeout_s)), str(int(memory_mb)), str(PROCESS_LIMIT),
+                    name, str(report_w), str(token_r), str(verdict_w), "1" if legacy_remount else "0",
+                    os.path.join(cgroup, "cgroup.procs") if cgroup else ""]
+            try:
+                proc = subprocess.Popen(args, stdin=stdin, stdout=stdout, stderr=stderr, env=_ENV,
+                                        pass_fds=(report_w, token_r, verdict_w), start_new_session=True)
+            except OSError as err:
+                return SandboxResult("failed", None, f"sandbox: cannot start the launcher: {err}")
+            finally:
+                for fd in (report_w, token_r, verdict_w):
+                    os.close(fd)
+            with open(report_r, "rb") as report_file, open(verdict_r, "rb") as verdict_file:
+                report_r = verdict_r = -1  # closed by the with
+                # Wait on the report, not with Popen.wait(timeout), which polls in steps of up to 50 ms.
+                poll = select.poll()
+                poll.register(report_file.fileno(), select.POLLIN)
+                if not poll.poll((timeout_s + _GRACE_S) * 1000):
+                    _kill_group(proc)
+                report = report_file.read().decode("utf-8", "replace")  # the launcher exits right after
+                proc.wait()
+                os.set_blocking(verdict_file.fileno(), False)
+                verdict = verdict_file.read(len(token) + 1) or b""  # every writer is gone with the namespace
+            tail = _tail(stderr)
+    finally:
+        for fd in (report_r, verdict_r):
+            if fd >= 0:
+                os.close(fd)
+        out_of_memory = _remove_cgroup(cgroup) if cgroup else False
+    code = int(report[5:]) if report.startswith("exit ") and report[5:].lstrip("-").isdigit() else None
+    if out_of_memory:
+        note = f"sandbox: the program's processes used more than {memory_mb} MiB together and were killed"
+        return SandboxResult("failed", code, (tail + "\n" + note)[-_TAIL:])
+    if code is not None:
+        # Only the token says the program ran to its end: an exit status of 0 is not a pass.
+        return SandboxResult("passed" if verdict == token else "failed", code, tail)
     if report == "timeout" or not report and proc.returncode == -signal.SIGKILL:
         return SandboxResult("timeout", None, tail)
     why = report.removeprefix("error ") or f"the launcher exited with {proc.returncode}"
     return SandboxResult("failed", None, (tail + f"\nsandbox: {why}")[-_TAIL:])
+
+
+_cgroup_root: list[str | None] = []  # [] until probed, then [the folder new cgroups go in, or None]
+_cgroup_lock = threading.Lock()
+_CGROUP_V1, _CGROUP_V2 = "/sys/fs/cgroup/memory", "/sys/fs/cgroup"
+
+
+def _memory_cgroup(memory_mb: int) -> str | None:
+    """Returns a new memory cgroup capped at `memory_mb` for one program's whole tree, or None where this
+    process may not make one (an unprivileged user, a read-only /sys/fs/cgroup, no memory controller)."""
+    with _cgroup_lock:
+        if not _cgroup_root:
+            _cgroup_root.append(_cgroup_parent())
+    parent = _cgroup_root[0]
+    if parent is None:
+        return None
+    path = os.path.join(parent, "banpick-sandbox-" + secrets.token_hex(6))
+    try:
+        os.mkdir(path)
+    except OSError:
+        return None
+    limit = str(int(memory_mb) << 20)
+    try:
+        if os.path.exists(os.path.join(path, "memory.limit_in_bytes")):  # cgroup v1
+            _write(os.path.join(path, "memory.limit_in_bytes"), limit)
+            if os.path.exists(os.path.join(path, "memory.memsw.limit_in_bytes")):  # no swapping out of the cap
+                _write(os.path.join(path, "memory.memsw.limit_in_bytes"), limit)
+        else:
+            _write(os.path.join(path, "memory.max"), limit)
+            _write(os.path.join(path, "memory.swap.max"), "0")
+    except OSError:
+        _remove_cgroup(path)
+        return None
+    return path
+
+
+def _cgroup_parent() -> str | None:
+    # This process's own memory cgroup: v1's memory hierarchy, else the unified one where memory is enabled.
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = [line.rstrip("\n").split(":", 2) for line in f]
+    except OSError:
+        return None
+    for _, controllers, rel in lines:
+        if "memory" in controllers.split(",") and os.path.isdir(_CGROUP_V1):
+            return _usable(os.path.join(_CGROUP_V1, rel.lstrip("/")))
+    for hierarchy, controllers, rel in lines:
+        if hierarchy == "0" and not controllers:
+            base = os.path.join(_CGROUP_V2, rel.lstrip("/"))
+            try:
+                with open(os.path.join(base, "cgroup.subtree_control")) as f:
+                    enabled = "memory" in f.read().split()
+            except OSError:
+                return None
+            return _usable(base) if enabled else None
+    return None
+
+
+def _usable(parent: str) -> str | None:
+    return parent if os.path.isdir(parent) and os.access(parent, os.W_OK) else None
+
+
+def _remove_cgroup(path: str) -> bool:
+    """Removes a program's cgroup once its processes are gone; returns whether the kernel killed one of them
+    for memory."""
+    killed = False
+    for events in ("memory.oom_control", "memory.events"):
+        try:
+            with open(os.path.join(path, events)) as f:
+                killed = killed or any(line.split()[:1] == ["oom_kill"] and line.split()[1] != "0" for line in f)
+        except (OSError, IndexError):
+            pass
+    for _ in range(50):  # the last tasks may take a moment to leave once the namespace is gone
+        try:
+            os.rmdir(path)
+            break
+        except FileNotFoundError:
+            break
+        except OSError:
+            threading.Event().wait(0.01)
+    return killed
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def memory_bound(memory_mb: int = 512) -> str:
+    """Returns, in words, what bounds the memory of one program's whole tree of processes on this machine."""
+    with _cgroup_lock:
+        if not _cgroup_root:
+            _cgroup_root.append(_cgroup_parent())
+    if _cgroup_root[0] is not None:
+        return f"{memory_mb} MiB for the program and all its processes together (a memory cgroup)"
+    return (f"{memory_mb} MiB of address space per process (RLIMIT_AS) times at most {PROCESS_LIMIT} processes "
+            f"(RLIMIT_NPROC; about 300 for root, the namespace's pid_max): no cgroup can be made here")
 
 
 def _run_unsafe(source: str, *, timeout_s: float, memory_mb: int) -> SandboxResult:

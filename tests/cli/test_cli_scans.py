@@ -50,7 +50,7 @@ def test_kl_scan_and_layer_sensitivity_end_to_end(tiny_models, data_file, profil
 
     result = _run("kl-scan", "--profile", profile_copy, "--domain", "math", "--candidates", "top-3", *common)
     assert result.exit_code == 0, result.output
-    assert "experts that move the output most" in result.stdout and "0 scanned now, 2 resumed" in result.stdout
+    assert "6 candidates by the KL of the output" in result.stdout and "2 of 2 layers resumed" in result.stdout
 
     result = _run("layer-sensitivity", "--profile", profile_copy, "--k-min", 2, *common, "--json")
     assert result.exit_code == 0, result.output

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = REPO / "artifacts" / "demo-moe"
+DEMO = REPO / "banpick_cli" / "artifacts" / "demo-moe"
 
 
 def demo_profile(path: Path, *, ban: bool = True) -> Path:

@@ -98,8 +98,8 @@ def test_sglangs_argument_parser_accepts_every_flag_a_bundle_writes(plugins, tmp
 
     from sglang.srt.server_args import ServerArgs
 
-    from banpick_cli.runtime.export import export_bundle
-    from banpick_cli.runtime.snippets import serve_command
+    from banpick_cli.export.writer import export_bundle
+    from banpick_cli.export.snippets import serve_command
 
     parser = argparse.ArgumentParser()
     ServerArgs.add_cli_args(parser)

@@ -14,7 +14,7 @@ code on a CPU test platform and stubs only what needs CUDA:
   routing, which the plugin's load-time self-check compares with banpick's].
 
 Everything else is vLLM's: EngineArgs and its config, plugin loading through the entry point of the
-installed banpick wheel, the default loader building Qwen3MoeForCausalLM from artifacts/demo-moe,
+installed banpick wheel, the default loader building Qwen3MoeForCausalLM from banpick_cli/artifacts/demo-moe,
 MoERunner/FusedTopKRouter.select_experts, the routed-experts capturer and the server's numpy2base64.
 """
 
@@ -183,8 +183,8 @@ def test_vllms_argument_parser_accepts_every_flag_a_bundle_writes(engine, tmp_pa
     except ImportError:
         from vllm.entrypoints.openai.cli_args import make_arg_parser  # 0.26
 
-    from banpick_cli.runtime.export import export_bundle
-    from banpick_cli.runtime.snippets import engine_flags, serve_command
+    from banpick_cli.export.writer import export_bundle
+    from banpick_cli.export.snippets import engine_flags, serve_command
 
     profile = os.environ["BANPICK_PROFILE"]
     parser = make_arg_parser(FlexibleArgumentParser())

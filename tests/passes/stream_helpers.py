@@ -85,7 +85,9 @@ def write_checkpoint(folder: Path, *, layers: int, hidden: int, width: int, expe
 RUN = r"""
 import json, resource, sys, time
 args = json.loads(sys.argv[1])
-if args["limit_mb"]:
+if args.get("limit_mb") and args.get("cgroup"):
+    pass  # the memory cgroup run_limited put this process in holds the limit
+elif args["limit_mb"]:
     limit = args["limit_mb"] << 20
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
 import torch
@@ -95,6 +97,12 @@ from banpick_cli.passes.usage_pass import RunOptions, count_usage_pass
 from banpick_cli.stages.kl_scan import prune_variant
 import transformers.models.qwen3_moe.modeling_qwen3_moe  # noqa: F401  (imported before the limit, as the runtime)
 from transformers import AutoTokenizer  # noqa: F401
+if args.get("cgroup_above_mb"):
+    # As limit_above_mb, for the memory cgroup: what the runtime is charged now, plus this much.
+    usage = int(open(args["cgroup"] + "/memory.usage_in_bytes").read())
+    limit = usage + (args["cgroup_above_mb"] << 20)
+    open(args["cgroup"] + "/memory.limit_in_bytes", "w").write(str(limit))
+    args["limit_mb"], args["runtime_mb"] = limit >> 20, usage >> 20
 if args.get("limit_above_mb"):
     # The runtime (Python, torch, transformers) is what it is; the model gets only this much more.
     data_now = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmData")) << 10
@@ -129,7 +137,7 @@ kl_s = time.perf_counter() - start
 # parent's peak (a pytest process that loaded models, say) and two runs of different sizes can read the same.
 status = {k: int(v.split()[0]) // 1024 for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
           if k in ("VmHWM", "VmData", "VmPeak")}
-print(json.dumps({"limit_mb": args["limit_mb"], "counts": counts.tolist(), "tokens": usage.tokens, "kl": {p: v.tolist() for p, v in kl.items()},
+print(json.dumps({"limit_mb": args["limit_mb"], "runtime_mb": args.get("runtime_mb"), "counts": counts.tolist(), "tokens": usage.tokens, "kl": {p: v.tolist() for p, v in kl.items()},
                   "load_s": round(load_s, 3), "profile_s": round(profile_s, 3), "kl_s": round(kl_s, 3),
                   "peak_rss_mb": status["VmHWM"], "proc": status,
                   "layer_loads": sum(engine.layer_loads), "windows": engine.windows, "notes": engine.notes,
@@ -137,9 +145,88 @@ print(json.dumps({"limit_mb": args["limit_mb"], "counts": counts.tolist(), "toke
 """
 
 
-def run_limited(args: dict) -> tuple[dict | None, str]:
-    """Runs RUN in a fresh process; returns (its JSON, or None when it failed, and the tail of its stderr)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": str(args.get("threads", 1))}
-    done = subprocess.run([sys.executable, "-c", RUN, json.dumps(args)], capture_output=True, text=True, env=env)
+def run_limited(args: dict, *, code: str | Path = REPO, time_v: bool = False) -> tuple[dict | None, str]:
+    """Runs RUN in a fresh process; returns (its JSON, or None when it failed, and the tail of its stderr).
+
+    With `args["cgroup_mb"]` (a fixed limit) or `args["cgroup_above_mb"]` (the runtime's charge plus this
+    much, set by the process itself) it runs in a fresh memory cgroup (v1), whose peak charge
+    (memory.max_usage_in_bytes: resident memory and page cache) is added as `cgroup_peak_mb`, with
+    `cgroup_oom` (the kernel killed it). `code` is the folder whose banpick_cli runs; `time_v` runs it
+    under /usr/bin/time -v and adds its maximum resident set as `time_max_rss_mb`.
+    """
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(dict.fromkeys([str(code), str(REPO)])),
+           "OMP_NUM_THREADS": str(args.get("threads", 1))}
+    group = None
+    if args.get("cgroup_mb") or args.get("cgroup_above_mb"):
+        group = make_cgroup(args.get("cgroup_mb", 0))
+        args = {**args, "cgroup": str(group), "limit_mb": args.get("cgroup_mb", 0)}
+    cmd = [sys.executable, "-c", RUN, json.dumps(args)]
+    if time_v:
+        cmd = ["/usr/bin/time", "-v", *cmd]
+
+    def enter() -> None:
+        if group is not None:
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+
+    try:
+        # cwd: `python -c` puts the working folder first on sys.path, before PYTHONPATH.
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, preexec_fn=enter, cwd=str(code))
+        facts = {}
+        if group is not None:
+            facts["cgroup_peak_mb"] = int((group / "memory.max_usage_in_bytes").read_text()) >> 20
+            facts["cgroup_oom"] = "oom_kill 1" in (group / "memory.oom_control").read_text() or done.returncode in (-9, 137)
+    finally:
+        if group is not None:
+            remove_cgroup(group)
+    if time_v:
+        rss = [line for line in done.stderr.splitlines() if "Maximum resident set size" in line]
+        facts["time_max_rss_mb"] = int(rss[-1].split(":")[1]) >> 10 if rss else None
     lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
-    return (json.loads(lines[-1]) if done.returncode == 0 and lines else None), done.stderr[-3000:]
+    if done.returncode == 0 and lines:
+        return {**json.loads(lines[-1]), **facts, "returncode": 0}, done.stderr[-3000:]
+    return None, f"exit {done.returncode} {json.dumps(facts)}: " + done.stderr[-3000:]
+
+
+def drop_cache(folder: Path) -> None:
+    """Flushes and drops `folder`'s files from the page cache, so a run reads them from disk and is charged
+    for the pages it keeps (written files stay cached, charged to the writer, otherwise)."""
+    for path in folder.iterdir():
+        if path.is_file():
+            with open(path, "rb+") as handle:
+                os.fsync(handle.fileno())
+                os.posix_fadvise(handle.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+CGROUP_ROOT = Path("/sys/fs/cgroup/memory")
+
+
+def cgroup_unavailable() -> str | None:
+    """Returns why a memory cgroup (v1) cannot be made here, or None when it can."""
+    if not (CGROUP_ROOT / "memory.limit_in_bytes").is_file():
+        return f"no cgroup v1 memory controller at {CGROUP_ROOT}"
+    if not os.access(CGROUP_ROOT, os.W_OK):
+        return f"{CGROUP_ROOT} is not writable (memory cgroups need root)"
+    return None
+
+
+def make_cgroup(limit_mb: int) -> Path:
+    """Makes a child memory cgroup named after this process, limited to `limit_mb` MiB (0: no limit)."""
+    for n in range(1000):
+        group = CGROUP_ROOT / f"banpick-test-{os.getpid()}-{n}"
+        try:
+            group.mkdir()
+            break
+        except FileExistsError:
+            continue
+    if limit_mb:
+        (group / "memory.limit_in_bytes").write_text(str(limit_mb << 20))
+    return group
+
+
+def remove_cgroup(group: Path) -> None:
+    """Removes an empty memory cgroup (its page cache goes to the parent)."""
+    try:
+        group.rmdir()
+    except OSError:
+        (group / "memory.force_empty").write_text("0")
+        group.rmdir()

@@ -21,13 +21,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_ranks_count_exactly_what_one_process_counts(tiny_models, tmp_path, monkeypatch):
-    data = tmp_path / "calib.jsonl"
-    data.write_text("\n".join(json.dumps({"text": f"case {i}: {i} * 7 = {i * 7} " + "fox " * (i % 5)}) for i in range(11)) + "\n")
-    model = str(tiny_models["deepseek_v2"])
-    out = tmp_path / "dp.safetensors"
+def _run_ranks(model: str, data, out, folder, stream: bool = False) -> list[dict]:
+    """Runs `profile` as two gloo ranks (dist_worker.rank_main); returns each rank's facts."""
     # fork: the ranks start with torch and transformers already imported (spawn re-imports them: ~10 s a rank here).
-    ranks = mp.start_processes(rank_main, args=(2, _free_port(), model, str(data), str(out), str(tmp_path)), nprocs=2,
+    ranks = mp.start_processes(rank_main, args=(2, _free_port(), model, str(data), str(out), str(folder), stream), nprocs=2,
                                join=False, start_method="fork")
     deadline = time.time() + 120
     while not ranks.join(timeout=2):
@@ -35,7 +32,20 @@ def test_two_ranks_count_exactly_what_one_process_counts(tiny_models, tmp_path, 
             for proc in ranks.processes:
                 proc.kill()
             raise AssertionError("the data-parallel ranks did not finish in 120 s")
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    return [json.loads((folder / f"rank{r}.json").read_text()) for r in range(2)]
+
+
+def _calibration(folder):
+    data = folder / "calib.jsonl"
+    data.write_text("\n".join(json.dumps({"text": f"case {i}: {i} * 7 = {i * 7} " + "fox " * (i % 5)}) for i in range(11)) + "\n")
+    return data
+
+
+def test_two_ranks_count_exactly_what_one_process_counts(tiny_models, tmp_path, monkeypatch):
+    data = _calibration(tmp_path)
+    model = str(tiny_models["deepseek_v2"])
+    out = tmp_path / "dp.safetensors"
+    ranks = _run_ranks(model, data, out, tmp_path)
 
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
@@ -52,6 +62,24 @@ def test_two_ranks_count_exactly_what_one_process_counts(tiny_models, tmp_path, 
         assert r["big"] == 2 * 2**53 + 3  # int64, exact (float64 would round this)
         assert (r["lo"], r["hi"], r["agree"]) == (-5.0, 10.0, False)
         assert r["mean"] == (10.0 + 40.0) / 3  # sum of sums over sum of counts, not (10/1 + 40/2) / 2 = 15
+
+
+def test_two_streaming_ranks_each_read_every_layer_and_count_what_one_process_counts(tiny_models, tmp_path, monkeypatch):
+    data = _calibration(tmp_path)
+    model = str(tiny_models["qwen3_moe"])
+    out = tmp_path / "dp.safetensors"
+    ranks = _run_ranks(model, data, out, tmp_path, stream=True)
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    single = run_profile(ProfileSettings(domain="math", data=str(data), samples=11, seq_len=16, batch_size=2),
+                         out=tmp_path / "one.safetensors", model=model, device="cpu")
+    dp = read_profile(out)
+    for name in ("expert_counts", "token_counts", "candidates"):
+        assert torch.equal(dp.get(f"domain/math/{name}"), single.profile.get(f"domain/math/{name}")), name
+    # 6 batches of 2 texts: 3 a rank, in windows of 2 batches (--checkpoint-every 2): 2 windows, each reading
+    # every layer up to the last MoE layer (all 3 of the tiny model's) on both ranks.
+    assert [r["layer_loads"] for r in ranks] == [2 * 3, 2 * 3]
+    assert dp.provenance["profile/math"]["stream"] is True and dp.provenance["profile/math"]["world_size"] == 2
 
 
 def test_shards_cover_every_batch_once():

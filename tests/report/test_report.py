@@ -110,7 +110,11 @@ def test_report_command(tmp_path):
     result = runner.invoke(app, ["report", str(path), "--out", str(tmp_path / "r"), "--layers", "L1,2", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "r" / "report.html").is_file() and (tmp_path / "r" / "usage-bars-L1-L2.png").is_file()
-    assert "skipped:" in result.output and "layer-sensitivity" in result.output
+    # Each missing stage is one command on a line of its own, whole (never wrapped), runnable as printed.
+    hints = [line.strip() for line in result.output.splitlines() if line.startswith("  banpick ")]
+    assert hints == [f"banpick layer-sensitivity --profile {path}",
+                     f"banpick failure-probe --profile {path} --domain code --task code",
+                     f"banpick failure-probe --profile {path} --domain math --task math"]
     bad = runner.invoke(app, ["report", str(path), "--out", str(tmp_path / "r"), "--layers", "seven"])
     assert bad.exit_code == 1 and "--layers" in bad.output
 

@@ -25,6 +25,7 @@ from banpick_cli.models.loading import load_model
 from banpick_cli.profile.format import write_profile
 from banpick_cli.routing import ban, ban_pick
 from banpick_cli.runtime import engine as engine_mod
+from banpick_cli.runtime import methods as methods_mod
 from banpick_cli.runtime import sglang_plugin, vllm_plugin
 from banpick_cli.runtime.engine import EngineUnsupported, check_version, engine_fingerprint, gate_modules, read_env
 from rt_helpers import key_at, make_profile
@@ -265,7 +266,7 @@ def test_entry_points_are_declared_and_resolve():
     assert points["vllm.general_plugins"]["banpick"] == "banpick_cli.runtime.vllm_plugin:register"
     assert points["sglang.srt.plugins"]["banpick"] == "banpick_cli.runtime.sglang_plugin:register"
     assert callable(vllm_plugin.register) and callable(sglang_plugin.register)
-    assert set(engine_mod.ENGINE_METHODS) == {"baseline", "ban", "pick", "banpick", "dynamic", "fixed-k"}
+    assert set(methods_mod.names(lambda m: m.engines)) == {"baseline", "ban", "pick", "banpick", "dynamic", "fixed-k"}
 
 
 def test_plugins_skip_a_dense_model_and_install_once(tiny_models, profile_env):
@@ -280,3 +281,55 @@ def test_plugins_skip_a_dense_model_and_install_once(tiny_models, profile_env):
     model = engine_model(loaded, lambda layer: Runner(VllmLikeRouter(k, True), f"model.layers.{layer.layer_index}.mlp.experts"))
     first = vllm_plugin.install(model)
     assert vllm_plugin.install(model) is first
+
+
+def test_vllm_routing_traces_under_torch_compile_with_static_shapes(tiny_models, profile_env):
+    """vLLM's CPU path lets torch.compile trace the router (its default mode): the plugin's routing,
+    self-check included, must trace in one graph (an opaque op) and give the eager result."""
+    loaded = load_model(str(tiny_models["qwen3_moe"]), device="cpu")
+    k = loaded.routing.top_k
+    profile_env(loaded, "ban")
+    model = engine_model(loaded, lambda layer: Runner(VllmLikeRouter(k, True), f"model.layers.{layer.layer_index}.mlp.experts"))
+    router = vllm_plugin.install(model)
+    engine_router = loaded.layers[0].block.experts_runner.router
+    logits = _logits(loaded, dtype=torch.float32)
+    hidden = torch.randn(logits.shape[0], 32)
+    torch._dynamo.reset()
+    compiled = torch.compile(engine_router.select_experts, backend="aot_eager", fullgraph=True, dynamic=True)
+    weights, ids = compiled(hidden, logits)  # the first call runs the self-check inside the op
+    assert not router.needs_check(loaded.identity.moe_layers[0])
+    eager_w, eager_ids = engine_router.select_experts(hidden, logits)
+    assert torch.equal(ids, eager_ids) and torch.equal(weights, eager_w)
+    assert int((weights == 0).sum()) > 0  # Ban pruned, through the compiled graph
+    more = _logits(loaded, tokens=17, dtype=torch.float32, seed=3)  # another token count, same graph
+    w17, _ = compiled(torch.randn(17, 32), more)
+    assert w17.shape == (17, k)
+
+
+def test_vllm_sentinel_ids_are_opt_in_refused_off_triton_and_mark_exactly_the_pruned_slots(tiny_models, profile_env, caplog):
+    loaded = load_model(str(tiny_models["qwen3_moe"]), device="cpu")
+    k = loaded.routing.top_k
+    profile_env(loaded, "ban", BANPICK_PRUNED_SLOTS="sentinel")
+    model = engine_model(loaded, lambda layer: Runner(VllmLikeRouter(k, True), f"model.layers.{layer.layer_index}.mlp.experts"))
+    with caplog.at_level("WARNING", logger="banpick"):
+        router = vllm_plugin.install(model)
+    assert not router.sentinel and "BANPICK_PRUNED_SLOTS=sentinel refused" in caplog.text
+    engine_router = loaded.layers[0].block.experts_runner.router
+    logits = _logits(loaded, dtype=torch.float32)
+    safe_w, safe_ids = engine_router.select_experts(torch.zeros(64, 32), logits)
+    assert int(safe_ids.min()) >= 0
+    router.sentinel = True  # what install sets where vLLM's Triton experts skip -1 (a GPU; read, not run)
+    w, ids = engine_router.select_experts(torch.zeros(64, 32), logits)
+    assert torch.equal(w, safe_w) and int((w == 0).sum()) > 0
+    assert torch.equal(ids, torch.where(safe_w > 0, safe_ids, -1))  # -1 exactly where the weight is 0
+
+
+def test_vllm_triton_sentinel_check_reads_the_two_places_that_must_skip():
+    kernel = "    if off_experts == -1:\n        write_zeros_to_output()\n        return\n"
+    guarded = ("    def moe_sum(self, input, output, topk_ids=None, expert_map=None):\n        if expert_map is not None:\n"
+               "            ops.moe_sum(input, output, topk_ids, expert_map)\n        else:\n            ops.moe_sum(input, output)\n")
+    assert "only under expert parallelism" in vllm_plugin.triton_sentinel_refusal(kernel, guarded)  # vLLM 0.32
+    always = "    def moe_sum(self, input, output, topk_ids=None, expert_map=None):\n        ops.moe_sum(input, output, topk_ids, expert_map)\n"
+    assert vllm_plugin.triton_sentinel_refusal(kernel, always) is None
+    assert "does not pass topk_ids" in vllm_plugin.triton_sentinel_refusal(kernel, "ops.moe_sum(input, output)")
+    assert "zero-write" in vllm_plugin.triton_sentinel_refusal("if off_experts < 0: pass", always)

@@ -16,7 +16,7 @@ from synthetic import synthetic_profile  # noqa: E402
 from banpick_cli.errors import BadSetting  # noqa: E402
 from banpick_cli.profile import write_profile  # noqa: E402
 from banpick_cli.runtime import build_plan  # noqa: E402
-from banpick_cli.runtime.export import export_bundle  # noqa: E402
+from banpick_cli.export.writer import export_bundle  # noqa: E402
 
 
 @pytest.mark.parametrize("override, message", [({"lam": math.inf}, "finite"), ({"lam": math.nan}, "finite"),

@@ -186,3 +186,20 @@ def test_fixed_k_rows_and_budget_flags(loaded, tmp_path):
         EvalSettings(tasks=("math",), methods=("ban",), lambdas=(0.7,), target_avg_topk=4.0)
     with pytest.raises(BadSetting, match="--target-avg-topk"):
         EvalSettings(tasks=("math",), methods=("ban",), target_avg_topk=0.5)
+
+
+def test_sigterm_while_eval_starts_exits_3_saying_nothing_was_saved(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    import banpick_cli.stages.eval as eval_stage
+
+    def term(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("SIGTERM did not stop eval")
+
+    monkeypatch.setattr(eval_stage, "load_task_set", term)
+    result = CliRunner().invoke(app, ["eval", "--task", "math", "-o", str(tmp_path / "t.json")])
+    assert result.exit_code == 3, result.output
+    assert "eval stopped before it saved anything" in result.output
+    assert not (tmp_path / "t.json").exists()

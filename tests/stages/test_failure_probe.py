@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from banpick_cli.errors import Interrupted
 import torch
 from typer.testing import CliRunner
 
@@ -140,7 +142,7 @@ def test_resume_after_interrupt(loaded, tmp_path):
         if event.task == "probe" and event.done == 1:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="failure-probe stopped: the failure set and 1 of .* candidates finished and saved"):
         run_failure_probe(settings, profile=path, loaded=loaded, progress=stop_after_first)
     assert path.read_bytes() == before and len(list(tmp_path.glob("*.partial"))) == 1
     resumed = run_failure_probe(settings, profile=path, loaded=loaded)

@@ -16,6 +16,7 @@ import torch
 from banpick_cli.passes.resume import Partial, Sidecar, run_fingerprint, sidecar_path, texts_digest
 from banpick_cli.stages.profile import ProfileSettings, run_profile
 from banpick_cli.passes.usage_pass import RunOptions
+from banpick_cli.errors import Interrupted, ProfileError
 from banpick_cli.profile import read_profile
 
 REPO = Path(__file__).resolve().parents[2]
@@ -97,7 +98,7 @@ def test_sigterm_exits_3_and_keeps_the_previous_profile(tiny_models, calib, tmp_
                                       str(SAMPLES), "--seq-len", "16", "--batch-size", "2", "--checkpoint-every", "3",
                                       "--device", "cpu", "--out", str(out), "--no-progress"])
     assert result.exit_code == 3, result.output
-    assert "interrupted" in result.output
+    assert "profile stopped: 6 batches finished and saved beside" in result.output  # two windows of three
     assert out.read_bytes() == before  # the old profile, untouched
     assert Sidecar(out, "profile", "math", "").path.exists() and not list(tmp_path.glob(".*.tmp"))
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handler is gone after the command
@@ -138,7 +139,7 @@ def test_a_changed_setting_never_mixes_with_stale_partial_counts(tiny_models, ca
         if len(windows) == 2:
             raise KeyboardInterrupt
 
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Interrupted, match="profile stopped: 8 batches finished and saved"):
         run_profile(_settings(calib), out=out, loaded=model, options=RunOptions(checkpoint_every=4), progress=stop_after_two)
     assert sidecar_path(out, "profile", "math").exists() and not out.exists()
     # Another seq_len: the sidecar is someone else's; it is discarded, never added in.
@@ -159,3 +160,40 @@ def test_sidecar_refuses_torn_and_foreign_files(tmp_path):
     assert Sidecar(out, "profile", "math", "sha256:bb").load() is None  # another run's fingerprint
     car.path.write_bytes(car.path.read_bytes()[:40])  # torn
     assert car.load() is None and car.stale
+
+
+def test_an_interrupt_with_checkpoints_off_says_nothing_was_saved(tiny_models, calib, tmp_path):
+    from banpick_cli.models.loading import load_model
+
+    model = load_model(str(tiny_models["olmoe"]), device="cpu")
+    out = tmp_path / "p.safetensors"
+
+    def stop(event):
+        raise KeyboardInterrupt
+
+    with pytest.raises(Interrupted, match="profile stopped before it saved anything; rerun the same command"):
+        run_profile(_settings(calib), out=out, loaded=model, options=RunOptions(checkpoint_every=0), progress=stop)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_second_writer_of_the_same_domain_is_refused_not_silently_overwritten(tiny_models, calib, tmp_path, monkeypatch):
+    from banpick_cli.models.loading import load_model
+    from banpick_cli.passes import usage_pass
+
+    model = load_model(str(tiny_models["olmoe"]), device="cpu")
+    out = tmp_path / "p.safetensors"
+    make, state = usage_pass._batch, {"nested": False}
+
+    def another_writer_meanwhile(*args, **kwargs):
+        if not state["nested"]:  # while the first run counts, a second `profile --domain math` finishes
+            state["nested"] = True
+            run_profile(_settings(calib, seq_len=12), out=out, loaded=model, options=RunOptions(checkpoint_every=0))
+        return make(*args, **kwargs)
+
+    monkeypatch.setattr(usage_pass, "_batch", another_writer_meanwhile)
+    with pytest.raises(ProfileError, match="another writer stored usage counts of 'math' in .* nothing was written"):
+        run_profile(_settings(calib), out=out, loaded=model, options=RunOptions(checkpoint_every=0))
+    assert read_profile(out).recorded("profile", "math")["seq_len"] == 12  # the second writer's counts stand
+    monkeypatch.setattr(usage_pass, "_batch", make)
+    again = run_profile(_settings(calib), out=out, loaded=model, options=RunOptions(checkpoint_every=0))
+    assert read_profile(out).recorded("profile", "math")["seq_len"] == 16 and again.usage.tokens > 0  # a rerun replaces

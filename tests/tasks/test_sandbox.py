@@ -122,17 +122,20 @@ def test_no_network(isolated):
     assert raw.status == "failed" and "unreachable" in raw.stderr_tail
     # Its own network namespace: no interface but the loopback, and that one down.
     namespace = run_python(
-        "lines = open('/proc/net/dev').read().splitlines()[2:]\n"
-        "assert sorted(l.split(':')[0].strip() for l in lines) == ['lo']\n"
-        "assert open('/sys/class/net/lo/operstate').read().strip() in ('down', 'unknown')\n"
+        "import socket\n"
+        "assert [name for _, name in socket.if_nameindex()] == ['lo']\n"
+        "try:\n"
+        "    socket.create_connection(('127.0.0.1', 9), timeout=1)\n"
+        "except OSError as e:\n"
+        "    assert 'unreachable' in str(e), e\n"
     )
     assert namespace.status == "passed", namespace.stderr_tail
 
 
 def _refused(stderr: str) -> bool:
-    """Returns whether a host write was refused: read-only where the host's tree is visible, absent where the
-    checkout itself lies under /tmp (the program's /tmp is its own tmpfs: the host's is not there at all)."""
-    return "Read-only file system" in stderr or ("No such file or directory" in stderr and str(REPO).startswith("/tmp"))
+    """Returns whether a host write was refused: absent (the program's root holds no checkout, no home and not
+    the host's /tmp) or read-only (the interpreter's folders)."""
+    return "No such file or directory" in stderr or "Read-only file system" in stderr
 
 
 def test_cannot_write_outside_its_directory(isolated):
@@ -216,7 +219,7 @@ def test_cannot_signal_the_caller(isolated):
             "    except OSError:\n"
             "        pass\n"
             "assert not found, found\n"
-            "assert sorted(int(p) for p in os.listdir('/proc') if p.isdigit()) == [1, 2]\n"
+            "assert not os.path.exists('/proc/1')  # no /proc at all: no pid to name, no memory to read\n"
         )
         assert result.status == "passed", result.stderr_tail  # its init ignored it; we never saw it
         assert decoy.poll() is None  # the decoy, a process of our user, is untouched
@@ -270,20 +273,17 @@ def test_fork_bomb_is_contained(isolated):
     name = f"bpbomb{uuid.uuid4().hex[:8]}"
     start = time.monotonic()
     result = run_python(
-        "import ctypes, os, time\n"
-        f"ctypes.CDLL(None).prctl(15, b'{name}', 0, 0, 0)  # PR_SET_NAME, shown in /proc/PID/comm\n"
+        "import os, time\n"
         "while True:\n"
         "    try:\n"
         "        if os.fork() == 0:\n"
-        "            time.sleep(60)\n"
-        "            os._exit(0)\n"
+        f"            os.execv('/bin/sh', ['/bin/sh', '-c', 'sleep 60; :', '{name}'])  # named in its cmdline\n"
         "    except OSError:\n"
         "        time.sleep(0.01)\n",
         timeout_s=2,
     )
-    assert result.status == "timeout" and time.monotonic() - start < 6
-    left = [c for c in glob.glob("/proc/[0-9]*/comm") if _read(c).strip() == name]
-    assert not left
+    assert result.status in ("timeout", "failed") and time.monotonic() - start < 6, result
+    assert not _processes_naming(name)
 
 
 def _read(path: str) -> str:
@@ -353,9 +353,7 @@ def test_isolated_as_a_normal_user(tmp_path):
         "    print('SKIP', why)\n"
         "    sys.exit(0)\n"
         f"r = sandbox.run_python({program!r})\n"
-        "tail = r.stderr_tail\n"
-        f"refused = 'Read-only file system' in tail or ('No such file or directory' in tail and {str(REPO).startswith('/tmp')!r})\n"
-        "assert r.status == 'failed' and refused, r\n"
+        "assert r.status == 'failed' and 'No such file or directory' in r.stderr_tail, r\n"
         "print('OK')\n"
     )
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}

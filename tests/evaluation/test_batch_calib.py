@@ -9,8 +9,8 @@ from banpick_cli.errors import BadSetting
 from banpick_cli.profile.format import new_profile, read_profile, write_profile
 from banpick_cli.profile.identity import ModelIdentity
 from banpick_cli.routing import RouterSpec, batch_share, distinct_experts, route
-from banpick_cli.runtime.batch_calib import calibrate_candidates
-from banpick_cli.runtime.budget import CalibrationLogits
+from banpick_cli.evaluation.batch_calib import calibrate_candidates
+from banpick_cli.evaluation.budget import CalibrationLogits
 
 SPEC = RouterSpec(64, 8, "softmax", True)
 

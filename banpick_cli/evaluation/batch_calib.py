@@ -3,7 +3,7 @@
 `batch_share` lets a token move a slot onto an expert the rest of its batch keeps when that expert lies
 within the token's router top-`candidates`. A wider bound empties more experts per batch, by moving
 slots further down each token's own ranking. `calibrate_candidates` simulates decode batches on router
-logits of calibration text (`CalibrationLogits`, as `runtime/budget.py` uses; never the scored tasks):
+logits of calibration text (`CalibrationLogits`, as `evaluation/budget.py` uses; never the scored tasks):
 `batches` seeded draws of `batch_size` calibration tokens, routed by a plan (the method the step
 follows) or by the model itself, then the step at every bound from K_base to 2 K_base (the router's
 top-2k, Pick C's range, is the widest). It returns the narrowest bound whose reduction of distinct
@@ -20,7 +20,7 @@ import torch
 
 from banpick_cli.errors import BadSetting
 from banpick_cli.routing import ANCHOR, RouterSpec, batch_share, distinct_experts, route
-from banpick_cli.runtime.budget import CalibrationLogits
+from banpick_cli.evaluation.budget import CalibrationLogits
 
 SHARE = 0.9  # of the widest bound's reduction: what the chosen bound must reach
 

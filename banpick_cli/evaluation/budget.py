@@ -1,15 +1,16 @@
 """Matched budgets: the knob setting of a method whose expected experts per token (Avg-TopK) is a target.
 
 Methods are compared fairly only at the same expert budget. `solve_budget` sets each budgeted method's
-knob (registry: `Method.knob`) so that its Avg-TopK on calibration tokens is the target, within a
-tolerance, and refuses (naming the nearest reachable value) when it cannot:
+knob (its record's `Method.knob`) so that its Avg-TopK on calibration tokens is the target, within a
+tolerance, and refuses (naming the nearest reachable value) when it cannot. The knob says how to search:
 
-    fixed-k       k per MoE layer: an integer target is that k everywhere; a fractional one mixes
-                  floor and ceil over evenly spaced layers (resolution 1 / layers)
-    ban, banpick  lambda (lam), by bisection; Avg-TopK rises with lambda from K_min
-    dynamic       tau, by bisection
-    des, odp      the thresholds: per layer, the q-quantile of the DES ratios r(j)/r(j+1) (q = 0.5 is
-                  DES's own median), q by bisection; reach k_lo..k_hi. ODP's key tokens add to this.
+    layer_mix   an integer per MoE layer (Fixed-K's k): an integer target is that k everywhere; a
+                fractional one mixes floor and ceil over evenly spaced layers (resolution 1 / layers)
+    bisect      a float (Ban's and Ban&Pick's lambda from 0, doubled up to the target; Dynamic's tau
+                in (0, 1]), by bisection; Avg-TopK rises with it
+    quantile    per-layer thresholds (DES, ODP): the q-quantile of the DES ratios r(j)/r(j+1) on the
+                calibration logits (q = 0.5 is DES's own median), q by bisection; reach k_lo..k_hi.
+                ODP's key tokens add to this.
 
 Expected Avg-TopK is measured by running the plan's own rules (the routing core) on router logits of
 calibration text (`CalibrationLogits`, from `collect_router_logits`), never on the tasks being scored;
@@ -26,7 +27,7 @@ import torch
 
 from banpick_cli.errors import BadSetting
 from banpick_cli.routing import RouterSpec, des_bounds, des_ratios, probs
-from banpick_cli.runtime.methods import get_method
+from banpick_cli.runtime.methods import Method, get_method
 from banpick_cli.runtime.plan import RoutingPlan, build_plan
 
 TOLERANCE = 0.2  # experts per token: how far a solved row may land from the target
@@ -105,25 +106,25 @@ def solve_budget(
         raise BadSetting(f"--target-avg-topk must be in [1, K_base={k_base}], got {target!r}")
     if record.knob is None:
         raise BadSetting(f"method '{method}' has no expert budget to set (it prunes nothing by design)")
-    base = {k: v for k, v in (overrides or {}).items() if k != record.knob}
-    if method == "fixed-k":
-        return _fixed_k(target, specs, sample, tolerance)
+    knob = record.knob
+    base = {k: v for k, v in (overrides or {}).items() if k != knob.name}
+    if knob.search == "layer_mix":
+        return _layer_mix(record, target, specs, tolerance)
     if sample is None or sample.tokens == 0:
         raise BadSetting(f"matching {method}'s budget needs calibration tokens (router logits of calibration text)")
+    # Methods that protect key tokens per batch (ODP) protect none here: the budget is the rule's own.
+    extra = {"key_tokens": lambda n: torch.zeros(n, dtype=torch.bool)} if "key_tokens" in record.required else {}
 
     def avg(setting: dict[str, Any]) -> float:
-        extra = {"key_tokens": lambda n: torch.zeros(n, dtype=torch.bool)} if method == "odp" else {}
         plan = build_plan(profile, specs, method, domain, **base, **setting, **extra)
         return plan_avg_topk(plan, sample)
 
-    if method in ("ban", "banpick"):
-        hi = _upper(lambda lam: avg({"lam": lam}), target, 1.0, 64.0)
-        value, got = _bisect(lambda lam: avg({"lam": lam}), 0.0, hi, target, decimals=4)
-        setting, label = {"lam": value}, f"{record.label}(λ={value:g})"
-    elif method == "dynamic":
-        value, got = _bisect(lambda tau: avg({"tau": tau}), 1e-4, 1.0, target, decimals=4)
-        setting, label = {"tau": value}, f"dynamic(τ={value:g})"
-    elif method in ("des", "odp"):
+    if knob.search == "bisect":
+        at = lambda x: avg({knob.name: x})  # noqa: E731
+        hi = knob.high if knob.high is not None else _upper(at, target, 1.0, 64.0)
+        value, got = _bisect(at, knob.low, hi, target, decimals=4)
+        setting = {knob.name: value}
+    else:  # quantile
         k_lo, k_hi = base.get("k_lo"), base.get("k_hi")
         if k_lo is None or k_hi is None:
             k_lo, k_hi = des_bounds(k_base)
@@ -132,14 +133,12 @@ def solve_budget(
         def thresholds(q: float) -> torch.Tensor:  # [M, k_hi - k_lo]; q = 0.5 is DES's median
             return torch.stack([torch.quantile(r, q, dim=0) for r in ratios]).float()
 
-        value, got = _bisect(lambda q: avg({"thresholds": thresholds(q)}), 0.0, 1.0, target, decimals=4)
-        setting, label = {"thresholds": thresholds(value)}, f"{record.label}(q={value:g})"
-    else:  # a budgeted method this solver does not know yet
-        raise BadSetting(f"no budget solver for method '{method}' (knob {record.knob})")
-    knob = next(iter(setting))
+        value, got = _bisect(lambda q: avg({knob.name: thresholds(q)}), 0.0, 1.0, target, decimals=4)
+        setting = {knob.name: thresholds(value)}
+    label = knob.label(record.label, value)
     if abs(got - target) > tolerance:
         raise BadSetting(f"{method} cannot reach Avg-TopK {target:g} within {tolerance:g} on the calibration tokens: "
-                         f"the nearest is {got:.2f} ({knob}={value:g})")
+                         f"the nearest is {got:.2f} ({knob.name}={value:g})")
     return Budget(method, float(target), setting, got, label)
 
 
@@ -194,7 +193,8 @@ def balanced(parts: Sequence[CalibrationLogits], seed: int = 0) -> CalibrationLo
 # --- helpers -----------------------------------------------------------------------------------
 
 
-def _fixed_k(target: float, specs: list[RouterSpec], sample: CalibrationLogits | None, tolerance: float) -> Budget:
+def _layer_mix(record: Method, target: float, specs: list[RouterSpec], tolerance: float) -> Budget:
+    label, name = record.label, record.knob.name
     layers = len(specs)
     low = math.floor(target)
     n_high = round((target - low) * layers)  # layers that run low + 1
@@ -204,12 +204,12 @@ def _fixed_k(target: float, specs: list[RouterSpec], sample: CalibrationLogits |
     k = [low + 1 if position in high_at else low for position in range(layers)]
     got = sum(k) / layers
     if abs(got - target) > tolerance:
-        raise BadSetting(f"fixed-k cannot reach Avg-TopK {target:g} within {tolerance:g} over {layers} MoE layers "
-                         f"(one k per layer): the nearest is {got:.2f}")
+        raise BadSetting(f"{label} cannot reach Avg-TopK {target:g} within {tolerance:g} over {layers} MoE layers "
+                         f"(one {name} per layer): the nearest is {got:.2f}")
     if len(set(k)) == 1:
-        return Budget("fixed-k", float(target), {"k": k[0]}, float(k[0]), f"fixed-k(k={k[0]})")
-    return Budget("fixed-k", float(target), {"k": k}, got, f"fixed-k(k={got:g}: {low}/{low + 1})",
-                  (f"fixed-k: k={low + 1} on MoE layers {sorted(high_at)}, k={low} elsewhere",))
+        return Budget(record.name, float(target), {name: k[0]}, float(k[0]), f"{label}({name}={k[0]})")
+    return Budget(record.name, float(target), {name: k}, got, f"{label}({name}={got:g}: {low}/{low + 1})",
+                  (f"{label}: {name}={low + 1} on MoE layers {sorted(high_at)}, {name}={low} elsewhere",))
 
 
 def _upper(avg_of: Callable[[float], float], target: float, start: float, cap: float) -> float:

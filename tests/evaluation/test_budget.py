@@ -7,7 +7,7 @@ from banpick_cli.errors import BadSetting
 from banpick_cli.models.loading import load_model
 from banpick_cli.routing import ban, des_thresholds, dynamic_k, probs
 from banpick_cli.runtime import apply, build_plan
-from banpick_cli.runtime.budget import CalibrationLogits, collect_router_logits, plan_avg_topk, solve_budget
+from banpick_cli.evaluation.budget import CalibrationLogits, collect_router_logits, plan_avg_topk, solve_budget
 from rt_helpers import ids_for, make_profile
 
 
@@ -69,7 +69,7 @@ def test_dynamic_and_des_thresholds_land_on_the_target(qwen):
 
 
 def test_des_at_the_median_quantile_is_des_own_calibration(qwen):
-    from banpick_cli.runtime import budget as budget_mod
+    from banpick_cli.evaluation import budget as budget_mod
 
     specs, sample = qwen.router_specs(), sample_of(qwen, tokens=401)
     medians = torch.stack([des_thresholds(probs(x, s), 2, 3) for x, s in zip(sample.logits, specs)])
@@ -134,7 +134,7 @@ def test_decode_steps_of_finished_rows_are_not_counted(qwen):
 
 
 def test_balanced_gives_every_part_the_same_tokens(qwen):
-    from banpick_cli.runtime.budget import balanced
+    from banpick_cli.evaluation.budget import balanced
 
     big, small = sample_of(qwen, tokens=300, seed=1), sample_of(qwen, tokens=40, seed=2)
     both = balanced([big, small])

