@@ -6,8 +6,8 @@ sequences, one new token each, no KV cache) in the HF runtime for B = 1, 8, 16, 
 
     baseline      the plain model, no banpick hooks
     ban           runtime.apply(..., "ban") at lambda solved for --target Avg-TopK (evaluation/budget.py)
-    ban+batch     the same plan with the routing core's batch-aware step after it (RoutingHandle's
-                  batch_share hook), its candidate bound from evaluation/batch_calib.calibrate_candidates
+    ban+batch     the same Ban with the routing core's batch-aware step after it (apply(..., batch_aware=...)),
+                  its candidate bound from evaluation/batch_calib.calibrate_candidates
     fixed-k       Fixed-K at the same target (one k per layer; a fraction mixes floor and ceil over layers)
 
 Budget and candidate bound are calibrated on router logits of other random tokens (4 x 256), never the
@@ -73,7 +73,6 @@ def run_shape(shape: str, args) -> dict:
     from banpick_cli.runtime import apply
     from banpick_cli.evaluation.batch_calib import calibrate_candidates
     from banpick_cli.evaluation.budget import CalibrationLogits, solve_budget
-    from banpick_cli.runtime.hf import RoutingHandle
     from banpick_cli.runtime.plan import build_plan
 
     loaded, decoder = build(shape, args.layers, args.experts)
@@ -97,7 +96,7 @@ def run_shape(shape: str, args) -> dict:
     configs = {
         "baseline": lambda: None,
         "ban": lambda: apply(loaded, prof, "ban", **ban_budget.overrides),
-        "ban+batch": lambda: RoutingHandle(loaded, ban_plan, batch_share={"candidates": candidates}),
+        "ban+batch": lambda: apply(loaded, prof, "ban", batch_aware={"candidates": candidates}, **ban_budget.overrides),
         "fixed-k": lambda: apply(loaded, prof, "fixed-k", **fixed_budget.overrides),
     }
     rows = []

@@ -180,6 +180,7 @@ def evaluate(
     code_timeout: float = CodeTimeoutOpt,
     unsafe_code: bool = UnsafeCodeOpt,
     clock: str = ClockOpt,
+    batch_aware: bool = typer.Option(False, "--batch-aware", help="Also run each pruning row with the batch-aware step after it (a '+batch' row beside it): tokens move slots onto experts the rest of their batch keeps (docs/routing.md)."),
     repeats: int = typer.Option(1, "--repeats", help="Timing passes, interleaved over methods; tokens/s is each method's median."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the table as JSON to this file."),
     device: str = DeviceOpt,
@@ -198,7 +199,7 @@ def evaluate(
         taus=_floats(tau, "--tau"), ks=_ints(k, "--k"), target_avg_topk=target_avg_topk, strategy=strategy, range_factor=range_factor, limit=limit, offset=offset,
         calib_data=calib_data, calib_samples=calib_samples, odp_protect=odp_protect,
         rice_markers=_names(rice_markers or ""), rice_factor=rice_factor, rice_top=rice_top, repeats=repeats,
-        options=_options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout, unsafe_code, clock),
+        batch_aware=batch_aware, options=_options(batch_size, sampling, seed, max_new_tokens, mc_scoring, chat, code_timeout, unsafe_code, clock),
     )
     if out is not None:  # before the run, not after it
         check_output(out, kind="file", inputs=[profile] if profile else ())
@@ -257,9 +258,12 @@ def eval_table(data: dict, *, speed: bool = True):
     """Returns the Rich table of an eval report (its `to_dict()`): accuracy (delta vs baseline) per task set,
     the mean change with its 95% paired-bootstrap interval and McNemar p, expert compute and measured speed."""
     names = data.get("task_order") or list(data["tasks"])
+    batch = bool(data["settings"].get("batch_aware"))  # distinct experts per batch: what the step changes
     rows = []
     for i, row in enumerate(data["rows"]):
         cells = [row["label"], f"{row['avg_topk']:.2f}", f"{row['experts_vs_baseline']:.2f}x"]
+        if batch:
+            cells.append(f"{row['unique_experts']:.1f}")
         for name in names:
             r = row["results"][name]
             if r["no_answers"]:
@@ -276,12 +280,13 @@ def eval_table(data: dict, *, speed: bool = True):
         if speed:
             cells += [f"{row['tokens_per_s']:,.0f}", f"{row['speedup']:.2f}x"]
         rows.append(cells)
-    columns = ["method", "Avg-TopK", "experts", *[f"{n} (n={data['tasks'][n]['n']})" for n in names],
+    columns = ["method", "Avg-TopK", "experts", *(["experts/batch"] if batch else []), *[f"{n} (n={data['tasks'][n]['n']})" for n in names],
                "change [95% CI]", "p", *(["tok/s", "speed"] if speed else [])]
     return table(f"{data['model']} on {data['device']}: accuracy % (change vs baseline)", columns, rows)
 
 
-EXPERTS_NOTE = ("experts = expert compute per token against the baseline's; change = mean accuracy change, its 95% "
+EXPERTS_NOTE = ("experts = expert compute per token against the baseline's; experts/batch (with --batch-aware) = "
+                "distinct experts per MoE layer per forward batch; change = mean accuracy change, its 95% "
                 "paired-bootstrap interval; p = exact McNemar.")
 SPEED_NOTE = ("speed = positions/s against the baseline in this process (real-shape timings: docs/benchmarks.md, "
               "bench/bench_runtime.py).")

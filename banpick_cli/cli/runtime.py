@@ -23,12 +23,16 @@ def export(
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain whose key experts pick/banpick reinforce; 'auto' (hf only) chooses per request."),
     param: list[str] = typer.Option([], "--param", help="Hyperparameter override KEY=VALUE (JSON value), e.g. lam=0.5 or strategy=\"D\"; repeatable."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model path or hub id the serving image loads (default: the one the profile names)."),
+    batch_aware: bool = typer.Option(False, "--batch-aware", help="Serve with the batch-aware step after the method (fewer distinct experts per batch; bound from the profile's calibration, else top-2k)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Write a serving bundle: compact runtime profile, manifest, README with the three lines, Dockerfile lines."""
     from banpick_cli.export import export_bundle
 
-    result = export_bundle(profile, target, out, method=method, domain=domain, overrides=_params(param), model=model)
+    params = _params(param)
+    if batch_aware:
+        params.setdefault("batch_aware", True)
+    result = export_bundle(profile, target, out, method=method, domain=domain, overrides=params, model=model)
     m = result.manifest
     if as_json:
         print_json({"out": str(result.out), "files": [str(f) for f in result.files], "method": m["method"],

@@ -94,12 +94,19 @@ class MethodRun:
     runs: dict[str, TaskRun] = field(default_factory=dict)
     experts: float = 0.0  # experts run, summed over tokens and MoE layers
     routed: int = 0  # tokens routed, summed over MoE layers
+    distinct: float = 0.0  # distinct experts a forward ran, summed over forwards and MoE layers
+    forwards: int = 0  # forwards, summed over MoE layers
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def avg_topk(self) -> float:
         """Returns the experts actually run per token, averaged over every MoE layer and token."""
         return self.experts / self.routed if self.routed else 0.0
+
+    @property
+    def unique_experts(self) -> float:
+        """Returns the distinct experts per MoE layer per forward batch (the weights a decode step reads)."""
+        return self.distinct / self.forwards if self.forwards else 0.0
 
     # Totals over the task sets, and rates over the total seconds.
     tokens = property(lambda self: sum(r.tokens for r in self.runs.values()))
@@ -209,6 +216,8 @@ def run_method(
         result.runs[task_set.name] = run
         result.experts += stats.avg_experts_overall * sum(stats.tokens)
         result.routed += sum(stats.tokens)
+        result.distinct += sum(u * f for u, f in zip(stats.unique_experts_per_batch, stats.batches))
+        result.forwards += sum(stats.batches)
         if use_domain:
             result.extra.setdefault("domains", {})[task_set.name] = use_domain
     return result

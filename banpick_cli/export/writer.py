@@ -84,7 +84,10 @@ def export_bundle(
     if domain == AUTO and target != "hf":
         raise BadSetting("--domain auto runs in the HF runtime only (it needs a per-request signature pass)")
     specs = source.model.router_specs()
-    plans = _plans(source, specs, method, domain, overrides)
+    batch = overrides.pop("batch_aware", False)  # the batch-aware step: its resolved bound goes in the manifest
+    if batch and domain == AUTO:
+        raise BadSetting("batch-aware routing with domain auto is not supported (choose a domain)")
+    plans = _plans(source, specs, method, domain, overrides, batch)
     domains = sorted({p.domain for p in plans.values() if p.domain} | (_auto_domains(source) if domain == AUTO else set()))
     keep_usage = domain == AUTO or (method is None and target == "hf")
     runtime = _runtime_settings(source, plans, method, domain, overrides, target)
@@ -256,23 +259,23 @@ def _has_build_backend() -> bool:
     return major >= 77
 
 
-def _plans(profile: RoutingProfile, specs, method, domain, overrides) -> dict[str, RoutingPlan]:
+def _plans(profile: RoutingProfile, specs, method, domain, overrides, batch=False) -> dict[str, RoutingPlan]:
     """Returns the plans the bundle serves, keyed "method" or "method/domain"; validates the profile."""
     if method is not None:
         if domain == AUTO:
             if not get_method(method).takes_domain:
                 raise BadSetting(f"domain 'auto' applies to methods that read key experts "
                                  f"({', '.join(names(lambda m: m.takes_domain))})")
-            return {f"{method}/{d}": build_plan(profile, specs, method, d, **overrides) for d in _auto_domains(profile)} or \
+            return {f"{method}/{d}": build_plan(profile, specs, method, d, batch_aware=batch, **overrides) for d in _auto_domains(profile)} or \
                 _raise(ProfileError("domain auto needs key experts and usage counts of a domain: run `banpick profile` and `banpick kl-scan`"))
-        plan = build_plan(profile, specs, method, domain, **overrides)
+        plan = build_plan(profile, specs, method, domain, batch_aware=batch, **overrides)
         return {method if plan.domain is None else f"{method}/{plan.domain}": plan}
     # Serve-time choice: every served method that reads the profile and that it can serve, each domain with key experts.
     plans: dict[str, RoutingPlan] = {}
     for candidate in names(lambda m: m.engines and m.needs_profile):
         for d in (profile.key_domains() if get_method(candidate).takes_domain else [None]):
             try:
-                plans[candidate if d is None else f"{candidate}/{d}"] = build_plan(profile, specs, candidate, d, **{
+                plans[candidate if d is None else f"{candidate}/{d}"] = build_plan(profile, specs, candidate, d, batch_aware=batch, **{
                     k: v for k, v in overrides.items()})
             except BanpickError:
                 continue
@@ -287,7 +290,7 @@ def _runtime_settings(profile, plans, method, domain, overrides, target) -> dict
         expected = expected_k(plan, profile)
         served[name] = {"method": plan.method, "domain": plan.domain, "hyperparameters": plan.params,
                         "changed_layers": sorted(plan.rules), "engine_slots": max_experts(plan),
-                        "graph_safe": plan.graph_safe,
+                        "graph_safe": plan.graph_safe, "batch_aware": plan.batch,
                         "expected_avg_experts": expected.to_dict()}
     return {"target": target, "method": method, "domain": domain, "overrides": _jsonable(overrides),
             "k_base": profile.model.k_base, "served": served}
@@ -309,6 +312,8 @@ def _compact(source: RoutingProfile, domains, keep_usage: bool, *, with_ban: boo
                 compact.ban.put(part, source.ban.get(part))
         if source.ban.settings:
             compact.ban.set_settings(source.ban.settings)
+    if source.batch.settings:  # the calibrated bound, for a runtime that turns the batch-aware step on itself
+        compact.batch.set_settings(source.batch.settings)
     compact.settings["runtime"] = runtime
     compact.provenance = dict(source.provenance)
     return compact
@@ -335,6 +340,9 @@ def _manifest(source, compact, profile_file: Path, source_path, target, method, 
                     "tensors": sorted(compact.tensors)},
         "source_profile": {"path": str(source_path), "sha256": sha256_of(source_path)},
     }
+    batch = next((s.get("batch_aware") for s in runtime["served"].values() if s.get("batch_aware")), None)
+    if batch is not None:  # the bound resolved at export (given, calibrated or top-2k), pinned for every runtime
+        manifest["batch_aware"] = {k: batch[k] for k in ("candidates", "anchor")}
     if wheel is not None:
         manifest["wheel"] = wheel
     return manifest

@@ -161,6 +161,7 @@ class EngineRouter:
         method = settings.method or (manifest or {}).get("method") or "baseline"
         domain = settings.domain or (manifest or {}).get("domain")
         params = {**(manifest or {}).get("overrides", {}), **settings.params}
+        batch = params.pop("batch_aware", None) or (manifest or {}).get("batch_aware") or False
         try:
             served = get_method(method).engines
         except BanpickError as err:
@@ -178,7 +179,7 @@ class EngineRouter:
         self.specs = [replace(spec, weights_in_logits_dtype=False) for spec in
                       profile.model.router_specs([None if b is None else b.detach() for b in biases])]
         _pin_key_experts(profile)
-        self.plan: RoutingPlan = build_plan(profile, self.specs, method, domain, **params)
+        self.plan: RoutingPlan = build_plan(profile, self.specs, method, domain, batch_aware=batch, **params)
         self.needed = max_experts(self.plan)
         if self.needed > slots and settings.overflow != "truncate":
             raise EngineUnsupported(

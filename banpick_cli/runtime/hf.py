@@ -24,7 +24,6 @@ from banpick_cli.models.base import RoutingHooks
 from banpick_cli.models.loading import LoadedModel, describe
 from banpick_cli.models.registry import adapter_for
 from banpick_cli.profile.format import RoutingProfile, check_fingerprint
-from banpick_cli.routing.batch import batch_share
 from banpick_cli.routing.topk import to_mask
 
 from banpick_cli.runtime.auto import AutoPlan, build_auto
@@ -76,16 +75,10 @@ class RoutingHandle:
         plan: RoutingPlan | AutoPlan,
         *,
         count_changes: bool = False,
-        batch_share: dict[str, Any] | None = None,
     ):
-        """`batch_share`: run the routing core's batch-aware step (`routing.batch_share`, with these keyword
-        arguments, e.g. {"candidates": 16}) after the plan's routing on every layer the plan changes."""
         self.loaded = loaded
         self.plan = plan
         self.count_changes = count_changes
-        if batch_share is not None and isinstance(plan, AutoPlan):
-            raise BadSetting("batch-aware routing with domain auto is not supported")
-        self._share_args = batch_share
         m, e = len(loaded.layers), loaded.routing.num_experts
         self._num_experts = e
         self._device = loaded.device
@@ -156,8 +149,6 @@ class RoutingHandle:
     def _override(self, position: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
         rule = self.plan.rules[position]
         routing = rule.route(logits)
-        if self._share_args is not None:
-            routing = batch_share(logits, self.plan.specs[position], routing, **self._share_args)
         self._count(position, indices, routing.indices, rule.key_experts)
         return _trimmed(routing)
 
@@ -330,6 +321,7 @@ def apply(
     domain: str | None = None,
     *,
     count_changes: bool = False,
+    batch_aware: bool | dict[str, Any] = False,
     **overrides: Any,
 ) -> RoutingHandle:
     """Installs `method`'s routing on every MoE layer of `model`; returns the handle (a context manager).
@@ -343,7 +335,9 @@ def apply(
     MoE layer; tau for dynamic, thresholds for des/odp, cognitive_experts and factor for rice), over the
     profile's settings. `count_changes`: also count the (token, expert) pairs the plan added and removed
     (`stats().added/removed`); off by default, since it compares dense [tokens, experts] masks per layer.
-    Experts run per token are always counted, on the device, at no measurable cost.
+    Experts run per token are always counted, on the device, at no measurable cost. `batch_aware` (True,
+    or {"candidates": n}): after the method's rule, the batch-aware step moves tokens' slots onto experts
+    the rest of the forward batch keeps (`runtime.plan.batch_aware_plan`; default: the bundle's setting).
     """
     loaded = as_loaded(model)
     prof, manifest = load_profile_for(profile, loaded)
@@ -351,12 +345,15 @@ def apply(
         method = method or manifest.get("method")
         domain = domain or manifest.get("domain")
         overrides = {**manifest.get("overrides", {}), **overrides}
+        batch_aware = batch_aware or manifest.get("batch_aware") or False
     method = method or "baseline"
     specs = loaded.router_specs()
     if domain == AUTO:
+        if batch_aware:
+            raise BadSetting("batch-aware routing with domain auto is not supported (choose a domain)")
         plan: RoutingPlan | AutoPlan = build_auto(prof, specs, method, **overrides)
     else:
-        plan = build_plan(prof, specs, method, domain, **overrides)
+        plan = build_plan(prof, specs, method, domain, batch_aware=batch_aware, **overrides)
     return RoutingHandle(loaded, plan, count_changes=count_changes)
 
 

@@ -8,7 +8,7 @@ method's hyperparameters, all calling the routing core. Layers the method leaves
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import torch
@@ -46,6 +46,9 @@ class RoutingPlan:
     ban_params: dict[str, Any] | None = None  # what Expected-K needs for ban/banpick
     # False when a rule builds state on the host per call (Pick C/D's range limit): no CUDA graph capture.
     graph_safe: bool = True
+    # The batch-aware step after every layer's rule (routing.batch_share's keywords, and where its bound came
+    # from), or None: each token routes alone. See `batch_aware`.
+    batch: dict[str, Any] | None = None
 
     @property
     def num_experts(self) -> int:
@@ -80,6 +83,8 @@ class RoutingPlan:
         }
         if self.key_experts is not None:
             out["key_experts_per_layer"] = self.key_experts.sum(-1).tolist()
+        if self.batch is not None:
+            out["batch_aware"] = self.batch
         return out
 
 
@@ -89,6 +94,8 @@ def build_plan(
     specs: list[RouterSpec],
     method: str = "baseline",
     domain: str | None = None,
+    *,
+    batch_aware: bool | dict[str, Any] = False,
     **overrides: Any,
 ) -> RoutingPlan:
     """Returns the routing plan of `method` on the model whose routers `specs` describe.
@@ -96,8 +103,46 @@ def build_plan(
     Hyperparameters come from the routing core's defaults, then the profile's settings
     (`settings["ban"]`, `settings["pick/<domain>"]`), then `overrides`. Raises ProfileError naming
     the stage to run when the profile lacks a tensor the method needs, BadSetting for an unknown
-    method, hyperparameter or value. `domain="auto"` is not a plan: see `build_auto`.
+    method, hyperparameter or value. `domain="auto"` is not a plan: see `build_auto`. `batch_aware`
+    (True, or batch_share's keywords such as {"candidates": 12}) adds the batch-aware step after the
+    method's rule on every layer: see `batch_aware`.
     """
+    plan = _build(profile, specs, method, domain, overrides)
+    return batch_aware_plan(plan, profile, batch_aware) if batch_aware else plan
+
+
+def batch_aware_plan(plan: RoutingPlan, profile: RoutingProfile | None, given: bool | dict[str, Any]) -> RoutingPlan:
+    """Returns `plan` with the routing core's batch-aware step (`routing.batch_share`) after every layer's rule.
+
+    The candidate bound: `given["candidates"]`, else the one layer-sensitivity calibrated into the profile
+    (`profile.batch`), else the router's top-2k (Pick C's range; the plan's `batch["source"]` says which).
+    A token's experts then depend on the rest of its forward batch (docs/routing.md).
+    """
+    from banpick_cli.routing import ANCHOR, batch_share, default_candidates, route
+
+    args = dict(given) if isinstance(given, dict) else {}
+    unknown = sorted(set(args) - {"candidates", "anchor"})
+    if unknown:
+        raise BadSetting(f"batch_aware takes candidates and anchor, not {', '.join(unknown)}")
+    calibrated = profile.batch.settings if profile is not None else {}
+    if "candidates" in args:
+        source = "given"
+    elif calibrated.get("candidates") is not None:
+        args["candidates"], source = int(calibrated["candidates"]), "calibrated by layer-sensitivity"
+        args.setdefault("anchor", int(calibrated.get("anchor", ANCHOR)))
+    else:
+        args["candidates"], source = default_candidates(plan.specs[0]), "router top-2k (the profile has no calibration)"
+    args.setdefault("anchor", ANCHOR)
+    rules = {}
+    for position, spec in enumerate(plan.specs):
+        inner = plan.rules.get(position)
+        own = inner.route if inner is not None else (lambda x, s=spec: route(x, s))
+        rules[position] = _rule(position, spec, lambda x, s=spec, f=own: batch_share(x, s, f(x), **args),
+                                inner.key_experts if inner is not None else None)
+    return replace(plan, rules=rules, batch={**args, "source": source})
+
+
+def _build(profile, specs, method, domain, overrides) -> RoutingPlan:
     record = get_method(method)
     if domain == AUTO:
         raise BadSetting("domain 'auto' chooses a plan per request: call runtime.auto.build_auto")

