@@ -3,7 +3,9 @@
 With BANPICK_PROFILE set, every vLLM process that loads the model (each worker, TP/DP rank) checks
 the profile against the loaded routers after weights are loaded, and reroutes each MoE layer the
 plan changes by shadowing that layer router's `_compute_routing` (vLLM's routers are objects since
-the MoE router refactor, PR #30623; see docs/runtimes.md for the source lines). Without
+the MoE router refactor, PR #30623; see docs/runtimes.md for the source lines). The routing runs in
+the opaque op banpick::route, so vLLM's default compiled mode does not trace it; on vLLM's CPU experts
+kernel the pruned slots are not computed (banpick::experts_kept; BANPICK_PRUNED_SLOTS). Without
 BANPICK_PROFILE the plugin does nothing. Targets vLLM >=0.26,<0.34 (SUPPORTED).
 """
 
