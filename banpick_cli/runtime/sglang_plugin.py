@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from typing import Any
 
 import torch
@@ -139,7 +140,20 @@ def install(model: torch.nn.Module, *, engine: str = "SGLang") -> EngineRouter |
     router = EngineRouter(settings, gates, engine=engine, slots=slots.pop())
     _state["router"] = router
     logger.info(router.log_line())
+    if router.changed:
+        logger.info(pruned_line())
     return router
+
+
+def pruned_line() -> str:
+    """The one line that says SGLang computes the slots the routing prunes, and why."""
+    asked = os.environ.get("BANPICK_PRUNED_SLOTS", "auto").strip() or "auto"
+    if asked not in ("auto", "compute", "sentinel"):
+        raise EngineUnsupported(f"BANPICK_PRUNED_SLOTS={asked!r}: expected auto, compute or sentinel")
+    why = ("its Triton MoE kernel skips expert id -1 only under expert parallelism (fused_experts' filter_expert), "
+           "and its EPLB map would index -1")
+    head = "BANPICK_PRUNED_SLOTS=sentinel refused: " if asked == "sentinel" else ""
+    return f"banpick: SGLang: {head}pruned slots are computed at weight 0 on a valid expert ({why})"
 
 
 def before_post_process(*args: Any, **kwargs: Any):

@@ -3,7 +3,9 @@
 With BANPICK_PROFILE set, every vLLM process that loads the model (each worker, TP/DP rank) checks
 the profile against the loaded routers after weights are loaded, and reroutes each MoE layer the
 plan changes by shadowing that layer router's `_compute_routing` (vLLM's routers are objects since
-the MoE router refactor, PR #30623; see docs/runtimes.md for the source lines). Without
+the MoE router refactor, PR #30623; see docs/runtimes.md for the source lines). The routing runs in
+the opaque op banpick::route, so vLLM's default compiled mode does not trace it; on vLLM's CPU experts
+kernel the pruned slots are not computed (banpick::experts_kept; BANPICK_PRUNED_SLOTS). Without
 BANPICK_PROFILE the plugin does nothing. Targets vLLM >=0.26,<0.34 (SUPPORTED).
 """
 
@@ -142,7 +144,7 @@ def sentinel_refusal(runners: dict[int, Any], router: EngineRouter) -> str | Non
         from vllm.model_executor.layers.fused_moe.experts.triton_moe import TritonExperts
     except ImportError as err:
         return f"this vLLM has no Triton experts module ({err})"
-    kernels = {type(_experts_kernel(r)).__name__ for i, r in runners.items() if router.changes(i)
+    kernels = {_name(_experts_kernel(r)) for i, r in runners.items() if router.changes(i)
                if not isinstance(_experts_kernel(r), TritonExperts)}
     if kernels:
         return f"the experts kernel is {', '.join(sorted(kernels))}, not TritonExperts"
@@ -185,7 +187,7 @@ def pruned_line(router: EngineRouter, skipped: list[str], mode: str, runners: di
     if skipped:
         return (f"banpick: pruned slots are not computed: {skipped[0]} runs only the kept (token, expert) pairs "
                 f"on {len(skipped)}/{len(router.changed)} rerouted layers")
-    kernels = sorted({type(_experts_kernel(r)).__name__ for i, r in runners.items() if router.changes(i)})
+    kernels = sorted({_name(_experts_kernel(r)) for i, r in runners.items() if router.changes(i)})
     why = f"{ENV_PRUNED}=compute" if mode == "compute" else "this experts kernel cannot skip a slot"
     return (f"banpick: pruned slots are computed at weight 0 ({', '.join(kernels)}; {why}): the routing changes, "
             "the experts' compute does not shrink")
@@ -214,6 +216,10 @@ def _shadow(engine_router: Any, router: EngineRouter, index: int) -> None:
 
     setattr(compute_routing, _MARK, True)
     engine_router._compute_routing = compute_routing
+
+
+def _name(experts: Any) -> str:
+    return "no experts kernel built" if experts is None else type(experts).__name__
 
 
 def _experts_kernel(runner: Any) -> Any:

@@ -49,8 +49,41 @@ def test_the_entry_point_hooks_the_load_path_the_server_takes(plugins):
     assert {sglang_plugin.LOAD_TARGET, sglang_plugin.TOPK_TARGET} <= HookRegistry._patched
     # The server's model runner loads in load_model (called from its initialisation), and the hook is on it.
     assert "self.load_model()" in inspect.getsource(ModelRunner)
-    assert ModelRunner.load_model is not getattr(ModelRunner.load_model, "__wrapped__", None)
-    assert topk._post_process_topk_ids.__name__ == "_post_process_topk_ids"
+    # The server's load_model now carries banpick's AFTER hook (somewhere in the registry's wrapper).
+    assert sglang_plugin.after_load_model in _closure_functions(ModelRunner.load_model)
+    # The patched top-k post-processing runs banpick's BEFORE hook: with no model installed yet, the
+    # hook refuses (a wrapper that skipped it would reach SGLang's own code instead).
+    saved = sglang_plugin._state["router"]
+    sglang_plugin._state["router"] = None
+    try:
+        with pytest.raises(sglang_plugin.EngineUnsupported, match="before the model-load hook ran"):
+            topk._post_process_topk_ids(topk_ids=torch.zeros(2, 8, dtype=torch.int32), topk_weights=torch.zeros(2, 8),
+                                        topk_config=None, router_logits=torch.zeros(2, 32), layer_id=0,
+                                        num_token_non_padded=None, expert_location_dispatch_info=None)
+    finally:
+        sglang_plugin._state["router"] = saved
+
+
+def _closure_functions(fn, depth: int = 6) -> list:
+    """Every function reachable from `fn` through __wrapped__ and closure cells (a hook wrapper's)."""
+    found, todo = [], [(fn, 0)]
+    while todo:
+        f, d = todo.pop()
+        if f in found or d > depth:
+            continue
+        found.append(f)
+        inner = [getattr(f, "__wrapped__", None), getattr(f, "__func__", None)]
+        inner += [c.cell_contents for c in (getattr(f, "__closure__", None) or ()) if _cell_ok(c)]
+        todo += [(g, d + 1) for g in inner if callable(g)]
+    return found
+
+
+def _cell_ok(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # an empty cell
+        return False
+    return True
 
 
 def _demo_with_sglang_topk():

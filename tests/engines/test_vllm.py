@@ -211,15 +211,22 @@ def test_the_routed_experts_capturer_and_server_encoding_give_what_banpick_route
     snapshot = _bind_capturer(model, engine)
     gen = torch.Generator().manual_seed(1)
     tokens = 40
-    routed = {}
+    routed, logits_of = {}, {}
     with set_forward_context(None, engine, num_tokens=tokens):
         for index, runner in sorted(runners(model).items()):
-            logits = torch.randn(tokens, 32, generator=gen) * 2
+            logits_of[index] = logits = torch.randn(tokens, 32, generator=gen) * 2
             routed[index] = runner.router.select_experts(torch.zeros(tokens, 128), logits)
     array = snapshot(tokens)  # [tokens, layers, top_k], uint8
     assert array.shape == (tokens, 4, 8) and array.dtype.name == "uint8"
+    spec = model._banpick_router.specs[0]
     for index, (weights, ids) in routed.items():
-        assert (array[:, index] == ids.numpy()).all()  # the capturer sees banpick's routing, pruned slots too
+        assert (array[:, index] == ids.numpy()).all()  # the capturer sees what the router returned, pruned slots too
+        # ... and that is Ban's routing, not vLLM's own top-8: per token, the captured set of experts is
+        # Ban's kept experts (a pruned slot repeats one of them), fewer than 8 for some tokens.
+        mine = ban(logits_of[index], spec, float(torch.linspace(0.0, 1.0, 4)[index]), 0.35, 0.95, k_min=2, lam=0.7, beta=0.5)
+        captured = [set(row.tolist()) for row in array[:, index]]
+        assert captured == [set(row[row < spec.num_experts].tolist()) for row in mine.indices]
+        assert min(len(c) for c in captured) < 8
     # What the OpenAI server returns per choice since vLLM 0.26: base64 of the .npy bytes.
     numpy2base64 = _server_encoding()
     response = {"id": "cmpl-1", "object": "text_completion", "choices": [

@@ -333,3 +333,12 @@ def test_vllm_triton_sentinel_check_reads_the_two_places_that_must_skip():
     assert vllm_plugin.triton_sentinel_refusal(kernel, always) is None
     assert "does not pass topk_ids" in vllm_plugin.triton_sentinel_refusal(kernel, "ops.moe_sum(input, output)")
     assert "zero-write" in vllm_plugin.triton_sentinel_refusal("if off_experts < 0: pass", always)
+
+
+def test_sglang_says_in_one_line_that_pruned_slots_are_computed(monkeypatch):
+    assert "pruned slots are computed at weight 0" in sglang_plugin.pruned_line()
+    monkeypatch.setenv("BANPICK_PRUNED_SLOTS", "sentinel")
+    assert "BANPICK_PRUNED_SLOTS=sentinel refused: pruned slots are computed" in sglang_plugin.pruned_line()
+    monkeypatch.setenv("BANPICK_PRUNED_SLOTS", "skip")
+    with pytest.raises(EngineUnsupported, match="expected auto, compute or sentinel"):
+        sglang_plugin.pruned_line()
