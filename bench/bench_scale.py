@@ -10,6 +10,13 @@ process's CPU time, including model loading) is the steadier figure.
 `--model demo-shaped` builds a random model with the demo model's shape (4 layers, hidden 128, 32 experts,
 top-8, expert width 64, vocabulary 3000) when banpick_cli/artifacts/demo-moe does not exist yet.
 
+`--cgroup-proof` writes a 3.3 GB Qwen3-MoE checkpoint (8 layers, hidden 1024, 64 experts of width 512) and
+profiles and kl-scans it with `--stream` inside a memory cgroup of `--cgroup-mb` (953 MiB: 1 GB), against
+unlimited runs (needs root and cgroup v1 memory; docs/benchmarks.md).
+
+`--family-peaks` measures, per family, the memory one streamed layer read adds against the layer's bytes
+(`--old` a folder with another banpick_cli to measure that code instead).
+
 `--stream-proof` instead writes a Qwen3-MoE checkpoint with Qwen3-30B-A3B's hidden size (2048) and expert
 width (768), 16 experts top-4, `--layers` layers, and runs `profile` counts and a KL scan of the most used
 experts three ways, each in a fresh process: streamed under a hard limit of a third of the checkpoint
@@ -141,6 +148,97 @@ def stream_proof(cli: argparse.Namespace) -> dict:
     return out
 
 
+def cgroup_proof(cli: argparse.Namespace) -> dict:
+    """Returns the numbers of the 3.3 GB checkpoint profiled and kl-scanned with --stream in a memory cgroup.
+
+    Qwen3-MoE, 8 layers, hidden 1024, 64 experts of width 512 top-8, float32 (0.41 GB a layer), in the
+    hub's per-expert layout. Runs, each a fresh process under /usr/bin/time -v, the checkpoint's pages
+    dropped from the page cache first: --stream in a cgroup of `--cgroup-mb`; --stream and the in-memory
+    model in unlimited cgroups (the reference); with `--old` (a folder holding another banpick_cli, e.g.
+    `git archive <commit> banpick_cli | tar -x -C /tmp/old`), that code's --stream in both as well.
+    """
+    sys.path.insert(0, str(REPO / "tests" / "passes"))
+    from stream_helpers import drop_cache, run_limited, write_checkpoint
+
+    from banpick_cli.demo.corpus import calib_texts
+
+    work = Path(cli.work or tempfile.mkdtemp(prefix="bench-cgroup-"))
+    if not (work / "model" / "model.safetensors.index.json").is_file():
+        write_checkpoint(work / "model", layers=8, hidden=1024, width=512, experts=64, top_k=8, heads=16, kv_heads=4,
+                         head_dim=64)
+    size = sum(f.stat().st_size for f in (work / "model").glob("*.safetensors"))
+    data = work / "math.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in calib_texts("math", 0, frozenset(), n=cli.samples)))
+    base = dict(model=str(work / "model"), data=str(data), seq_len=cli.seq_len, batch_size=cli.batch_size, top=2,
+                top_tokens=1000, hidden_cache_mb=2048, threads=2, scan_layers=2, limit_mb=0)
+    unlimited = {"cgroup_above_mb": 1 << 20}  # a cgroup, to read its peak, with no limit that binds
+    plan = [("stream_limited", REPO, {"stream": True, "cgroup_mb": cli.cgroup_mb}),
+            ("stream_unlimited", REPO, {"stream": True, **unlimited}),
+            ("memory_unlimited", REPO, {"stream": False, **unlimited})]
+    if cli.old:
+        plan += [("old_stream_limited", Path(cli.old), {"stream": True, "cgroup_mb": cli.cgroup_mb}),
+                 ("old_stream_unlimited", Path(cli.old), {"stream": True, **unlimited})]
+    runs = {}
+    for name, code, extra in plan:
+        drop_cache(work / "model")
+        t0 = time.perf_counter()
+        result, err = run_limited({**base, **extra}, code=code, time_v=True)
+        runs[name] = result or {"failed": err.strip().splitlines()[0][:300]}
+        runs[name]["process_s"] = round(time.perf_counter() - t0, 1)
+    reference = runs["memory_unlimited"]
+    for name, run in runs.items():
+        if "counts" in run and "counts" in reference:
+            run["same_counts"] = run["counts"] == reference["counts"]
+            run["kl_max_rel_diff"] = max(abs(a - b) / max(abs(b), 1e-12) for p in reference["kl"]
+                                         for a, b in zip(run["kl"][p], reference["kl"][p]))
+    return {"checkpoint_bytes": size, "cgroup_mb": cli.cgroup_mb,
+            "runs": {k: {x: y for x, y in v.items() if x not in ("counts", "kl")} for k, v in runs.items()}}
+
+
+LAYER_PEAK = r"""
+import sys, torch
+from banpick_cli.passes.streaming import load_streaming, LayerSource
+def status(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key)) << 10
+loaded = load_streaming(sys.argv[1], device="cpu", dtype="float32")
+source = LayerSource(loaded)
+index = max(range(len(source.layers)), key=loaded.streamed.layer_bytes)
+open("/proc/self/clear_refs", "w").write("5")  # VmHWM := VmRSS
+before = status("VmRSS")
+layer = source.acquire(index, torch.device("cpu"))
+print(index, sum(p.numel() * p.element_size() for p in layer.parameters()), status("VmHWM") - before)
+"""
+
+
+def family_peaks(cli: argparse.Namespace) -> list[dict]:
+    """Returns, per family, the resident memory one streamed layer read adds (VmHWM above VmRSS, a fresh
+    process) against the layer's bytes: each tiny test config widened to hidden 512, 2 layers, all MoE."""
+    from transformers import AutoModelForCausalLM
+
+    sys.path.insert(0, str(REPO / "tests"))
+    import tiny
+
+    wide = {"qwen3_moe": dict(moe_intermediate_size=512, mlp_only_layers=[]),
+            "qwen2_moe": dict(moe_intermediate_size=512, shared_expert_intermediate_size=1024), "olmoe": {}, "mixtral": {},
+            "deepseek_v2": dict(moe_intermediate_size=512, first_k_dense_replace=0),
+            "deepseek_v3": dict(moe_intermediate_size=512, first_k_dense_replace=0)}
+    work, code = Path(tempfile.mkdtemp(prefix="bench-peaks-")), Path(cli.old or REPO)
+    out = []
+    for family in tiny.FAMILIES:
+        folder = work / family
+        config = tiny._configs()[family].to_dict()
+        config.update(hidden_size=512, intermediate_size=1024, num_hidden_layers=2, **wide[family])
+        config.pop("layer_types", None)
+        AutoModelForCausalLM.from_config(type(tiny._configs()[family]).from_dict(config)).save_pretrained(folder)
+        tiny.build_tokenizer(folder)
+        done = subprocess.run([sys.executable, "-c", LAYER_PEAK, str(folder)], capture_output=True, text=True, cwd=code,
+                              env={**os.environ, "PYTHONPATH": str(code)})
+        index, size, peak = map(int, done.stdout.split()[-3:])
+        out.append({"family": family, "layer": index, "layer_mb": round(size / 2**20, 1),
+                    "peak_above_mb": round(peak / 2**20, 1), "ratio": round(peak / size, 2)})
+    return out
+
+
 def demo_dry_run(cli: argparse.Namespace) -> dict:
     """Returns the dry-run estimate and the measured time of profile counting and a KL scan on the demo model."""
     import torch
@@ -188,7 +286,18 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--stream-proof", action="store_true", help="the streamed-under-a-memory-limit proof instead")
     parser.add_argument("--layers", type=int, default=12, help="--stream-proof: decoder layers (377 MB each)")
+    parser.add_argument("--cgroup-proof", action="store_true", help="the 3.3 GB checkpoint streamed in a memory cgroup instead")
+    parser.add_argument("--cgroup-mb", type=int, default=953, help="--cgroup-proof: the limit in MiB (953 MiB = 1 GB)")
+    parser.add_argument("--old", default="", help="--cgroup-proof: a folder with an older banpick_cli to measure too")
+    parser.add_argument("--work", default="", help="--cgroup-proof: reuse the checkpoint in this folder")
+    parser.add_argument("--family-peaks", action="store_true", help="one streamed layer read's memory, per family")
     cli = parser.parse_args()
+    if cli.family_peaks:
+        print(json.dumps(family_peaks(cli), indent=1))
+        return
+    if cli.cgroup_proof:
+        print(json.dumps(cgroup_proof(cli), indent=2))
+        return
     if cli.stream_proof:
         print(json.dumps(stream_proof(cli), indent=2))
         return
