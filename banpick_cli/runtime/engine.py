@@ -14,7 +14,7 @@ import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping
+from typing import Callable, Any, Mapping
 
 import torch
 
@@ -195,6 +195,9 @@ class EngineRouter:
         self.expected = expected_k(self.plan, profile)
         self.capture_safe = self.plan.graph_safe
         self._scale: dict[int, float] = {}  # engine weight / core weight, learned by the self-check
+        # Whether the forward being routed is a decode step (one new token per request): the batch-aware step
+        # runs only there. An engine plugin that can tell sets it; until then the step never runs.
+        self.is_decode: Callable[[], bool] = lambda: False
         self.sentinel = False  # pruned slots as expert id -1 (only where the engine's kernel skips it)
 
     def changes(self, layer_index: int | None) -> bool:
@@ -223,7 +226,7 @@ class EngineRouter:
         logits = logits[:, : self.specs[position].num_experts]  # an engine may append shared-expert gate columns
         if position not in self._scale and stock is not None and not capturing:
             self._scale[position] = self_check(self.specs[position], logits, *stock, layer=layer_index, engine=self.engine)
-        routing = self.plan.route(position, logits)
+        routing = self.plan.route(position, logits, decode=self.plan.batch is None or self.is_decode())
         weights, ids = fit_slots(routing, logits, self.specs[position], self.slots, reweight=self.needed > self.slots)
         scale = self._scale.get(position, 1.0)
         if self.sentinel:  # static shapes, no host sync: the pruned slots (weight 0) become -1
@@ -236,7 +239,9 @@ class EngineRouter:
         lo, hi = self.expected.overall
         return (f"banpick: {self.engine}: method={plan.method} domain={plan.domain or '-'} on {len(self.changed)}/"
                 f"{len(self.specs)} MoE layers, expected experts/token {self.expected.summary()} (model top-{k}, "
-                f"{self.slots} engine slots); profile sha256 {self.profile_sha256[:12]}, params {json.dumps(plan.params, default=str)}")
+                f"{self.slots} engine slots); profile sha256 {self.profile_sha256[:12]}, params {json.dumps(plan.params, default=str)}"
+                + (f"; batch-aware step on decode steps, candidates {plan.batch['candidates']} ({plan.batch['source']})"
+                   if plan.batch is not None else ""))
 
 
 def fit_slots(routing: Routing, logits: torch.Tensor, spec, slots: int, *, reweight: bool = True) -> tuple[torch.Tensor, torch.Tensor]:

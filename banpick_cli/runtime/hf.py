@@ -87,6 +87,7 @@ class RoutingHandle:
         self._changes = torch.zeros(3, m, dtype=torch.int64, device=self._device)  # added, removed, key_added
         self._unique = torch.zeros(2, m, dtype=torch.int64, device=self._device)  # distinct experts, forwards
         self._mask: torch.Tensor | None = None  # bool [T]: real tokens of the current forward
+        self._decoding = True  # the current forward is a decode step (no forward seen yet: as a plain call)
         self._rows: torch.Tensor | None = None  # long [T]: domain index per token (auto)
         self._row_domains: torch.Tensor | None = None  # long [B]
         self._choices = torch.zeros(len(plan.domains) if isinstance(plan, AutoPlan) else 0, dtype=torch.int64)
@@ -148,7 +149,7 @@ class RoutingHandle:
 
     def _override(self, position: int, logits: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor):
         rule = self.plan.rules[position]
-        routing = rule.route(logits)
+        routing = rule.routing(logits, decode=self._decoding)
         self._count(position, indices, routing.indices, rule.key_experts)
         return _trimmed(routing)
 
@@ -228,6 +229,8 @@ class RoutingHandle:
             self._mask = None
             return None
         batch, new = int(shape[0]), int(shape[1])
+        # A decode step: one new position per sequence after a prompt (the batch-aware step runs only there).
+        self._decoding = new == 1 and _seen(kwargs) > 0
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= new:
             self._mask = mask[:, -new:].reshape(-1).bool()

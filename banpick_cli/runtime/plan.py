@@ -30,6 +30,12 @@ class LayerRule:
     route: Callable[[torch.Tensor], Routing]
     width: int
     key_experts: torch.Tensor | None = None  # bool [E]: the experts Pick reinforces here
+    # With the batch-aware step: the same rule without it, for forwards that are not decode steps.
+    plain: Callable[[torch.Tensor], Routing] | None = None
+
+    def routing(self, logits: torch.Tensor, *, decode: bool = True) -> Routing:
+        """Returns the rule's routing of `logits`; off a decode step, without the batch-aware step."""
+        return self.route(logits) if decode or self.plain is None else self.plain(logits)
 
 
 @dataclass(frozen=True)
@@ -63,11 +69,12 @@ class RoutingPlan:
         """Returns the most slots any layer's routing has per token (K_base when nothing widens it)."""
         return max([self.k_base, *(rule.width for rule in self.rules.values())])
 
-    def route(self, position: int, logits: torch.Tensor) -> Routing:
-        """Returns layer `position`'s routing of `logits` [T, E] under this plan."""
+    def route(self, position: int, logits: torch.Tensor, *, decode: bool = True) -> Routing:
+        """Returns layer `position`'s routing of `logits` [T, E] under this plan; `decode=False` (a forward
+        with a prefill in it) leaves out the batch-aware step (`batch_aware_plan`)."""
         rule = self.rules.get(position)
         if rule is not None:
-            return rule.route(logits)
+            return rule.routing(logits, decode=decode)
         from banpick_cli.routing import route
 
         return route(logits, self.specs[position])
@@ -116,7 +123,10 @@ def batch_aware_plan(plan: RoutingPlan, profile: RoutingProfile | None, given: b
 
     The candidate bound: `given["candidates"]`, else the one layer-sensitivity calibrated into the profile
     (`profile.batch`), else the router's top-2k (Pick C's range; the plan's `batch["source"]` says which).
-    A token's experts then depend on the rest of its forward batch (docs/routing.md).
+    A token's experts then depend on the rest of its forward batch (docs/routing.md). The step runs on
+    decode steps only: a runtime passes `decode=False` for a forward with a prefill in it, where a prompt's
+    positions would otherwise share experts with each other (on the demo that cost 6 points of accuracy,
+    docs/results.md), and decode is where the weight reads it saves are the cost.
     """
     from banpick_cli.routing import ANCHOR, batch_share, default_candidates, route
 
@@ -137,9 +147,10 @@ def batch_aware_plan(plan: RoutingPlan, profile: RoutingProfile | None, given: b
     for position, spec in enumerate(plan.specs):
         inner = plan.rules.get(position)
         own = inner.route if inner is not None else (lambda x, s=spec: route(x, s))
-        rules[position] = _rule(position, spec, lambda x, s=spec, f=own: batch_share(x, s, f(x), **args),
-                                inner.key_experts if inner is not None else None)
-    return replace(plan, rules=rules, batch={**args, "source": source})
+        shared = _rule(position, spec, lambda x, s=spec, f=own: batch_share(x, s, f(x), **args),
+                       inner.key_experts if inner is not None else None)
+        rules[position] = replace(shared, plain=own)
+    return replace(plan, rules=rules, batch={**args, "source": source, "steps": "decode"})
 
 
 def _build(profile, specs, method, domain, overrides) -> RoutingPlan:

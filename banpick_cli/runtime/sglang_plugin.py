@@ -140,6 +140,9 @@ def install(model: torch.nn.Module, *, engine: str = "SGLang") -> EngineRouter |
     router = EngineRouter(settings, gates, engine=engine, slots=slots.pop())
     _state["router"] = router
     logger.info(router.log_line())
+    if router.plan.batch is not None:  # EngineRouter.is_decode stays False here
+        logger.warning("banpick: %s: the batch-aware step does not run: this plugin cannot tell a decode step from "
+                       "a prefill in SGLang's router (the vLLM plugin and the HF runtime can)", engine)
     if router.changed:
         logger.info(pruned_line())
     return router

@@ -95,6 +95,7 @@ def install(model: torch.nn.Module, *, engine: str = "vLLM", enforce_eager: bool
         raise EngineUnsupported(f"{engine}: MoE layers disagree on top_k ({sorted(slots)})")
     router = EngineRouter(settings, gates, engine=engine, slots=slots.pop(),
                           fingerprint=getattr(model, "_banpick_fingerprint", None))
+    router.is_decode = decode_step
     unreachable = sorted(set(router.position) - set(runners))
     if unreachable:  # a layer whose router we cannot shadow would silently keep its own routing
         raise EngineUnsupported(f"{engine}: MoE layers {unreachable[:8]} have no router object to reroute (module with "
@@ -191,6 +192,25 @@ def pruned_line(router: EngineRouter, skipped: list[str], mode: str, runners: di
     why = f"{ENV_PRUNED}=compute" if mode == "compute" else "this experts kernel cannot skip a slot"
     return (f"banpick: pruned slots are computed at weight 0 ({', '.join(kernels)}; {why}): the routing changes, "
             "the experts' compute does not shrink")
+
+
+def decode_step() -> bool:
+    """Returns whether the forward vLLM is running is a decode step: every attention layer's metadata in the
+    forward context has `max_query_len` 1 (one new token per request; the CPU, FlashAttention and Triton
+    backends all carry it). False when there is no forward context or it does not say: the batch-aware
+    step then does not run (on a GPU a CUDA graph bakes in what capture saw: unverified, docs/runtimes.md)."""
+    try:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not is_forward_context_available():
+            return False
+        meta = get_forward_context().attn_metadata
+    except Exception:  # another vLLM's forward context: do not guess
+        return False
+    parts = meta if isinstance(meta, list) else [meta]
+    found = [m for part in parts for m in (part.values() if isinstance(part, dict) else [part]) if m is not None]
+    lengths = [getattr(m, "max_query_len", None) for m in found]
+    return bool(lengths) and all(n == 1 for n in lengths)
 
 
 def _shadow(engine_router: Any, router: EngineRouter, index: int) -> None:

@@ -267,3 +267,28 @@ def test_import_usage_reads_what_the_engine_routed(served, tmp_path):
     assert torch.equal(usage.tensors["domain/served/expert_counts"].long(), expected)
     tokens = sum(c["ids"].shape[0] for c in calls) // 4
     assert usage.tensors["domain/served/token_counts"].long().tolist() == [tokens] * 4
+
+
+def test_the_batch_aware_step_runs_on_vllms_decode_steps_only():
+    """vLLM's own forward context, with its CPU backend's attention metadata: one new token per request is a
+    decode step (the batch-aware step runs), a prefill chunk is not, and no forward context is not."""
+    from vllm.config import VllmConfig
+    from vllm.forward_context import set_forward_context
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionMetadata
+
+    from banpick_cli.runtime import vllm_plugin
+
+    def metadata(max_query_len: int) -> CPUAttentionMetadata:
+        return CPUAttentionMetadata(num_actual_tokens=4, max_query_len=max_query_len,
+                                    query_start_loc=torch.arange(5, dtype=torch.int32), max_seq_len=8,
+                                    seq_lens=torch.full((4,), 8, dtype=torch.int32),
+                                    block_table=torch.zeros(4, 1, dtype=torch.int32),
+                                    slot_mapping=torch.zeros(4, dtype=torch.int64), scheduler_metadata=None)
+
+    config = VllmConfig()
+    assert not vllm_plugin.decode_step()
+    layers = ("model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn")
+    with set_forward_context({name: metadata(1) for name in layers}, config, num_tokens=4):
+        assert vllm_plugin.decode_step()
+    with set_forward_context({layers[0]: metadata(1), layers[1]: metadata(3)}, config, num_tokens=4):
+        assert not vllm_plugin.decode_step()

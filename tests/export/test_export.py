@@ -296,7 +296,7 @@ def test_batch_aware_export_pins_the_bound_and_the_engine_plan_uses_it(qwen, tmp
     assert bundle.manifest["served"]["ban"]["batch_aware"]["source"] == "calibrated by layer-sensitivity"
     router = EngineRouter(EngineSettings(str(tmp_path / "b"), None), gate_modules(qwen.model.named_modules()),
                           engine="test", slots=qwen.routing.top_k)
-    assert router.plan.batch == {"candidates": 6, "anchor": 1, "source": "given"}  # pinned by the bundle
+    assert router.plan.batch == {"candidates": 6, "anchor": 1, "source": "given", "steps": "decode"}  # pinned
     plain = export_bundle(source, "hf", tmp_path / "c", method="ban")
     assert "batch_aware" not in plain.manifest
     with pytest.raises(BadSetting, match="domain auto"):

@@ -61,38 +61,47 @@ def test_every_method_counts_the_experts_its_real_tokens_ran(qwen, method):
     assert stats.unique_experts_per_batch == [sum(v) / 2 for _, v in sorted(seen.items())]
 
 
-def test_apply_batch_aware_runs_the_core_step_after_the_plan(qwen):
+def _prefill_then_decode(qwen, prompt, step, observer=None, handle=None):
+    """Runs a prefill of `prompt` [B, n] and one decode step `step` [B, 1]; returns what `observer` saw per forward."""
+    seen = []
+    if handle is not None and observer is not None:
+        handle.hooks.observers.append(lambda p, lg, w, i: seen.append((p, lg.clone(), i.clone())))
+    out = qwen.model(prompt, use_cache=True)
+    qwen.model(step, past_key_values=out.past_key_values, use_cache=True)
+    return seen
+
+
+def test_apply_batch_aware_runs_the_core_step_after_the_plan_on_decode_steps(qwen):
     prof = make_profile(qwen)
     specs = qwen.router_specs()
     plan = build_plan(prof, specs, "ban")
-    ids = ids_for(qwen, batch=8, length=1, seed=3)  # a decode-shaped batch: 8 sequences, one token each
-    got, want = {}, {}
-
-    def record(position, logits, weights, indices):
-        got[position] = indices.clone()
-        routing = batch_share(logits, specs[position], plan.rules[position].route(logits), candidates=8)
-        want[position] = routing.indices[:, : indices.shape[1]]
-
+    prompt, step = ids_for(qwen, batch=8, length=4, seed=3), ids_for(qwen, batch=8, length=1, seed=5)
+    layers = len(specs)
     with torch.inference_mode():
         with apply(qwen, prof, "ban") as plain:
-            qwen.model(ids)
+            before = _prefill_then_decode(qwen, prompt, step, True, plain)
         with apply(qwen, prof, "ban", batch_aware={"candidates": 8}) as handle:
-            assert handle.plan.batch == {"candidates": 8, "anchor": 1, "source": "given"}
-            handle.hooks.observers.append(record)
-            qwen.model(ids)
-    assert got and all(torch.equal(got[p], want[p]) for p in got)
-    before, after = plain.stats(), handle.stats()
-    assert after.avg_experts == before.avg_experts  # swaps: the same experts per token
-    assert sum(after.unique_experts_per_batch) < sum(before.unique_experts_per_batch)
+            assert handle.plan.batch == {"candidates": 8, "anchor": 1, "source": "given", "steps": "decode"}
+            after = _prefill_then_decode(qwen, prompt, step, True, handle)
+    # the prefill (first `layers` observations) routes as plain Ban; the decode step adds the core's step
+    for (p, lg, got), (_, _, want) in zip(after[:layers], before[:layers]):
+        assert torch.equal(got, want)
+    for p, lg, got in after[layers:]:
+        want = batch_share(lg, specs[p], plan.rules[p].route(lg), candidates=8).indices[:, : got.shape[1]]
+        assert torch.equal(got, want)
+    moved = sum(int((a[2] != b[2]).any()) for a, b in zip(after[layers:], before[layers:]))
+    assert moved > 0  # the step changed some decode routing on this batch
+    s_plain, s_aware = plain.stats(), handle.stats()
+    assert s_aware.avg_experts == s_plain.avg_experts  # swaps: the same experts per token
+    assert sum(s_aware.unique_experts_per_batch) < sum(s_plain.unique_experts_per_batch)
     # one sequence: batch-aware is plain Ban, bit for bit
-    one = ids_for(qwen, batch=1, length=6, seed=4)
-    seen = {}
+    one_prompt, one_step = prompt[:1], step[:1]
     with torch.inference_mode():
-        for aware in (False, True):
-            with apply(qwen, prof, "ban", batch_aware=aware) as h:
-                h.hooks.observers.append(lambda p, lg, w, i, a=aware: seen.setdefault(a, {}).__setitem__(p, (w.clone(), i.clone())))
-                qwen.model(one[:, :1])
-    assert all(torch.equal(seen[False][p][k], seen[True][p][k]) for p in seen[False] for k in (0, 1))
+        with apply(qwen, prof, "ban") as h:
+            alone = _prefill_then_decode(qwen, one_prompt, one_step, True, h)
+        with apply(qwen, prof, "ban", batch_aware=True) as h:
+            alone_aware = _prefill_then_decode(qwen, one_prompt, one_step, True, h)
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(alone, alone_aware))
     with pytest.raises(BadSetting, match="domain auto"):
         apply(qwen, prof, "ban", "auto", batch_aware=True)
     with pytest.raises(BadSetting, match="batch_aware takes candidates and anchor"):
