@@ -100,8 +100,10 @@ def kl_scan(
     as_json: bool = JsonOpt,
 ) -> None:
     """Prune each candidate expert of a domain and rank them by the top-1000 KL of the output (section 4.2)."""
+    from banpick_cli.checks import number
     from banpick_cli.stages.kl_scan import KLScanSettings, run_kl_scan
 
+    number("--show", show, low=0, integer=True)  # before anything runs: a bad flag writes nothing
     profile = _profile_path(profile, out)
     settings = settings_from(KLScanSettings, locals())
     if dry:
