@@ -5,8 +5,8 @@ forwards, LM-head forwards, layer loads and tokens of `profile`, `kl-scan` or `l
 and the peak memory of each way of running it (whole model, `--sequential`, `--stream`). `probe` times
 this machine on the model's own shape: one decoder layer (random weights, the first MoE layer's
 shape) on one batch, the LM head on one batch, and, for a local checkpoint, reading one layer from it.
-`Cost.seconds(timing, mode)` turns the two into a time estimate; `eta` keeps an estimate honest as a
-run goes (resumed work is not counted as speed).
+`Cost.seconds(timing, mode)` turns the two into a time estimate (progress.py's `eta` keeps one honest as a
+run goes).
 
 Counts are in batch-forwards of one decoder layer ("layer runs"): a variant stacked with others costs
 the same rows. The scans run the unmodified model through every layer and each variant through the
@@ -228,11 +228,3 @@ def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-def eta(done: int, total: int, started: float, resumed: int = 0, now: float | None = None) -> float | None:
-    """Returns the seconds left, from the speed of the work this process did (not what it resumed)."""
-    now = time.perf_counter() if now is None else now
-    fresh = done - resumed
-    if fresh <= 0 or now <= started:
-        return None
-    return (total - done) * (now - started) / fresh

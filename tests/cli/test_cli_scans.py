@@ -171,7 +171,7 @@ def test_stream_is_chosen_when_the_weights_do_not_fit(tiny_models, data_file, pr
 
 
 def test_eta_counts_only_this_runs_work():
-    from banpick_cli.passes.cost import eta
+    from banpick_cli.progress import eta
 
     # 3 of 4 windows done, 2 of them resumed: one window in 10 s, so one left is 10 s (not 3.3 s).
     assert eta(3, 4, started=0.0, resumed=2, now=10.0) == 10.0
