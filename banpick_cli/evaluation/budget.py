@@ -107,7 +107,8 @@ def solve_budget(
     """
     record = get_method(method)
     specs = list(specs)
-    check_target(target, specs[0].top_k)
+    k_base = specs[0].top_k
+    check_target(target, k_base)
     if record.knob is None:
         raise BadSetting(f"method '{method}' has no expert budget to set (it prunes nothing by design)")
     knob = record.knob
