@@ -156,12 +156,16 @@ def print_estimate(est: Any) -> None:
     for mode in est.modes:
         peak = cost.peak_bytes[mode]
         seconds = est.seconds.get(mode)
+        # Without an accelerator the "device" is the CPU: one memory, the sum of both.
+        memory = [gib(peak["cpu"] + peak["device"])] if est.cpu_only else [gib(peak["cpu"]), gib(peak["device"])]
         rows.append([{"whole": "whole model", "sequential": "--sequential", "stream": "--stream"}[mode], cost.layer_loads[mode],
-                     gib(peak["cpu"]), gib(peak["device"]), "-" if seconds is None else f"{seconds:,.1f}",
-                     "yes" if est.fits.get(mode) else "no"])
+                     *memory, "-" if seconds is None else f"{seconds:,.1f}", "yes" if est.fits.get(mode) else "no"])
     free = ", ".join(f"{k} {gib(v)}" for k, v in est.available.items())
-    console.print(table(f"per mode (free now: {free}); nothing was run or written", ["mode", "layer loads", "peak CPU",
-                        "peak device", "est. s", "fits"], rows, justify_right_from=1))
+    memory_columns = ["peak memory (CPU, no GPU here)"] if est.cpu_only else ["peak CPU", "peak device"]
+    console.print(table(f"per mode (free now: {free}); nothing was run or written",
+                        ["mode", "layer loads", *memory_columns, "est. s", "fits"], rows, justify_right_from=1))
+    if est.timing is not None:
+        console.print(f"est. s = {est.time_basis()}", highlight=False, soft_wrap=True, markup=False)
     if "stream" in est.modes:
         console.print(f"--stream peak of the process: {gib(est.stream_cpu_peak)} = {est.stream_basis()}",
                       highlight=False, soft_wrap=True)
