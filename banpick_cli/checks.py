@@ -55,3 +55,40 @@ def expert_choice(flag: str, value: Any) -> str:
     if value not in ("mask", "all") and not (isinstance(value, str) and re.fullmatch(r"top-[1-9][0-9]*", value)):
         raise BadSetting(f"{flag} must be 'mask', 'all' or 'top-N' (N >= 1), got {value!r}")
     return value
+
+
+def file_problem(path: Any) -> str | None:
+    """Returns what keeps `path` from being read as a regular file ("not found", "is a folder", "is not a
+    regular file (a FIFO)", "is a symlink loop", ...), or None when it is one."""
+    import os
+    import stat
+
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as err:
+        import errno
+
+        if err.errno == errno.ELOOP:
+            return "is a symlink loop"
+        if os.path.islink(path):
+            return "is a symlink to nothing (its target does not exist)"
+        if err.errno in (errno.EACCES, errno.EPERM):
+            return "cannot be read (permission denied)"
+        return "not found"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "is a folder, not a file"
+    kinds = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket"))
+    kind = next((name for test, name in kinds if test(mode)), "not a file")
+    return f"is not a regular file ({kind})"
+
+
+def missing_file(what: str, path: Any) -> str:
+    """Returns the one-line reason a `what` ("data file", "profile") at `path` cannot be read, or "" when it
+    is a regular file: "<what> not found: <path>" or "<what> <path> is a folder, not a file"."""
+    problem = file_problem(path)
+    if problem is None:
+        return ""
+    return f"{what} not found: {path}" if problem == "not found" else f"{what} {path} {problem}"

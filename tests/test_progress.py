@@ -39,3 +39,39 @@ def test_a_task_that_starts_over_is_timed_afresh():
         now[0] += run_seconds
         progress(ProgressEvent("generate", 10, 10))
     assert "elapsed 1s" in lines[0] and "elapsed 10s" in lines[1] and "1.00/s" in lines[1], lines
+
+
+def _wait_for(condition, seconds: float = 30.0) -> bool:
+    """Polls `condition` until it holds or `seconds` pass (a bound for a loaded machine, not a timing)."""
+    import time
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def test_the_timer_prints_the_last_known_state_while_no_event_comes():
+    lines: list[str] = []
+    with PlainProgress(lines.append, label="profile", every=0.05) as progress:
+        progress(ProgressEvent("math", 3, 10, note="resumed"))  # the start: nothing printed
+        progress(ProgressEvent("math", 4, 10, tokens=40))  # too soon after the start to print
+        # No further event (a slow batch): the timer prints the last state, again and again.
+        assert _wait_for(lambda: len(lines) >= 3), lines
+        assert all(line.startswith("profile math: 4/10 (40%), ") and "elapsed" in line for line in lines), lines
+        progress(ProgressEvent("math", 10, 10, tokens=400))  # finished: printed once, then the timer says nothing
+        finished = len(lines)
+        assert lines[-1].startswith("profile math: 10/10 (100%)")
+    assert len(lines) == finished  # the thread stopped at exit
+
+
+def test_the_timer_runs_only_inside_with():
+    lines: list[str] = []
+    progress = PlainProgress(lines.append, every=0.01)
+    progress(ProgressEvent("math", 0, 10))
+    import time
+
+    time.sleep(0.1)  # an upper bound is not asserted: without the thread nothing can print
+    assert lines == []

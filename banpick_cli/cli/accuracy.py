@@ -9,7 +9,7 @@ import typer
 
 from banpick_cli.runtime import methods
 
-from banpick_cli.cli.base import DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, app
+from banpick_cli.cli.base import flag, DeviceOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, app
 from banpick_cli.cli.render import note, console, err_console, handle_errors, print_json, progress_bar, say, table
 
 TASK_HELP = ("Task set: math, code, general (the demo's), gsm8k, math500, mbpp, humaneval, gpqa-diamond, "
@@ -21,7 +21,7 @@ MaxNewOpt = typer.Option(None, "--max-new-tokens", help="Generation limit (defau
 McOpt = typer.Option("generate", "--mc-scoring", help="Multiple choice: generate (extract the letter) or loglik (most probable option).")
 ChatOpt = typer.Option("auto", "--chat", help="Wrap prompts in the tokenizer's chat template: auto (when it has one), on, off.")
 CodeTimeoutOpt = typer.Option(5.0, "--code-timeout", help="Seconds each code task's tests may run in the sandbox.")
-UnsafeCodeOpt = typer.Option(False, "--allow-unsafe-code", help="Where the system forbids the namespaces that isolate model-written code, run it anyway with only rlimits (unsafe: it can write files and leave processes).")
+UnsafeCodeOpt = flag(False, "--allow-unsafe-code", help="Where the system forbids the namespaces that isolate model-written code, run it anyway with only rlimits (unsafe: it can write files and leave processes).")
 ClockOpt = typer.Option("wall", "--clock", help="Time generation by wall clock, or by this process's CPU time (cpu: steady on a shared CPU; not for GPUs).")
 LimitOpt = typer.Option(None, "--limit", help="Use at most N tasks.")
 OffsetOpt = typer.Option(0, "--offset", help="Skip the first N tasks (e.g. probe on one half, eval on the other).")

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from banpick_cli.cli.base import settings_from, DeviceOpt, DryRunOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, StreamOpt, app
+from banpick_cli.cli.base import flag, settings_from, DeviceOpt, DryRunOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, StreamOpt, app
 from banpick_cli.cli.render import note, console, err_console, handle_errors, print_json, progress_bar, say, table
 
 @app.command()
@@ -31,7 +31,7 @@ def profile(
     device_map: Optional[str] = typer.Option(
         None, "--device-map", help="Spread a model too big for one GPU over all visible GPUs (accelerate), e.g. 'auto'."
     ),
-    sequential: bool = typer.Option(
+    sequential: bool = flag(
         False, "--sequential", help="Keep the model in CPU memory and run one decoder layer at a time on the device (fits 235B on one GPU)."
     ),
     checkpoint_every: int = typer.Option(

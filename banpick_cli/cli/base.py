@@ -24,16 +24,22 @@ def settings_from(cls, flags: dict):
     return cls(**{f.name: flags[f.name] for f in dataclasses.fields(cls) if f.name in flags})
 
 
+def flag(default: bool, *names: str, **kwargs):
+    """Returns the typer.Option of an on/off flag, shown in --help without a value placeholder (Typer 0.29's
+    help prints "<bool>" after every flag otherwise, which reads as if the flag took a value)."""
+    return typer.Option(default, *names, metavar="", **kwargs)
+
+
 ModelOpt = typer.Option("demo", "--model", "-m", help="Local model directory or hub id; 'demo' is the shipped demo model.")
 DeviceOpt = typer.Option("auto", "--device", help="auto, cpu, cuda or cuda:N.")
 DtypeOpt = typer.Option("auto", "--dtype", help="auto (bfloat16 on GPU, float32 on CPU), bfloat16, float16, float32.")
-ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show a progress bar (off for CI logs).")
-JsonOpt = typer.Option(False, "--json", help="Print a JSON summary on stdout instead of tables.")
-StreamOpt = typer.Option(
+ProgressOpt = flag(True, "--progress/--no-progress", help="Show a progress bar (off for CI logs).")
+JsonOpt = flag(False, "--json", help="Print a JSON summary on stdout instead of tables.")
+StreamOpt = flag(
     False, "--stream", help="Read each decoder layer from the checkpoint (a local safetensors folder) when it runs: for models "
     "larger than this machine's memory. Chosen by itself, with a note, when the weights do not fit the memory free now."
 )
-DryRunOpt = typer.Option(
+DryRunOpt = flag(
     False, "--dry-run", help="From the model's config alone: print the forwards, layer loads, generated tokens, peak memory "
     "per mode and a time estimate (one layer of the model's shape timed here), then exit without writing anything."
 )
@@ -49,6 +55,6 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    version: bool = flag(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
 ) -> None:
     """Calibrate Mixture-of-Experts routing after training (Ban&Pick) and write routing profiles."""

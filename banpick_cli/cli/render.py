@@ -94,22 +94,22 @@ def _quiet_libraries() -> None:
 @contextmanager
 def progress_bar(enabled: bool, description: str) -> Iterator[Callable]:
     """Yields a library progress callback: a Rich bar with tokens/s and ETA on a terminal; in a log (CI, a
-    pipe) a plain line about every 30 s (BANPICK_PROGRESS_EVERY seconds), so a long run shows it is alive;
-    nothing when disabled (--no-progress, --json)."""
+    pipe) a plain line about every 30 s (BANPICK_PROGRESS_EVERY seconds) on a timer, whether or not the pass
+    reported meanwhile, so a long run shows it is alive; nothing when disabled (--no-progress, --json)."""
     import time
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from banpick_cli.passes.cost import eta
-    from banpick_cli.progress import PlainProgress, ProgressEvent, duration
+    from banpick_cli.progress import PlainProgress, ProgressEvent, duration, eta
 
     if not enabled:
         yield lambda event: None
         return
     if not sys.stderr.isatty() and not err_console.is_terminal:
         every = float(os.environ.get("BANPICK_PROGRESS_EVERY", "30"))
-        yield PlainProgress(lambda line: err_console.print(line, highlight=False, soft_wrap=True),
-                            label=description, every=every)
+        with PlainProgress(lambda line: err_console.print(line, highlight=False, soft_wrap=True),
+                           label=description, every=every) as plain:
+            yield plain
         return
     columns = (
         TextColumn("[bold]{task.description}"),
@@ -122,7 +122,7 @@ def progress_bar(enabled: bool, description: str) -> Iterator[Callable]:
     with Progress(*columns, console=err_console, transient=True) as bar:
         tasks: dict[str, Any] = {}
         # Per task: (start, units done at its first event). A resumed run's first event carries the
-        # resumed units, which passes/cost.py's eta() does not count as work done at this run's rate.
+        # resumed units, which progress.py's eta() does not count as work done at this run's rate.
         started: dict[str, tuple[float, int]] = {}
 
         def update(event: ProgressEvent) -> None:
@@ -156,12 +156,16 @@ def print_estimate(est: Any) -> None:
     for mode in est.modes:
         peak = cost.peak_bytes[mode]
         seconds = est.seconds.get(mode)
+        # Without an accelerator the "device" is the CPU: one memory, the sum of both.
+        memory = [gib(peak["cpu"] + peak["device"])] if est.cpu_only else [gib(peak["cpu"]), gib(peak["device"])]
         rows.append([{"whole": "whole model", "sequential": "--sequential", "stream": "--stream"}[mode], cost.layer_loads[mode],
-                     gib(peak["cpu"]), gib(peak["device"]), "-" if seconds is None else f"{seconds:,.1f}",
-                     "yes" if est.fits.get(mode) else "no"])
+                     *memory, "-" if seconds is None else f"{seconds:,.1f}", "yes" if est.fits.get(mode) else "no"])
     free = ", ".join(f"{k} {gib(v)}" for k, v in est.available.items())
-    console.print(table(f"per mode (free now: {free}); nothing was run or written", ["mode", "layer loads", "peak CPU",
-                        "peak device", "est. s", "fits"], rows, justify_right_from=1))
+    memory_columns = ["peak memory (CPU, no GPU here)"] if est.cpu_only else ["peak CPU", "peak device"]
+    console.print(table(f"per mode (free now: {free}); nothing was run or written",
+                        ["mode", "layer loads", *memory_columns, "est. s", "fits"], rows, justify_right_from=1))
+    if est.timing is not None:
+        console.print(f"est. s = {est.time_basis()}", highlight=False, soft_wrap=True, markup=False)
     if "stream" in est.modes:
         console.print(f"--stream peak of the process: {gib(est.stream_cpu_peak)} = {est.stream_basis()}",
                       highlight=False, soft_wrap=True)

@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from banpick_cli.cli.base import JsonOpt, ProgressOpt, app
+from banpick_cli.cli.base import flag, JsonOpt, ProgressOpt, app
 from banpick_cli.cli.render import commands, note, console, err_console, handle_errors, print_json, progress_bar, say
 
 
@@ -19,7 +19,7 @@ def report(
     layers: Optional[str] = typer.Option(
         None, "--layers", help="Decoder layers for the per-expert bar charts, e.g. '4,16,29' (default: the 3 most domain-specific)."
     ),
-    all_layers: bool = typer.Option(False, "--all-layers", help="Also draw every layer's bars, 12 layers a page (paper figures 6-9)."),
+    all_layers: bool = flag(False, "--all-layers", help="Also draw every layer's bars, 12 layers a page (paper figures 6-9)."),
     show_progress: bool = ProgressOpt,
     as_json: bool = JsonOpt,
 ) -> None:

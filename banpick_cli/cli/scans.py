@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from banpick_cli.cli.base import settings_from, DeviceOpt, DryRunOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, StreamOpt, app
+from banpick_cli.cli.base import flag, settings_from, DeviceOpt, DryRunOpt, DtypeOpt, JsonOpt, ModelOpt, ProgressOpt, StreamOpt, app
 from banpick_cli.cli.render import note, console, handle_errors, print_estimate, print_json, progress_bar, say, table
 
 DataOpt = typer.Option(
@@ -21,7 +21,7 @@ SeedOpt = typer.Option(0, "--seed", help="Shuffle seed for choosing texts (the s
 TopTokensOpt = typer.Option(1000, "--top-tokens", help="KL over the unmodified model's N most probable tokens (appendix B); clamped to the vocabulary.")
 CacheOpt = typer.Option(2048, "--hidden-cache-mb", help="Memory for stored hidden states; beyond it later layers' inputs are recomputed.")
 OutOpt = typer.Option(None, "--out", "-o", help="Write the updated profile here instead of updating --profile (alone: the profile to update).")
-RestartOpt = typer.Option(False, "--restart", help="Discard the finished windows of an interrupted run and scan from the start.")
+RestartOpt = flag(False, "--restart", help="Discard the finished windows of an interrupted run and scan from the start.")
 WindowOpt = typer.Option(
     0, "--checkpoint-every", help="At most N batches per window; each finished window is saved beside the profile and a rerun "
     "resumes after it (0: as many as fit --hidden-cache-mb). Every window loads each decoder layer once: more windows, more loads."
@@ -114,8 +114,10 @@ def kl_scan(
     as_json: bool = JsonOpt,
 ) -> None:
     """Prune each candidate expert of a domain and rank them by the top-1000 KL of the output (section 4.2)."""
+    from banpick_cli.checks import number
     from banpick_cli.stages.kl_scan import KLScanSettings, run_kl_scan
 
+    number("--show", show, low=0, integer=True)  # before anything runs: a bad flag writes nothing
     settings = settings_from(KLScanSettings, locals())
     result = _scan("kl-scan", run_kl_scan, settings, locals(), dry_profile=True)
     if result is None:

@@ -8,6 +8,7 @@ import string
 from dataclasses import dataclass
 from pathlib import Path
 
+from banpick_cli.checks import missing_file
 from banpick_cli.data.registry import Domain, Source
 from banpick_cli.errors import DataError, import_extra
 from banpick_cli.paths import DEMO_DATA_DIR
@@ -51,9 +52,10 @@ def load_calibration_text(
         return _from_source(Source(dataset=str(path), template="{text}"), samples, seed, text_field, f"embedded:{domain.name}")
     if data is not None:
         local = Path(data)
-        if local.suffix in _BUILDERS or local.exists():
-            if not local.is_file():
-                raise DataError(f"data file not found: {local}")
+        if local.suffix in _BUILDERS or local.exists() or local.is_symlink():
+            problem = missing_file("data file", local)
+            if problem:
+                raise DataError(problem)
             return _from_source(Source(dataset=str(local), template=_template_of(domain)), samples, seed, text_field, str(local))
         return _from_source(Source(dataset=data, template=_template_of(domain)), samples, seed, text_field, f"hub:{data}")
     if not domain.sources:
@@ -147,6 +149,8 @@ def root_cause(err: BaseException) -> str:
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     text = str(err).strip()
+    if " is not cached in " in text:  # datasets' words (with its cache folder, often None) when the hub is unreachable
+        return "not in the local datasets cache, and the hub could not be reached"
     return (text.splitlines()[0][:140] if text else type(err).__name__)
 
 

@@ -82,6 +82,12 @@ def plan_avg_topk(plan: RoutingPlan, sample: CalibrationLogits) -> float:
     return total / len(plan.specs)
 
 
+def check_target(target: Any, k_base: int) -> None:
+    """Raises unless `target` is an Avg-TopK a model of `k_base` experts per token can run: in [1, K_base]."""
+    if not (isinstance(target, (int, float)) and math.isfinite(target) and 1 <= target <= k_base):
+        raise BadSetting(f"--target-avg-topk must be in [1, K_base={k_base}], got {target!r}")
+
+
 def solve_budget(
     method: str,
     target: float,
@@ -102,8 +108,7 @@ def solve_budget(
     record = get_method(method)
     specs = list(specs)
     k_base = specs[0].top_k
-    if not (isinstance(target, (int, float)) and math.isfinite(target) and 1 <= target <= k_base):
-        raise BadSetting(f"--target-avg-topk must be in [1, K_base={k_base}], got {target!r}")
+    check_target(target, k_base)
     if record.knob is None:
         raise BadSetting(f"method '{method}' has no expert budget to set (it prunes nothing by design)")
     knob = record.knob

@@ -76,6 +76,7 @@ def export_bundle(
         raise BadSetting(f"unknown target '{target}'; known targets: {', '.join(TARGETS)}")
     overrides = dict(overrides or {})
     source = read_profile(profile_path)
+    source.check_values()  # a corrupt stage result is refused, not left out of the bundle
     if not source.fingerprint.startswith("sha256:") or len(source.fingerprint) != 71:
         raise ProfileError(f"{profile_path} has no model fingerprint: re-create it with `banpick profile`")
     if method is not None and target != "hf" and not get_method(method).engines:  # get_method: unknown is one line
@@ -270,17 +271,25 @@ def _plans(profile: RoutingProfile, specs, method, domain, overrides, batch=Fals
                 _raise(ProfileError("domain auto needs key experts and usage counts of a domain: run `banpick profile` and `banpick kl-scan`"))
         plan = build_plan(profile, specs, method, domain, batch_aware=batch, **overrides)
         return {method if plan.domain is None else f"{method}/{plan.domain}": plan}
-    # Serve-time choice: every served method that reads the profile and that it can serve, each domain with key experts.
+    # Serve-time choice: every served method that reads the profile and that it can serve, each domain with key
+    # experts. Each gets the overrides it accepts; one no served method accepts, or a bad value, is refused.
+    served = names(lambda m: m.engines and m.needs_profile)
+    accepted = {name: set(get_method(name).params()) for name in served}
+    unknown = sorted(set(overrides) - set().union(*accepted.values()))
+    if unknown:
+        raise BadSetting(f"--param {', '.join(unknown)}: no method the bundle serves has this hyperparameter ("
+                         + "; ".join(f"{n}: {', '.join(sorted(a)) or 'none'}" for n, a in accepted.items()) + ")")
     plans: dict[str, RoutingPlan] = {}
-    for candidate in names(lambda m: m.engines and m.needs_profile):
+    for candidate in served:
         for d in (profile.key_domains() if get_method(candidate).takes_domain else [None]):
             try:
                 plans[candidate if d is None else f"{candidate}/{d}"] = build_plan(profile, specs, candidate, d, batch_aware=batch, **{
-                    k: v for k, v in overrides.items()})
-            except BanpickError:
+                    k: v for k, v in overrides.items() if k in accepted[candidate]})
+            except ProfileError:  # the profile lacks what this method reads: the bundle serves the others
                 continue
     if not plans:
         build_plan(profile, specs, names(lambda m: m.engines and m.prunes_by_token)[0])  # raises, naming the stage to run first
+        raise ProfileError("the profile holds nothing a served method reads: run `banpick layer-sensitivity` or `kl-scan`")
     return plans
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from banpick_cli.checks import file_problem
 from banpick_cli.errors import BadSetting, ModelError, import_extra
 from banpick_cli.models.base import MoEAdapter, MoELayer
 from banpick_cli.models.registry import adapter_for
@@ -96,6 +97,11 @@ def load_config(name: str) -> tuple[str, Any]:
 
     resolved = resolve_model_name(name)
     local = Path(resolved)
+    problem = file_problem(local)
+    if problem not in (None, "not found", "is a folder, not a file"):  # a symlink loop, a FIFO: say what it is
+        raise ModelError(f"model {resolved} {problem}")
+    if local.exists() and not local.is_dir():
+        raise ModelError(f"model {resolved} is a file: give the folder that holds config.json and the weights")
     if local.exists() and not (local / "config.json").exists():
         raise ModelError(f"model directory {resolved} has no config.json")
     if not local.exists() and (resolved.startswith((".", "/", "~")) or resolved.count("/") > 1):

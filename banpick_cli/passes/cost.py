@@ -5,8 +5,8 @@ forwards, LM-head forwards, layer loads and tokens of `profile`, `kl-scan` or `l
 and the peak memory of each way of running it (whole model, `--sequential`, `--stream`). `probe` times
 this machine on the model's own shape: one decoder layer (random weights, the first MoE layer's
 shape) on one batch, the LM head on one batch, and, for a local checkpoint, reading one layer from it.
-`Cost.seconds(timing, mode)` turns the two into a time estimate; `eta` keeps an estimate honest as a
-run goes (resumed work is not counted as speed).
+`Cost.seconds(timing, mode)` turns the two into a time estimate (progress.py's `eta` keeps one honest as a
+run goes).
 
 Counts are in batch-forwards of one decoder layer ("layer runs"): a variant stacked with others costs
 the same rows. The scans run the unmodified model through every layer and each variant through the
@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -155,18 +155,34 @@ def _activations(config: Any, shape: Shape, batch: int, seq: int, b: int) -> int
 
 @dataclass(frozen=True)
 class Timing:
-    """Seconds on this machine: one batch through one decoder layer and the LM head; one layer read or moved."""
+    """Seconds on this machine: one batch through one decoder layer and the LM head; one layer read or moved.
+
+    `layer_s` and `head_s` are the fastest of `runs` timed runs (after a warm-up) on a batch of `batch_size` x
+    `seq_len` tokens: other work on a shared machine only ever adds time, so the fastest run is the least disturbed.
+    """
 
     layer_s: float
     head_s: float
     load_s: float
     move_s: float
     device: str
+    batch_size: int = 0
+    seq_len: int = 0
+    runs: int = 0
+
+
+def _fastest(once: Callable[[], float], *, least: int = 3, most: int = 10, budget_s: float = 1.0) -> tuple[float, int]:
+    """Returns (the fastest of several timed runs of `once`, how many ran): at least `least`, and more, up to
+    `most`, while the runs took under `budget_s` together (a small model's milliseconds are noisy)."""
+    times = [once() for _ in range(least)]
+    while len(times) < most and sum(times) < budget_s:
+        times.append(once())
+    return min(times), len(times)
 
 
 @torch.inference_mode()
 def probe(config: Any, *, batch_size: int, seq_len: int, device: torch.device, dtype: torch.dtype,
-          checkpoint: Path | None = None, repeat: int = 2) -> Timing:
+          checkpoint: Path | None = None, repeat: int = 3) -> Timing:
     """Returns a Timing from running the model's own layer shape here, with random weights (no checkpoint read
     except, when `checkpoint` is given, one decoder layer to time the disk)."""
     model = build_meta(config, dtype)
@@ -194,16 +210,20 @@ def probe(config: Any, *, batch_size: int, seq_len: int, device: torch.device, d
         return time.perf_counter() - start
 
     once()  # warm-up
-    layer_s = min(once() for _ in range(repeat))
+    layer_s, runs = _fastest(once, least=repeat)
     vocab, width = int(config.get_text_config().vocab_size), int(config.hidden_size)
     head = torch.nn.Linear(width, vocab, bias=False, device=device, dtype=dtype)
     tokens = hidden.reshape(-1, width)
     step = max(1, (1 << 21) // vocab)
-    start = time.perf_counter()
-    for s in range(0, tokens.shape[0], step):
-        torch.topk(head(tokens[s : s + step]).float(), min(1000, vocab), dim=-1)
-    _sync(device)
-    head_s = (time.perf_counter() - start) * 2  # the unmodified targets' top-k, or a variant's logits and KL
+
+    def head_once() -> float:
+        start = time.perf_counter()
+        for s in range(0, tokens.shape[0], step):
+            torch.topk(head(tokens[s : s + step]).float(), min(1000, vocab), dim=-1)
+        _sync(device)
+        return time.perf_counter() - start
+
+    head_s = _fastest(head_once, least=repeat)[0] * 2  # the unmodified targets' top-k, or a variant's logits and KL
     move_s = 0.0
     if device.type == "cuda":
         start = time.perf_counter()
@@ -221,18 +241,10 @@ def probe(config: Any, *, batch_size: int, seq_len: int, device: torch.device, d
         weights.acquire(index, device)
         weights.release(index)
         load_s = time.perf_counter() - start
-    return Timing(layer_s, head_s, load_s, move_s, str(device))
+    return Timing(layer_s, head_s, load_s, move_s, str(device), batch_size, seq_len, runs)
 
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
-
-def eta(done: int, total: int, started: float, resumed: int = 0, now: float | None = None) -> float | None:
-    """Returns the seconds left, from the speed of the work this process did (not what it resumed)."""
-    now = time.perf_counter() if now is None else now
-    fresh = done - resumed
-    if fresh <= 0 or now <= started:
-        return None
-    return (total - done) * (now - started) / fresh

@@ -107,21 +107,29 @@ def count_usage_pass(
     # A streamed model has no weights in memory: it always runs layer by layer, each read once per window.
     layerwise = options.sequential or loaded.streamed is not None
     source = LayerSource(loaded)
+    # The first event is the baseline: resumed batches are not work done at this run's rate.
+    progress(ProgressEvent("profile", done, len(mine), note="resumed" if done else ""))
     with RoutingHooks(loaded.layers, num_experts, observers=[counter]):
         decoder = loaded.adapter.decoder(loaded.model)
         while done < len(mine):
             ids = mine[done : done + window]
-            run = [_batch(loaded, texts, j, seq_len=seq_len, batch_size=batch_size,
-                          device=torch.device("cpu") if layerwise else device) for j in ids]
             if layerwise:
+                run = [_batch(loaded, texts, j, seq_len=seq_len, batch_size=batch_size, device=torch.device("cpu"))
+                       for j in ids]
                 run_layerwise(loaded, run, device=device, before_batch=point_at, progress=progress, source=source)
-            else:
-                for batch in run:
+                tokens_seen += sum(b.tokens for b in run)
+                samples += sum(int(b.input_ids.shape[0]) for b in run)
+            else:  # each batch built as it runs, and reported when it ran (a window can take hours)
+                for n, j in enumerate(ids):
+                    batch = _batch(loaded, texts, j, seq_len=seq_len, batch_size=batch_size, device=device)
                     point_at(batch)
                     decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+                    samples += int(batch.input_ids.shape[0])
+                    tokens_seen += batch.tokens
+                    if n + 1 < len(ids):  # the window's last batch is reported once its window is saved
+                        progress(ProgressEvent("profile", done + n + 1, len(mine), tokens_seen,
+                                               note=f"batch {done + n + 1}/{len(mine)}"))
             done += len(ids)
-            samples += sum(int(b.input_ids.shape[0]) for b in run)
-            tokens_seen += sum(b.tokens for b in run)
             if sidecar is not None:
                 # Saved after the last window too: a failed write of the profile then reruns instantly.
                 sidecar.save(Partial(done, {"expert_counts": counter.counts[:, :num_experts],

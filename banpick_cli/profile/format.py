@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 import torch
 
 from banpick_cli import __version__
+from banpick_cli.checks import missing_file
 from banpick_cli.errors import FingerprintMismatch, OutputError, ProfileError
 from banpick_cli.profile.identity import ModelIdentity
 from banpick_cli.profile.views import BanView, BatchView, DomainView
@@ -102,12 +103,31 @@ class RoutingProfile:
     def get(self, name: str) -> torch.Tensor:
         """Returns a tensor, or raises a one-line error that names the stage to run first."""
         if name not in self.tensors:
-            raise missing(name)
+            raise missing(name, self.domains())
         return self.tensors[name]
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
         """Stores a tensor after checking its name, dtype and shape against the schema."""
         self.tensors[name] = _checked(name, tensor.detach().cpu().contiguous(), self.shape)
+
+    def check_values(self, names: Iterable[str] | None = None) -> None:
+        """Raises a one-line ProfileError naming the stage to rerun when a stage's results (`names`, default all)
+        hold values no run writes: NaN or inf in Ban's tensors; inf in a domain's KL or gains, or no value at all
+        (all NaN; a NaN there otherwise marks an expert that was not scanned). Export, report and the runtime
+        refuse such a file; reading it still works, so inspect shows it and a rerun of the stage replaces it."""
+        for name in sorted(self.tensors if names is None else names):
+            tensor = self.tensors.get(name)
+            if tensor is None or not tensor.is_floating_point():
+                continue
+            scan = name.startswith("domain/")
+            bad = torch.isinf(tensor) if scan else ~torch.isfinite(tensor)
+            empty = scan and bool(torch.isnan(tensor).all())
+            if bool(bad.any()) or empty:
+                rows = sorted({int(i) for i in bad.reshape(len(tensor), -1).any(-1).nonzero().flatten()})
+                what = "no value (all NaN)" if not rows else f"{'inf' if scan else 'NaN/inf'} at MoE layer(s) {rows}"
+                domain = name.split("/")[1] if scan else None
+                hint = f" --domain {domain}" if domain else ""
+                raise ProfileError(f"'{name}' holds {what}: the profile is corrupt; rerun `banpick {stage_of(name)}{hint}`")
 
 
 def stage_key(stage: str, domain: str | None = None) -> str:
@@ -120,11 +140,19 @@ def stage_of(name: str) -> str:
     return _schema_for(name)[2]
 
 
-def missing(name: str) -> ProfileError:
-    """Returns the one-line error for a tensor a profile lacks (used by RoutingProfile.get)."""
+def missing(name: str, domains: list[str] | None = None) -> ProfileError:
+    """Returns the one-line error for a tensor a profile lacks (used by RoutingProfile.get): the stage to run
+    first, which is `profile` for a domain the profile does not hold at all (`domains`: those it holds)."""
     domain = name.split("/")[1] if name.startswith("domain/") else None
+    if domain is not None and domains is not None and domain not in domains:
+        held = f"it holds {', '.join(domains)}" if domains else "it holds none"
+        return ProfileError(f"the profile has no domain '{domain}' ({held}): run `banpick profile --domain {domain}` "
+                            "first, or choose one it holds")
     hint = f" --domain {domain}" if domain else ""
-    return ProfileError(f"the profile has no '{name}': run `banpick {stage_of(name)}{hint}` first")
+    then = ""
+    if name.endswith("/key_experts"):
+        then = " (its high-KL candidates; `banpick failure-probe` then chooses key experts by accuracy gain)"
+    return ProfileError(f"the profile has no '{name}': run `banpick {stage_of(name)}{hint}` first{then}")
 
 
 def _schema_for(name: str) -> tuple[torch.dtype, tuple[str, ...], str]:
@@ -263,8 +291,9 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     from safetensors import safe_open
 
     source = Path(path)
-    if not source.is_file():
-        raise ProfileError(f"profile not found: {source}")
+    problem = missing_file("profile", source)
+    if problem:
+        raise ProfileError(problem)
     try:
         with safe_open(str(source), framework="pt") as handle:
             metadata = handle.metadata() or {}

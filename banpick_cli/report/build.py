@@ -51,6 +51,7 @@ def build_report(
     source = str(profile) if not isinstance(profile, RoutingProfile) else ""
     out = check_output(out_dir, kind="folder")
     prof = profile if isinstance(profile, RoutingProfile) else read_profile(profile)
+    prof.check_values()  # as export does: no figures from values no run writes
     rows = resolve_layers(prof, layers)
     report = Report(out / "report.html")
     plan: list[tuple[str, str, str, str, Callable]] = []  # (section, file stem, title, caption, builder)

@@ -266,6 +266,7 @@ def rice_rules(profile, specs, record: Method, domain, overrides) -> RoutingPlan
 
 
 def _ban_setup(profile: RoutingProfile, record: Method, overrides: dict) -> tuple[dict, list[tuple[float, float, float]]]:
+    profile.check_values([profile.ban.name_of(part) for part in ("layer_sensitivity", "ratio_min", "ratio_max")])
     sensitivity = profile.ban.layer_sensitivity
     r_min, r_max = profile.ban.ratio_min, profile.ban.ratio_max
     params = {**record.defaults(), **_recorded(profile.ban.settings, record), **overrides}
@@ -288,7 +289,8 @@ def _ban_setup(profile: RoutingProfile, record: Method, overrides: dict) -> tupl
     per_layer = [(float(s), float(lo), float(hi)) for s, lo, hi in zip(sensitivity, r_min, r_max)]
     bad = [i for i, (s, lo, hi) in enumerate(per_layer) if not all(math.isfinite(v) for v in (s, lo, hi))]
     if bad:
-        raise ProfileError(f"ban tensors hold NaN/inf at MoE layer(s) {bad}: rerun `banpick layer-sensitivity`")
+        raise ProfileError(f"Ban's pooled R range (ratio_min_global, ratio_max_global) is not finite at MoE layer(s) "
+                           f"{bad}: rerun `banpick layer-sensitivity`")
     return params, per_layer
 
 

@@ -45,7 +45,27 @@ class RunEstimate:
             "seconds": {m: round(s, 2) for m, s in self.seconds.items()}, "available_bytes": self.available,
             "modes": list(self.modes), "fits": self.fits, "timing": None if self.timing is None else vars(self.timing),
             "stream_cpu_peak_bytes": self.stream_cpu_peak, "stream_cpu_peak_basis": self.stream_basis(),
+            "seconds_basis": self.time_basis(), "cpu_only": self.cpu_only,
         }
+
+    @property
+    def cpu_only(self) -> bool:
+        """Returns whether the run has no accelerator: its "device" memory is CPU memory too."""
+        return "device" not in self.available
+
+    def time_basis(self) -> str:
+        """Returns how the time estimate was made: the counts, the rates timed here, and what it assumes."""
+        t, cost = self.timing, self.cost
+        if t is None:
+            return "no time estimate (nothing was timed)"
+        loads = ""
+        if "stream" in self.modes and cost.layer_loads["stream"]:
+            loads = f" (+ {cost.layer_loads['stream']:,} layer reads x {t.load_s:.3g} s with --stream)"
+        return (f"{cost.layer_runs:,} decoder-layer runs x {t.layer_s:.3g} s + {cost.head_runs:,} LM-head runs x "
+                f"{t.head_s:.3g} s{loads}, each rate timed here on {t.device} (the fastest of {t.runs} runs of one "
+                f"{t.batch_size}x{t.seq_len}-token batch through one layer of this model's shape, random weights); "
+                f"every text is counted at --seq-len {t.seq_len} tokens, so shorter texts and a busy machine move it: "
+                "an estimate to the nearest factor of 2, not a promise")
 
     @property
     def stream_cpu_peak(self) -> int:

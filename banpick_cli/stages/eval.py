@@ -25,7 +25,7 @@ from typing import Any
 from banpick_cli.evaluation.harness import EvalOptions, check_code_sandbox, MethodRun, require_answers, run_method, run_tasks
 from banpick_cli.checks import at_least, number, one_of
 from banpick_cli.errors import BadSetting, ProfileError
-from banpick_cli.models.loading import LoadedModel, load_model
+from banpick_cli.models.loading import LoadedModel, check_model, load_model
 from banpick_cli.paths import DEMO_MODEL_NAME
 from banpick_cli.progress import ProgressFn, silent
 from banpick_cli.runtime.methods import Method, get_method, names
@@ -216,6 +216,15 @@ def _run_eval(settings: EvalSettings, *, model: str, profile: str | Path | None,
     if profile is None and needing:
         raise ProfileError(f"method(s) {', '.join(needing)} need a routing profile: pass --profile "
                            "(made by `banpick profile`, `kl-scan`, `layer-sensitivity`, `failure-probe`)")
+    if settings.target_avg_topk is not None:  # whatever the methods: a budget this model cannot run is refused
+        from banpick_cli.evaluation.budget import check_target
+
+        if loaded is not None:
+            k_base = loaded.routing.top_k
+        else:
+            _, config, adapter = check_model(model)
+            k_base = adapter.routing_config(config).top_k
+        check_target(settings.target_avg_topk, k_base)
     if loaded is None:
         loaded = load_model(model, device=device, dtype=dtype)
     # Methods that read no profile tensor (dynamic, DES, ODP, RICE) still go through the runtime's

@@ -19,7 +19,7 @@ from banpick_cli.passes.resume import WindowCheckpoint, digest, mask_digest, pre
 from banpick_cli.stages.common import ModelArgs, TextSettings, count_saved, lifecycle, load_inputs, provenance, store
 from banpick_cli.passes.kl import TOP_TOKENS, KLEngine, LayerPlan, RouteVariant
 from banpick_cli.checks import at_least, expert_choice, number, one_of
-from banpick_cli.errors import ProfileError
+from banpick_cli.errors import BadSetting, ProfileError
 from banpick_cli.profile.format import RoutingProfile, check_fingerprint, ensure_writable, read_profile
 from banpick_cli.progress import ProgressFn, silent
 from banpick_cli.routing import RouterSpec, route, weights_for
@@ -122,7 +122,10 @@ def scanned_experts(profile: RoutingProfile, settings: KLScanSettings) -> torch.
     counts = profile.domain(d).expert_counts
     if settings.candidates == "all":
         return torch.ones_like(counts, dtype=torch.bool)
-    n = min(int(settings.candidates[4:]), counts.shape[1])
+    n = int(settings.candidates[4:])
+    if n > counts.shape[1]:
+        raise BadSetting(f"--candidates {settings.candidates}: this model has {counts.shape[1]} experts per layer "
+                         f"(give top-N with N <= {counts.shape[1]}, or 'all')")
     top = torch.topk(counts, n, dim=-1).indices
     return torch.zeros_like(counts, dtype=torch.bool).scatter_(1, top, True) & (counts > 0)
 

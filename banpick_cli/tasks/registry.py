@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from banpick_cli.checks import missing_file
 from banpick_cli.data.loading import check_data_file, root_cause
 from banpick_cli.errors import DataError, import_extra
 from banpick_cli.paths import DEMO_DATA_DIR
@@ -175,8 +176,9 @@ def _hub_rows(source: TaskSource, file: str | None):
         if file:
             local = Path(file)
             builder = _BUILDERS.get(local.suffix)
-            if not local.is_file() or builder is None:
-                raise DataError(f"task data file not found or not {'/'.join(_BUILDERS)}: {local}")
+            problem = missing_file("task data file", local)
+            if problem or builder is None:
+                raise DataError(problem or f"task data file {local} is not {'/'.join(_BUILDERS)}")
             check_data_file(local)
             return datasets.load_dataset(builder, data_files=str(local), split="train")
         return datasets.load_dataset(source.hub_id, source.config, split=source.split)

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from banpick_cli.checks import missing_file
 from banpick_cli.errors import DataError
 
 KINDS = ("math", "code", "mc")
@@ -47,8 +48,9 @@ def load_tasks(path: str | Path) -> list[Task]:
     path = Path(path)
     from banpick_cli.data.loading import check_utf8_text
 
-    if not path.is_file():
-        raise DataError(f"task file not found: {path}")
+    problem = missing_file("task file", path)
+    if problem:
+        raise DataError(problem)
     try:
         check_utf8_text(path)  # binary or non-UTF-8 files: one line naming the byte, not a traceback
         text = path.read_text(encoding="utf-8")

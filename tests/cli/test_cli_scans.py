@@ -171,8 +171,25 @@ def test_stream_is_chosen_when_the_weights_do_not_fit(tiny_models, data_file, pr
 
 
 def test_eta_counts_only_this_runs_work():
-    from banpick_cli.passes.cost import eta
+    from banpick_cli.progress import eta
 
     # 3 of 4 windows done, 2 of them resumed: one window in 10 s, so one left is 10 s (not 3.3 s).
     assert eta(3, 4, started=0.0, resumed=2, now=10.0) == 10.0
     assert eta(2, 4, started=0.0, resumed=2, now=10.0) is None  # nothing done yet at this run's rate
+
+
+def test_dry_run_on_a_cpu_shows_one_memory_and_says_how_it_timed(tiny_models, data_file, profile_copy):
+    # A CPU-only run showed "peak device 0.20 GiB" as if there were a GPU, and a time without its basis.
+    common = [*_common(tiny_models, data_file), "--batch-size", 3, "--device", "cpu"]
+    result = _run("kl-scan", "--profile", profile_copy, "--domain", "math", "--candidates", "top-2", *common, "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "peak device" not in result.stdout and "peak memory (CPU, no GPU here)" in result.stdout
+    assert "est. s = " in result.stdout and "decoder-layer runs x" in result.stdout and "3x16-token batch" in result.stdout
+    est = json.loads(_run("kl-scan", "--profile", profile_copy, "--domain", "math", "--candidates", "top-2", *common,
+                          "--dry-run", "--json").stdout)
+    timing = est["timing"]
+    assert est["cpu_only"] is True and timing["runs"] >= 3 and (timing["batch_size"], timing["seq_len"]) == (3, 16)
+    # The estimate is the counts times the rates timed here (rounded to 0.01 s in the JSON).
+    assert est["seconds"]["whole"] == pytest.approx(est["layer_runs"] * timing["layer_s"] + est["head_runs"] * timing["head_s"],
+                                                    abs=0.01)
+    assert est["seconds_basis"].startswith(f"{est['layer_runs']:,} decoder-layer runs x ")

@@ -207,7 +207,7 @@ def test_export_refuses_bad_input(qwen, tmp_path):
     bare = write_profile(new_profile(qwen.identity, qwen.fingerprint), tmp_path / "bare.safetensors")
     with pytest.raises(ProfileError, match=r"run `banpick layer-sensitivity` first"):
         export_bundle(bare, "vllm", tmp_path / "o", method="ban")
-    with pytest.raises(ProfileError, match=r"run `banpick kl-scan --domain code` first"):
+    with pytest.raises(ProfileError, match=r"no domain .code. \(it holds none\): run `banpick profile --domain code` first"):
         export_bundle(bare, "sglang", tmp_path / "o", method="pick", domain="code")
     with pytest.raises(ProfileError, match="layer-sensitivity"):
         export_bundle(bare, "hf", tmp_path / "o")  # nothing servable: names the first stage
@@ -230,7 +230,7 @@ def test_cli_export_exit_codes(full_profile, tmp_path):
     assert bad.exit_code == 1 and "known targets: vllm, sglang, hf" in bad.output
     missing = runner.invoke(app, ["export", str(full_profile), "-t", "hf", "-o", str(tmp_path / "d"), "--method", "pick",
                                   "--domain", "code"])
-    assert missing.exit_code == 1 and "kl-scan --domain code" in missing.output
+    assert missing.exit_code == 1 and "run `banpick profile --domain code` first" in missing.output
 
 
 def test_expected_avg_experts_is_what_the_runtime_counts(qwen, tmp_path):

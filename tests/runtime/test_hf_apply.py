@@ -174,7 +174,7 @@ def test_missing_stages_and_bad_settings_are_one_line_errors(models):
     bare = new_profile(loaded.identity, loaded.fingerprint)
     with pytest.raises(ProfileError, match=r"run `banpick layer-sensitivity` first"):
         apply(loaded, bare, "ban")
-    with pytest.raises(ProfileError, match=r"run `banpick kl-scan --domain math` first"):
+    with pytest.raises(ProfileError, match=r"no domain .math. \(it holds none\): run `banpick profile --domain math` first"):
         apply(loaded, bare, "pick", domain="math")
     with pytest.raises(BadSetting, match="needs a domain"):
         apply(loaded, bare, "banpick")

@@ -93,7 +93,7 @@ def test_bad_input_is_named(loaded, tmp_path):
     with pytest.raises(ProfileError, match="need a routing profile"):
         run_eval(EvalSettings(tasks=(str(path),), methods=("ban",)), loaded=loaded)
     empty = ban_profile(loaded, tmp_path / "empty.safetensors")
-    with pytest.raises(ProfileError, match="run `banpick kl-scan --domain math` first"):
+    with pytest.raises(ProfileError, match="run `banpick profile --domain math` first"):
         run_eval(EvalSettings(tasks=(str(path),), methods=("pick",)), profile=tmp_path / "empty.safetensors",
                  loaded=loaded)
     from banpick_cli.profile.format import new_profile, write_profile
