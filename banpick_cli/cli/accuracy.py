@@ -180,7 +180,7 @@ def evaluate(
     code_timeout: float = CodeTimeoutOpt,
     unsafe_code: bool = UnsafeCodeOpt,
     clock: str = ClockOpt,
-    batch_aware: bool = typer.Option(False, "--batch-aware", help="Also run each pruning row with the batch-aware step after it (a '+batch' row beside it): tokens move slots onto experts the rest of their batch keeps (docs/routing.md)."),
+    batch_aware: bool = flag(False, "--batch-aware", help="Also run each pruning row with the batch-aware step after it (a '+batch' row beside it): tokens move slots onto experts the rest of their batch keeps (docs/routing.md)."),
     repeats: int = typer.Option(1, "--repeats", help="Timing passes, interleaved over methods; tokens/s is each method's median."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the table as JSON to this file."),
     device: str = DeviceOpt,

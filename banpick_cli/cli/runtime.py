@@ -9,7 +9,7 @@ import typer
 
 from banpick_cli.runtime import methods
 
-from banpick_cli.cli.base import JsonOpt, app
+from banpick_cli.cli.base import JsonOpt, app, flag
 from banpick_cli.cli.render import console, handle_errors, print_json, say, table
 
 
@@ -23,7 +23,7 @@ def export(
     domain: Optional[str] = typer.Option(None, "--domain", "-d", help="Domain whose key experts pick/banpick reinforce; 'auto' (hf only) chooses per request."),
     param: list[str] = typer.Option([], "--param", help="Hyperparameter override KEY=VALUE (JSON value), e.g. lam=0.5 or strategy=\"D\"; repeatable."),
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Model path or hub id the serving image loads (default: the one the profile names)."),
-    batch_aware: bool = typer.Option(False, "--batch-aware", help="Serve with the batch-aware step after the method (fewer distinct experts per batch; bound from the profile's calibration, else top-2k)."),
+    batch_aware: bool = flag(False, "--batch-aware", help="Serve with the batch-aware step after the method (fewer distinct experts per batch; bound from the profile's calibration, else top-2k)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Write a serving bundle: compact runtime profile, manifest, README with the three lines, Dockerfile lines."""

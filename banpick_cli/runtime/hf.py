@@ -229,8 +229,9 @@ class RoutingHandle:
             self._mask = None
             return None
         batch, new = int(shape[0]), int(shape[1])
-        # A decode step: one new position per sequence after a prompt (the batch-aware step runs only there).
-        self._decoding = new == 1 and _seen(kwargs) > 0
+        # A decode step: one new position per sequence (the batch-aware step runs only there: no sequence then
+        # has two positions in the forward that could share experts with each other).
+        self._decoding = new == 1
         mask = kwargs.get("attention_mask")
         if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[0] == batch and mask.shape[1] >= new:
             self._mask = mask[:, -new:].reshape(-1).bool()
