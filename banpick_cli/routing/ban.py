@@ -92,22 +92,30 @@ def ban(
     experts (reading 9); reweight="keep" keeps the top-K_base weights as they were (they then sum
     to less than before). `Routing.k` holds K_i; the width stays K_base.
     """
+    if reweight not in REWEIGHTS:
+        raise ValueError(f"reweight must be one of {REWEIGHTS}, got {reweight!r}")
+    p, base, k, kept = ban_keep(logits, spec, layer_sensitivity, r_min, r_max, k_min=k_min, lam=lam, beta=beta,
+                                clip=clip, ratio_k_num=ratio_k_num)
+    if reweight == "model":
+        return kept
+    # The kept experts are a prefix of the base slots, so the old weights line up slot by slot.
+    return Routing(kept.indices, base.weights.masked_fill(kept.indices == spec.num_experts, 0.0), kept.k)
+
+
+def ban_keep(logits: torch.Tensor, spec: RouterSpec, layer_sensitivity: float, r_min: float, r_max: float, *,
+             k_min: int, lam: float, beta: float, clip: bool, ratio_k_num: int | None):
+    """Returns (probs [T, E], the model's top-K_base Routing, K [T], the kept prefix Routing): Ban's keep-set,
+    shared by Ban and Ban&Pick. Raises ValueError for a bad knob or ratio_k_num."""
     k_base = spec.top_k
     check_ban_params(k_base=k_base, k_min=k_min, lam=lam, beta=beta)
     k_num = k_min if ratio_k_num is None else ratio_k_num
     if not isinstance(k_num, int) or not 1 <= k_num <= k_base:
         raise ValueError(f"ratio_k_num must be an integer in [1, k_base={k_base}], got {k_num!r}")
-    if reweight not in REWEIGHTS:
-        raise ValueError(f"reweight must be one of {REWEIGHTS}, got {reweight!r}")
     p = probs(logits, spec)
     base = route_probs(p, spec, k_base, logits.dtype)  # [T, K_base], preference order
     k = ban_k(ratio_of(p, base.indices, k_num), layer_sensitivity, r_min, r_max, k_base, k_min=k_min, lam=lam,
               beta=beta, clip=clip)
-    kept = keep_prefix(p, spec, k, base.indices, logits.dtype)
-    if reweight == "model":
-        return kept
-    # The kept experts are a prefix of the base slots, so the old weights line up slot by slot.
-    return Routing(kept.indices, base.weights.masked_fill(kept.indices == spec.num_experts, 0.0), kept.k)
+    return p, base, k, keep_prefix(p, spec, k, base.indices, logits.dtype)
 
 
 def check_ban_params(*, k_base: int, k_min: int, lam: float, beta: float) -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .ban import BETA, K_MIN, LAM, ban_k, check_ban_params, ratio_of
+from .ban import BETA, K_MIN, LAM, ban_keep, check_ban_params
 from .pick import check_positive, force
 from .spec import RouterSpec, Routing
-from .topk import check_mask, choice_scores, keep_prefix, probs, route_probs, to_mask
+from .topk import check_mask, choice_scores, to_mask
 
 RANGE_BASES = ("kept", "base")  # reading 20: top-2*K_i, or top-2*K_base
 
@@ -42,15 +42,9 @@ def ban_pick(
     check_positive(range_factor, "range_factor")
     if range_base not in RANGE_BASES:
         raise ValueError(f"range_base must be one of {RANGE_BASES}, got {range_base!r}")
-    k_num = k_min if ratio_k_num is None else ratio_k_num
-    if not isinstance(k_num, int) or not 1 <= k_num <= k_base:
-        raise ValueError(f"ratio_k_num must be an integer in [1, k_base={k_base}], got {k_num!r}")
-    p = probs(logits, spec)
-    top = route_probs(p, spec, k_base, logits.dtype).indices  # [T, K_base], preference order
-    k = ban_k(ratio_of(p, top, k_num), layer_sensitivity, r_min, r_max, k_base, k_min=k_min, lam=lam, beta=beta,
-              clip=clip)
+    p, _, k, kept = ban_keep(logits, spec, layer_sensitivity, r_min, r_max, k_min=k_min, lam=lam, beta=beta, clip=clip,
+                             ratio_k_num=ratio_k_num)
     n_key = int(key.sum())
-    kept = keep_prefix(p, spec, k, top, logits.dtype)
     if n_key == 0:
         return kept
     reach = k if range_base == "kept" else torch.full_like(k, k_base)

@@ -99,13 +99,9 @@ def available_memory(device: torch.device) -> dict[str, int]:
 
 
 def _cpu_available() -> int:
-    try:
-        with open("/proc/meminfo") as handle:
-            for line in handle:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) << 10
-    except OSError:
-        pass
+    found = _proc_bytes("/proc/meminfo", "MemAvailable:")
+    if found is not None:
+        return found
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
@@ -148,14 +144,19 @@ def estimate_run(command: str, settings: TextSettings, *, model: str, device: st
 
 def resident_bytes() -> int:
     """Returns this process's resident memory now (VmRSS), 0 where /proc is missing."""
+    return _proc_bytes("/proc/self/status", "VmRSS:") or 0
+
+
+def _proc_bytes(path: str, key: str) -> int | None:
+    """Returns the kB figure on the line of a /proc file that starts with `key`, in bytes, or None."""
     try:
-        with open("/proc/self/status") as handle:
+        with open(path) as handle:
             for line in handle:
-                if line.startswith("VmRSS:"):
+                if line.startswith(key):
                     return int(line.split()[1]) << 10
     except OSError:
         pass
-    return 0
+    return None
 
 
 def _fits(cost: Cost, mode: str, available: dict[str, int]) -> bool:

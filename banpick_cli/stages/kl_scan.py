@@ -185,15 +185,8 @@ class KLScanResult:
         return sorted(found, key=lambda x: (-x.kl, x.position, x.expert))
 
 
-def run_kl_scan(
-    settings: KLScanSettings,
-    *,
-    profile: str | Path,
-    out: str | Path | None = None,
-    restart: bool = False,
-    progress: ProgressFn = silent,
-    **model: Unpack[ModelArgs],
-) -> KLScanResult:
+def run_kl_scan(settings: KLScanSettings, *, profile: str | Path, out: str | Path | None = None,
+                restart: bool = False, progress: ProgressFn = silent, **model: Unpack[ModelArgs]) -> KLScanResult:
     """Scans the domain's candidates, saving the KL sums of each finished window of batches beside `out`
     (default: `profile`).
 

@@ -235,15 +235,8 @@ def resolve_domain(settings: LayerSensitivitySettings, profile: RoutingProfile |
     raise BadSetting(f"--domain is needed to choose the calibration text ({have})")
 
 
-def run_layer_sensitivity(
-    settings: LayerSensitivitySettings,
-    *,
-    profile: str | Path,
-    out: str | Path | None = None,
-    restart: bool = False,
-    progress: ProgressFn = silent,
-    **model: Unpack[ModelArgs],
-) -> LayerSensitivityResult:
+def run_layer_sensitivity(settings: LayerSensitivitySettings, *, profile: str | Path, out: str | Path | None = None,
+                          restart: bool = False, progress: ProgressFn = silent, **model: Unpack[ModelArgs]) -> LayerSensitivityResult:
     """Measures W_l, L'_l and the R statistics, saving the sums of each finished window of batches beside
     `out` (default `profile`).
 

@@ -35,6 +35,16 @@ def _relation(rng: random.Random, table: dict[str, str]) -> tuple[str, str, list
     return key, table[key], wrong
 
 
+RELATIONS = {  # form -> (table, the question about a key)
+    "capital": (CAPITALS, lambda country: f"What is the capital of {country}?"),
+    "country_of": ({v: k for k, v in CAPITALS.items()}, lambda city: f"{city} is the capital of which country?"),
+    "opposite": (OPPOSITES, lambda word: f"What is the opposite of {word}?"),
+    "sound": (SOUNDS, lambda animal: f"What sound does {_article(animal)} make?"),
+    "young": (YOUNG, lambda animal: f"What is a baby {animal} called?"),
+    "color_of": (COLOR_OF, lambda thing: f"What color is {thing}?"),
+}
+
+
 def make_question(rng: random.Random, form: str) -> tuple[str, str, list[str]]:
     """Returns (question, right option, three wrong options) of the named form."""
     if form == "member":
@@ -49,25 +59,10 @@ def make_question(rng: random.Random, form: str) -> tuple[str, str, list[str]]:
         label = _category_of(member)
         wrong = rng.sample([x for x in CATEGORIES if x != label], 3)
         return f"What is {_article(member) if member.islower() else member}?", _article(label), [_article(w) for w in wrong]
-    if form == "capital":
-        country, right, wrong = _relation(rng, CAPITALS)
-        return f"What is the capital of {country}?", right, wrong
-    if form == "country_of":
-        inverse = {v: k for k, v in CAPITALS.items()}
-        city, right, wrong = _relation(rng, inverse)
-        return f"{city} is the capital of which country?", right, wrong
-    if form == "opposite":
-        word, right, wrong = _relation(rng, OPPOSITES)
-        return f"What is the opposite of {word}?", right, wrong
-    if form == "sound":
-        animal, right, wrong = _relation(rng, SOUNDS)
-        return f"What sound does {_article(animal)} make?", right, wrong
-    if form == "young":
-        animal, right, wrong = _relation(rng, YOUNG)
-        return f"What is a baby {animal} called?", right, wrong
-    if form == "color_of":
-        thing, right, wrong = _relation(rng, COLOR_OF)
-        return f"What color is {thing}?", right, wrong
+    if form in RELATIONS:  # a question about one entry of a table, its other values the wrong options
+        table, ask = RELATIONS[form]
+        key, right, wrong = _relation(rng, table)
+        return ask(key), right, wrong
     job, right, wrong = _relation(rng, WORKPLACE)
     return f"Where does {_article(job)} work?", _article(right), [_article(w) for w in wrong]
 
@@ -93,29 +88,26 @@ def _fact(rng: random.Random) -> str:
         return rng.choice((f"{_article(member).capitalize()} is a kind of {label}.",
                            f"The {member} is {_article(label)}.",
                            f"{member[0].upper() + member[1:]} is one example of {_article(label)}."))
-    if kind == 1:
-        country = rng.choice(list(CAPITALS))
-        return rng.choice((f"The capital of {country} is {CAPITALS[country]}.",
-                           f"{CAPITALS[country]} is the capital city of {country}.",
-                           f"Many people visit {CAPITALS[country]}, the capital of {country}."))
-    if kind == 2:
-        word = rng.choice(list(OPPOSITES))
-        return rng.choice((f"The opposite of {word} is {OPPOSITES[word]}.",
-                           f"{word.capitalize()} and {OPPOSITES[word]} are opposites."))
-    if kind == 3:
-        animal = rng.choice(list(SOUNDS))
-        return rng.choice((f"{_article(animal).capitalize()} says {SOUNDS[animal]}.",
-                           f"The sound {_article(animal)} makes is a {SOUNDS[animal]}."))
-    if kind == 4:
-        animal = rng.choice(list(YOUNG))
-        return rng.choice((f"A baby {animal} is called {_article(YOUNG[animal])}.",
-                           f"{_article(YOUNG[animal]).capitalize()} is a young {animal}."))
-    if kind == 5:
-        thing = rng.choice(list(COLOR_OF))
-        return f"{thing[0].upper() + thing[1:]} is {COLOR_OF[thing]}."
-    job = rng.choice(list(WORKPLACE))
-    return rng.choice((f"{_article(job).capitalize()} works at {_article(WORKPLACE[job])}.",
-                       f"You can meet {_article(job)} at the {WORKPLACE[job]}."))
+    table, phrasings = FACTS[kind - 1]
+    key = rng.choice(list(table))
+    said = tuple(say(key, table[key]) for say in phrasings)
+    return said[0] if len(said) == 1 else rng.choice(said)
+
+
+def _cap(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+FACTS = (  # _fact's kinds 1-6: (table, the phrasings of one entry)
+    (CAPITALS, (lambda c, city: f"The capital of {c} is {city}.", lambda c, city: f"{city} is the capital city of {c}.",
+                lambda c, city: f"Many people visit {city}, the capital of {c}.")),
+    (OPPOSITES, (lambda w, o: f"The opposite of {w} is {o}.", lambda w, o: f"{w.capitalize()} and {o} are opposites.")),
+    (SOUNDS, (lambda a, s: f"{_article(a).capitalize()} says {s}.", lambda a, s: f"The sound {_article(a)} makes is a {s}.")),
+    (YOUNG, (lambda a, y: f"A baby {a} is called {_article(y)}.", lambda a, y: f"{_article(y).capitalize()} is a young {a}.")),
+    (COLOR_OF, (lambda t, c: f"{_cap(t)} is {c}.",)),
+    (WORKPLACE, (lambda j, w: f"{_article(j).capitalize()} works at {_article(w)}.",
+                 lambda j, w: f"You can meet {_article(j)} at the {w}.")),
+)
 
 
 def _story(rng: random.Random) -> str:
