@@ -41,12 +41,11 @@ def _calibration(folder):
     return data
 
 
-def test_two_ranks_count_exactly_what_one_process_counts(tiny_models, tmp_path, monkeypatch):
+def _two_ranks_against_one_process(model, tmp_path, monkeypatch, **kw):
+    """Runs two gloo ranks and one process on the same data; asserts their counts are equal; returns both."""
     data = _calibration(tmp_path)
-    model = str(tiny_models["deepseek_v2"])
     out = tmp_path / "dp.safetensors"
-    ranks = _run_ranks(model, data, out, tmp_path)
-
+    ranks = _run_ranks(model, data, out, tmp_path, **kw)
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         monkeypatch.delenv(key, raising=False)
     single = run_profile(ProfileSettings(domain="math", data=str(data), samples=11, seq_len=16, batch_size=2),
@@ -54,6 +53,11 @@ def test_two_ranks_count_exactly_what_one_process_counts(tiny_models, tmp_path, 
     dp = read_profile(out)
     for name in ("expert_counts", "token_counts", "candidates"):
         assert torch.equal(dp.get(f"domain/math/{name}"), single.profile.get(f"domain/math/{name}")), name
+    return ranks, single, dp
+
+
+def test_two_ranks_count_exactly_what_one_process_counts(tiny_models, tmp_path, monkeypatch):
+    ranks, single, dp = _two_ranks_against_one_process(str(tiny_models["deepseek_v2"]), tmp_path, monkeypatch)
     assert [r["wrote"] for r in ranks] == [True, False]  # rank 0 writes, rank 1 does not
     assert {r["tokens"] for r in ranks} == {single.usage.tokens} and {r["samples"] for r in ranks} == {11}
     assert dp.provenance["profile/math"]["world_size"] == 2 and dp.provenance["profile/math"]["samples"] == 11
@@ -65,17 +69,7 @@ def test_two_ranks_count_exactly_what_one_process_counts(tiny_models, tmp_path, 
 
 
 def test_two_streaming_ranks_each_read_every_layer_and_count_what_one_process_counts(tiny_models, tmp_path, monkeypatch):
-    data = _calibration(tmp_path)
-    model = str(tiny_models["qwen3_moe"])
-    out = tmp_path / "dp.safetensors"
-    ranks = _run_ranks(model, data, out, tmp_path, stream=True)
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
-    single = run_profile(ProfileSettings(domain="math", data=str(data), samples=11, seq_len=16, batch_size=2),
-                         out=tmp_path / "one.safetensors", model=model, device="cpu")
-    dp = read_profile(out)
-    for name in ("expert_counts", "token_counts", "candidates"):
-        assert torch.equal(dp.get(f"domain/math/{name}"), single.profile.get(f"domain/math/{name}")), name
+    ranks, single, dp = _two_ranks_against_one_process(str(tiny_models["qwen3_moe"]), tmp_path, monkeypatch, stream=True)
     # 6 batches of 2 texts: 3 a rank, in windows of 2 batches (--checkpoint-every 2): 2 windows, each reading
     # every layer up to the last MoE layer (all 3 of the tiny model's) on both ranks.
     assert [r["layer_loads"] for r in ranks] == [2 * 3, 2 * 3]
