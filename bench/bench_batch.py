@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_runtime import SHAPES, _router_logits, build, profile_for  # noqa: E402
+from bench_runtime import _router_logits, build, print_reports, profile_for  # noqa: E402
 
 TARGETS = {"qwen3-30b-a3b": 4.5, "deepseek-v2-lite": 4.0}  # Ban's Avg-TopK in the issue: 4.53 of 8
 
@@ -61,11 +60,7 @@ def main() -> None:
     for shape in args.shape.split(","):
         reports.append(run_shape(shape, args))
         gc.collect()
-    if args.json:
-        print(json.dumps(reports, indent=2))
-    else:
-        for report in reports:
-            print(render(report))
+    print_reports(reports, render, args.json)
 
 
 @torch.inference_mode()

@@ -108,7 +108,12 @@ def main() -> None:
         targets = [float(t) for t in args.targets.split(",")] if args.targets else list(SHAPES[shape]["targets"])
         reports.append(run_shape(shape, args, targets, methods))
         gc.collect()  # one shape's weights (about 5 GB) before the next
-    if args.json:
+    print_reports(reports, render, args.json)
+
+
+def print_reports(reports: list[dict], render, as_json: bool) -> None:
+    """Prints the shapes' reports as JSON, or each rendered as its table (every bench of this folder)."""
+    if as_json:
         print(json.dumps(reports, indent=2))
     else:
         for report in reports:

@@ -41,25 +41,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 def demo_shaped(folder: Path) -> Path:
     """Saves a random Qwen3-MoE with the demo model's shape (and a small BPE tokenizer) under `folder`."""
-    import torch
-    from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+    from transformers import Qwen3MoeConfig
 
     sys.path.insert(0, str(REPO / "tests"))
-    from tiny import build_tokenizer
+    from tiny import save_random
 
     config = Qwen3MoeConfig(vocab_size=3000, hidden_size=128, intermediate_size=512, moe_intermediate_size=64,
                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                             num_experts=32, num_experts_per_tok=8, norm_topk_prob=True, max_position_embeddings=512,
                             tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("gate.weight"):
-                param.normal_(0, 0.5)
-    model.save_pretrained(folder)
-    build_tokenizer(folder)
-    return folder
+    return save_random(config, folder)
 
 
 RUN = """

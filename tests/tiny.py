@@ -53,10 +53,15 @@ def build_tokenizer(out: Path):
 
 def build_model(family: str, out: Path, seed: int = 0) -> Path:
     """Saves a random tiny model of `family` (and a tokenizer) under `out`; returns the directory."""
+    return save_random(_configs()[family], out, seed)
+
+
+def save_random(config, out: Path, seed: int = 0) -> Path:
+    """Saves a model of `config` with random weights, random routers (and router biases), and the tiny
+    tokenizer under `out`; returns the directory."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = _configs()[family]
     model = AutoModelForCausalLM.from_config(config)
     # Router weights start at zero in some families; random routers make routing non-trivial.
     with torch.no_grad():

@@ -19,24 +19,15 @@ from test_streaming import TEXTS
 @pytest.fixture(scope="module")
 def v3_source(tmp_path_factory):
     """A small DeepSeek-V3 whose projections span two 128-blocks with a partial edge (hidden 160, experts 136 wide)."""
-    from transformers import AutoModelForCausalLM, DeepseekV3Config
+    from transformers import DeepseekV3Config
 
-    from tiny import COMMON, build_tokenizer
+    from tiny import COMMON, save_random
 
     config = DeepseekV3Config(**{**COMMON, "hidden_size": 160, "num_key_value_heads": 4}, n_routed_experts=8,
                               num_experts_per_tok=3, moe_intermediate_size=136, n_shared_experts=1, first_k_dense_replace=1,
                               n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=16,
                               q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=32, v_head_dim=32)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("gate.weight"):
-                param.normal_(0, 0.5)
-    folder = tmp_path_factory.mktemp("v3-source")
-    model.save_pretrained(folder)
-    build_tokenizer(folder)
-    return folder
+    return save_random(config, tmp_path_factory.mktemp("v3-source"))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

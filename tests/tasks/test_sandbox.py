@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import glob
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import pytest
 from banpick_cli.errors import SandboxUnavailable
 from banpick_cli.tasks import sandbox
 from banpick_cli.tasks.sandbox import run_python, run_tests
+from sandbox_helpers import run_as_nobody
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -335,9 +335,6 @@ def test_best_effort_path_survives_what_it_cannot_stop(monkeypatch):
 
 def test_isolated_as_a_normal_user(tmp_path):
     """The same isolation for an unprivileged caller (an unprivileged user namespace)."""
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if os.geteuid() != 0 or not shutil.which("setpriv") or python is None:
-        pytest.skip("needs root, setpriv and a python3 that user nobody can run")
     target = _marker(REPO)
     program = (
         "import os\n"
@@ -346,20 +343,10 @@ def test_isolated_as_a_normal_user(tmp_path):
         f"open({str(target)!r}, 'w')\n"
     )
     check = (
-        "import os, sys\n"
-        "from banpick_cli.tasks import sandbox\n"
-        "ok, why = sandbox.isolation_available()\n"
-        "if not ok:\n"
-        "    print('SKIP', why)\n"
-        "    sys.exit(0)\n"
         f"r = sandbox.run_python({program!r})\n"
         "assert r.status == 'failed' and 'No such file or directory' in r.stderr_tail, r\n"
         "print('OK')\n"
     )
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
-    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", check],
-                          check=False, cwd="/", env=env, capture_output=True, text=True, timeout=60)
-    if "No module named" in done.stderr or done.stdout.startswith("SKIP"):
-        pytest.skip(f"user nobody cannot run the sandbox here: {(done.stdout + done.stderr).strip()[-200:]}")
+    done = run_as_nobody(check, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "OK", done.stdout + done.stderr
     assert not target.exists()

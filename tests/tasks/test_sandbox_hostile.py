@@ -22,6 +22,7 @@ import pytest
 from banpick_cli.evaluation.generate import score_tasks
 from banpick_cli.tasks import sandbox
 from banpick_cli.tasks.task import Task
+from sandbox_helpers import run_as_nobody
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -194,17 +195,8 @@ def test_the_whole_program_tree_shares_one_memory_cap():
 
 def test_hostile_completions_as_user_nobody(host, tmp_path):
     listener, host_file = host
-    python = shutil.which("python3", path="/usr/bin:/bin")
-    if os.geteuid() != 0 or not shutil.which("setpriv") or python is None:
-        pytest.skip("needs root (to become nobody), setpriv and a python3 that user nobody can run")
     attacks = _attacks(listener.path, host_file)
     check = (
-        "import json, sys\n"
-        "from banpick_cli.tasks import sandbox\n"
-        "ok, why = sandbox.isolation_available()\n"
-        "if not ok:\n"
-        "    print('SKIP', why)\n"
-        "    sys.exit(0)\n"
         "from banpick_cli.evaluation.generate import score_tasks\n"
         "from banpick_cli.tasks.task import Task\n"
         f"attacks = json.loads({json.dumps(json.dumps(attacks))})\n"
@@ -212,11 +204,7 @@ def test_hostile_completions_as_user_nobody(host, tmp_path):
         "completions = ['escaped = False\\n' + a + '\\n\\ndef f(x):\\n    return 2 if escaped else x\\n' for a in attacks.values()]\n"
         "print(json.dumps({o.task_id: o.prediction for o in score_tasks(tasks, completions, code_timeout_s=10)}))\n"
     )
-    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "PYTHONDONTWRITEBYTECODE": "1"}
-    done = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", python, "-c", check],
-                          check=False, cwd="/", env=env, capture_output=True, text=True, timeout=120)
-    if "No module named" in done.stderr or done.stdout.startswith("SKIP"):
-        pytest.skip(f"user nobody cannot run the sandbox here: {(done.stdout + done.stderr).strip()[-200:]}")
+    done = run_as_nobody(check, timeout=120)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout) == {name: "failed" for name in attacks}
     assert listener.received == []
