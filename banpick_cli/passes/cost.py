@@ -145,11 +145,17 @@ def plan_cost(config: Any, *, command: str, samples: int, seq_len: int, batch_si
     return Cost(command, batches, tokens, 0, variants, windows, layer_runs, head_runs, layer_loads, peak, shape, activations)
 
 
+def expert_width(config: Any) -> int:
+    """Returns the width of one expert's FFN from a model config (0 when it does not say)."""
+    config = getattr(config, "text_config", None) or config
+    return int(getattr(config, "moe_intermediate_size", 0) or getattr(config, "intermediate_size", 0) or 0)
+
+
 def _activations(config: Any, shape: Shape, batch: int, seq: int, b: int) -> int:
     """Returns one batch's activations in one decoder layer (hidden states, expert outputs, SDPA scores)."""
     heads = int(getattr(config, "num_attention_heads", 1))
     top_k = int(getattr(config, "num_experts_per_tok", 1))
-    width = int(getattr(config, "moe_intermediate_size", 0) or getattr(config, "intermediate_size", 0))
+    width = expert_width(config)
     return batch * seq * (4 * shape.hidden + 2 * top_k * width) * b + batch * heads * seq * seq * b
 
 

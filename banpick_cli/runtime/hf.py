@@ -69,13 +69,7 @@ class RoutingStats:
 class RoutingHandle:
     """An installed routing: use as a context manager, or call `remove()` when done."""
 
-    def __init__(
-        self,
-        loaded: LoadedModel,
-        plan: RoutingPlan | AutoPlan,
-        *,
-        count_changes: bool = False,
-    ):
+    def __init__(self, loaded: LoadedModel, plan: RoutingPlan | AutoPlan, *, count_changes: bool = False):
         self.loaded = loaded
         self.plan = plan
         self.count_changes = count_changes

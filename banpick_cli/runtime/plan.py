@@ -53,7 +53,7 @@ class RoutingPlan:
     # False when a rule builds state on the host per call (Pick C/D's range limit): no CUDA graph capture.
     graph_safe: bool = True
     # The batch-aware step after every layer's rule (routing.batch_share's keywords, and where its bound came
-    # from), or None: each token routes alone. See `batch_aware`.
+    # from), or None: each token routes alone. See `batch_aware_plan`.
     batch: dict[str, Any] | None = None
 
     @property
@@ -112,7 +112,7 @@ def build_plan(
     the stage to run when the profile lacks a tensor the method needs, BadSetting for an unknown
     method, hyperparameter or value. `domain="auto"` is not a plan: see `build_auto`. `batch_aware`
     (True, or batch_share's keywords such as {"candidates": 12}) adds the batch-aware step after the
-    method's rule on every layer: see `batch_aware`.
+    method's rule on every layer: see `batch_aware_plan`.
     """
     plan = _build(profile, specs, method, domain, overrides)
     return batch_aware_plan(plan, profile, batch_aware) if batch_aware else plan
@@ -137,7 +137,7 @@ def batch_aware_plan(plan: RoutingPlan, profile: RoutingProfile | None, given: b
     calibrated = profile.batch.settings if profile is not None else {}
     if "candidates" in args:
         source = "given"
-    elif calibrated.get("candidates") is not None:
+    elif calibrated.get("candidates") is not None:  # the calibrated bound, with the anchor it was calibrated at
         args["candidates"], source = int(calibrated["candidates"]), "calibrated by layer-sensitivity"
         args.setdefault("anchor", int(calibrated.get("anchor", ANCHOR)))
     else:
@@ -177,7 +177,7 @@ def key_experts(profile: RoutingProfile, domain: str) -> torch.Tensor:
     return profile.domain(domain).key_experts
 
 
-# --- builders: a Method record names one of these (or its own) as its `rules` ----------------------------------------------------------------------------------
+# --- builders: a Method record names one of these (or its own) as its `rules` -----------------
 
 
 def pick_rules(profile, specs, record: Method, domain, overrides) -> RoutingPlan:

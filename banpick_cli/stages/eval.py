@@ -26,6 +26,7 @@ from banpick_cli.evaluation.harness import EvalOptions, check_code_sandbox, Meth
 from banpick_cli.checks import at_least, number, one_of
 from banpick_cli.errors import BadSetting, ProfileError
 from banpick_cli.models.loading import LoadedModel, check_model, load_model
+from banpick_cli.passes.cost import expert_width
 from banpick_cli.paths import DEMO_MODEL_NAME
 from banpick_cli.progress import ProgressFn, silent
 from banpick_cli.runtime.methods import Method, get_method, names
@@ -263,13 +264,7 @@ def _run_eval(settings: EvalSettings, *, model: str, profile: str | Path | None,
                 notes.append(f"{row.label} on {name}: no task answered in the expected form (shown as n/a, not 0%)")
     return EvalReport(loaded.identity.name_or_path if model == DEMO_MODEL_NAME else model,
                       str(profile) if profile else None, str(loaded.device), task_sets, results, settings,
-                      time.perf_counter() - start, notes, expert_width=_expert_width(loaded.model.config))
-
-
-def _expert_width(config) -> int:
-    """Returns the width of one expert's FFN from a model config (0 when it does not say)."""
-    config = getattr(config, "text_config", None) or config
-    return int(getattr(config, "moe_intermediate_size", 0) or getattr(config, "intermediate_size", 0) or 0)
+                      time.perf_counter() - start, notes, expert_width=expert_width(loaded.model.config))
 
 
 def _time_again(settings: EvalSettings, loaded: LoadedModel, prof, rows, task_sets: list[TaskSet],
