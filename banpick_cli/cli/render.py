@@ -156,12 +156,12 @@ def print_estimate(est: Any) -> None:
     for mode in est.modes:
         peak = cost.peak_bytes[mode]
         seconds = est.seconds.get(mode)
-        # Without an accelerator the "device" is the CPU: one memory, the sum of both.
-        memory = [gib(peak["cpu"] + peak["device"])] if est.cpu_only else [gib(peak["cpu"]), gib(peak["device"])]
+        # The process's memory: the runtime measured here and the run's own (without an accelerator, one memory).
+        memory = [gib(est.runtime + peak["cpu"] + peak["device"])] if est.cpu_only else [gib(est.runtime + peak["cpu"]), gib(peak["device"])]
         rows.append([{"whole": "whole model", "sequential": "--sequential", "stream": "--stream"}[mode], cost.layer_loads[mode],
                      *memory, "-" if seconds is None else f"{seconds:,.1f}", "yes" if est.fits.get(mode) else "no"])
     free = ", ".join(f"{k} {gib(v)}" for k, v in est.available.items())
-    memory_columns = ["peak memory (CPU, no GPU here)"] if est.cpu_only else ["peak CPU", "peak device"]
+    memory_columns = ["peak memory of the process (CPU, no GPU here)"] if est.cpu_only else ["peak CPU of the process", "peak device"]
     console.print(table(f"per mode (free now: {free}); nothing was run or written",
                         ["mode", "layer loads", *memory_columns, "est. s", "fits"], rows, justify_right_from=1))
     if est.timing is not None:

@@ -12,6 +12,7 @@ from torch import nn
 from banpick_cli.checks import file_problem
 from banpick_cli.errors import BadSetting, ModelError, import_extra
 from banpick_cli.models.base import MoEAdapter, MoELayer
+from banpick_cli.models.experts import use_sliced_experts
 from banpick_cli.models.registry import adapter_for
 from banpick_cli.profile.fingerprint import router_fingerprint
 from banpick_cli.profile.identity import ModelIdentity
@@ -121,6 +122,7 @@ def build_meta(config: Any, dtype: torch.dtype) -> nn.Module:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    use_sliced_experts(model)
     return model.eval()
 
 
@@ -169,6 +171,7 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_m
         # accelerate placed the layers; batches start where the embedding lives.
         torch_device = model.get_input_embeddings().weight.device
     model.eval()
+    use_sliced_experts(model)  # the same bits as transformers' grouped_mm experts, in less memory
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return describe(model, tokenizer, adapter, name_or_path=name, device=torch_device)

@@ -23,8 +23,10 @@ from typing import Any, Callable
 
 import torch
 
+from banpick_cli.models import experts
 from banpick_cli.models.loading import build_meta
 from banpick_cli.models.registry import adapter_for
+from banpick_cli.passes.kl_math import default_stack
 
 MODES = ("whole", "sequential", "stream")
 
@@ -100,13 +102,15 @@ class Cost:
 
 def plan_cost(config: Any, *, command: str, samples: int, seq_len: int, batch_size: int,
               variants_by_layer: dict[int, int] | None = None, hidden_cache_mb: int = 2048,
-              checkpoint_every: int = 32, window_batches: int = 0, dtype: torch.dtype = torch.float32) -> Cost:
+              checkpoint_every: int = 32, window_batches: int = 0, dtype: torch.dtype = torch.float32,
+              device: str = "cpu") -> Cost:
     """Returns the counts and peak memory of one run from the config alone.
 
     `variants_by_layer` maps a decoder-layer index to its number of variants (kl-scan: the candidates;
     layer-sensitivity: one per MoE layer, the default when None); `profile` has none. `checkpoint_every`
     is profile's window; the scans' window is what fits `hidden_cache_mb`, at most `window_batches`
-    when set (their --checkpoint-every).
+    when set (their --checkpoint-every). `device` (its type) sets how many variants a scan stacks into
+    one forward, and whether the experts run in slices (the CPU: models/experts.py).
     """
     shape = Shape.of(config, dtype)
     b = shape.bytes_per_param
@@ -134,14 +138,22 @@ def plan_cost(config: Any, *, command: str, samples: int, seq_len: int, batch_si
     resident = (shape.embed_params + shape.router_params) * b
     head = shape.head_params * b if command != "profile" else 0
     states = min(window, batches) * batch_states * (variants + 1)
-    activations = _activations(config, shape, batch_size, seq_len, b)
+    replicas = 1 if command == "profile" else default_stack(device)
+    activations = _activations(config, shape, batch_size * replicas, seq_len, b, sliced=device == "cpu")
     weights = shape.params * b
-    peak = {
-        "whole": {"cpu": 0, "device": weights + activations + states},
-        "sequential": {"cpu": weights + states, "device": largest + shape.embed_params * b + head + activations},
-        # Each checkpoint tensor is read straight into its place in the (fused) layer: one copy of it.
-        "stream": {"cpu": largest + resident + head + states, "device": largest + resident + head + activations},
-    }
+    if device == "cpu":  # one memory: a layer "moved to the device" is the one already there
+        peak = {
+            "whole": {"cpu": weights + activations + states, "device": 0},
+            "sequential": {"cpu": weights + states + activations, "device": 0},
+            # Each checkpoint tensor is read straight into its place in the (fused) layer: one copy of it.
+            "stream": {"cpu": largest + resident + head + states + activations, "device": 0},
+        }
+    else:
+        peak = {
+            "whole": {"cpu": 0, "device": weights + activations + states},
+            "sequential": {"cpu": weights + states, "device": largest + shape.embed_params * b + head + activations},
+            "stream": {"cpu": largest + resident + head + states, "device": largest + resident + head + activations},
+        }
     return Cost(command, batches, tokens, 0, variants, windows, layer_runs, head_runs, layer_loads, peak, shape, activations)
 
 
@@ -151,12 +163,14 @@ def expert_width(config: Any) -> int:
     return int(getattr(config, "moe_intermediate_size", 0) or getattr(config, "intermediate_size", 0) or 0)
 
 
-def _activations(config: Any, shape: Shape, batch: int, seq: int, b: int) -> int:
-    """Returns one batch's activations in one decoder layer (hidden states, expert outputs, SDPA scores)."""
+def _activations(config: Any, shape: Shape, rows: int, seq: int, b: int, *, sliced: bool) -> int:
+    """Returns one forward's activations in one decoder layer for `rows` texts of `seq` tokens: the hidden
+    states around attention and experts, the experts' own peak (models/experts.py), SDPA math-kernel scores."""
     heads = int(getattr(config, "num_attention_heads", 1))
     top_k = int(getattr(config, "num_experts_per_tok", 1))
-    width = expert_width(config)
-    return batch * seq * (4 * shape.hidden + 2 * top_k * width) * b + batch * heads * seq * seq * b
+    tokens = rows * seq
+    moe = experts.peak_bytes(tokens, top_k, shape.hidden, expert_width(config), b, sliced=sliced)
+    return tokens * 4 * shape.hidden * b + moe + rows * heads * seq * seq * b
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from banpick_cli.passes.streaming import LayerSource
 from banpick_cli.models.base import ObserveFn, RoutingHooks
 from banpick_cli.models.loading import LoadedModel
 from banpick_cli.progress import ProgressEvent, ProgressFn, silent
-from banpick_cli.passes.kl_math import TOP_TOKENS, LayerPlan, RouteVariant, target_log_probs, top_targets, topk_kl
+from banpick_cli.passes.kl_math import TOP_TOKENS, LayerPlan, default_stack, RouteVariant, target_log_probs, top_targets, topk_kl
 
 # LM-head outputs (floats) materialised at once: 8 MiB in float32 on a CPU (stays in cache), 512 MiB on a GPU.
 LOGITS_BUDGET = {"cpu": 1 << 21, "cuda": 1 << 27}
@@ -171,7 +171,7 @@ class KLEngine:
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.device = loaded.device
-        self.stack = stack or (8 if self.device.type == "cuda" else 2)
+        self.stack = stack or default_stack(self.device.type)
         self.row_limit: int | None = None  # texts per forward, set only after an out-of-memory
         self.hidden_cache_mb = hidden_cache_mb
         self.window_batches = window_batches  # at most this many batches per window (0: what fits the budget)

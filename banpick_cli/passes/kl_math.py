@@ -14,6 +14,11 @@ from banpick_cli.passes.batches import batches
 
 TOP_TOKENS = 1000  # appendix B
 
+
+def default_stack(device_type: str) -> int:
+    """Returns how many variants share one forward in the scans by default (docs/benchmarks.md: 8 on a GPU, 2 on a CPU)."""
+    return 8 if device_type == "cuda" else 2
+
 # Routes one MoE layer for a variant: router logits [T, E] -> (weights [T, W], indices [T, W]),
 # what the experts use instead of the router's choice; index == num_experts is "no expert".
 RouteVariant = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -31,7 +31,7 @@ class RunEstimate:
     available: dict[str, int]  # bytes free now: "cpu", and "device" on a GPU
     modes: tuple[str, ...]  # the modes this command offers
     fits: dict[str, bool] = field(default_factory=dict)  # per mode: the peak fits the available memory
-    runtime: int = 0  # bytes this process holds now (Python, torch, transformers, the config): measured
+    runtime: int = 0  # bytes this process holds now (Python, torch, transformers, datasets, the config): measured
 
     @property
     def forwards(self) -> float:
@@ -69,20 +69,22 @@ class RunEstimate:
 
     @property
     def stream_cpu_peak(self) -> int:
-        """Returns the process's peak memory of a --stream run on the CPU: the runtime measured here, plus one
-        decoder layer (read straight into place), the resident parts and one batch's activations."""
-        peak = self.cost.peak_bytes["stream"]
-        return self.runtime + peak["cpu"] + (self.cost.activations if "device" not in self.available else 0)
+        """Returns the process's peak CPU memory of a --stream run: the runtime measured here, plus one decoder
+        layer (read straight into place), the resident parts, the hidden states and, on a CPU, one forward's
+        activations."""
+        return self.runtime + self.cost.peak_bytes["stream"]["cpu"]
 
     def stream_basis(self) -> str:
         """Returns what the --stream CPU peak is made of, and what each part was measured or computed on."""
         shape, mib = self.cost.shape, lambda n: f"{n / 2**20:,.0f} MiB"  # noqa: E731
+        on_cpu = self.cost.activations if self.cpu_only else 0
         layer = max(range(shape.layers), key=lambda i: shape.layer_params[i])
-        return (f"runtime {mib(self.runtime)} (this process's resident memory now, measured: Python, torch, transformers) "
+        return (f"runtime {mib(self.runtime)} (this process's resident memory now, measured: Python, torch, "
+                "transformers, datasets) "
                 f"+ the largest decoder layer {mib(shape.layer_params[layer] * shape.bytes_per_param)} (layer {layer}, "
                 f"from the config in {self.dtype}) + embedding, routers, LM head and hidden states "
-                f"{mib(self.cost.peak_bytes['stream']['cpu'] - shape.layer_params[layer] * shape.bytes_per_param)}"
-                + (f" + one batch's activations {mib(self.cost.activations)}" if "device" not in self.available else ""))
+                f"{mib(self.cost.peak_bytes['stream']['cpu'] - shape.layer_params[layer] * shape.bytes_per_param - on_cpu)}"
+                + (f" + one forward's activations {mib(on_cpu)}" if on_cpu else ""))
 
 
 def weights_bytes(cost: Cost) -> int:
@@ -126,8 +128,12 @@ def estimate_run(command: str, settings: TextSettings, *, model: str, device: st
                      batch_size=settings.batch_size, variants_by_layer=variants,
                      hidden_cache_mb=getattr(settings, "hidden_cache_mb", 2048), checkpoint_every=checkpoint_every,
                      window_batches=getattr(settings, "checkpoint_every", 0) if command != "profile" else 0,
-                     dtype=torch_dtype)
+                     dtype=torch_dtype, device=run_device.type)
     modes = MODES if command == "profile" else ("whole", "stream")
+    try:  # every run reads its texts through datasets (data/loading.py): about 85 MiB of the runtime
+        import datasets  # noqa: F401
+    except ImportError:
+        pass  # the run itself will name the extra that adds it
     runtime = resident_bytes()  # before the probe allocates its layer
     timing, seconds = None, {}
     if time_it:

@@ -183,7 +183,7 @@ def test_dry_run_on_a_cpu_shows_one_memory_and_says_how_it_timed(tiny_models, da
     common = [*_common(tiny_models, data_file), "--batch-size", 3, "--device", "cpu"]
     result = _run("kl-scan", "--profile", profile_copy, "--domain", "math", "--candidates", "top-2", *common, "--dry-run")
     assert result.exit_code == 0, result.output
-    assert "peak device" not in result.stdout and "peak memory (CPU, no GPU here)" in result.stdout
+    assert "peak device" not in result.stdout and "peak memory of the process (CPU, no GPU here)" in result.stdout
     assert "est. s = " in result.stdout and "decoder-layer runs x" in result.stdout and "3x16-token batch" in result.stdout
     est = json.loads(_run("kl-scan", "--profile", profile_copy, "--domain", "math", "--candidates", "top-2", *common,
                           "--dry-run", "--json").stdout)

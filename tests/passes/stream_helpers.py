@@ -118,10 +118,13 @@ else:
     from banpick_cli.models.loading import load_model
     loaded = load_model(args["model"], device="cpu", dtype="float32")
 load_s = time.perf_counter() - start
+# The runtime as issue 21 counts it: Python, torch, transformers and the model's resident parts.
+loaded_rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) // 1024
 start = time.perf_counter()
 usage = count_usage_pass(loaded, texts, seq_len=args["seq_len"], batch_size=args["batch_size"],
                          options=RunOptions(checkpoint_every=0)).usage
 profile_s = time.perf_counter() - start
+profile_peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) // 1024
 counts = usage.expert_counts
 specs = loaded.router_specs()
 plans = [LayerPlan(layer.position, tuple(prune_variant(specs[layer.position], e)
@@ -139,7 +142,8 @@ status = {k: int(v.split()[0]) // 1024 for k, v in (line.split(":", 1) for line 
           if k in ("VmHWM", "VmData", "VmPeak")}
 print(json.dumps({"limit_mb": args["limit_mb"], "runtime_mb": args.get("runtime_mb"), "counts": counts.tolist(), "tokens": usage.tokens, "kl": {p: v.tolist() for p, v in kl.items()},
                   "load_s": round(load_s, 3), "profile_s": round(profile_s, 3), "kl_s": round(kl_s, 3),
-                  "peak_rss_mb": status["VmHWM"], "proc": status,
+                  "peak_rss_mb": status["VmHWM"], "profile_peak_rss_mb": profile_peak, "loaded_rss_mb": loaded_rss,
+                  "proc": status,
                   "layer_loads": sum(engine.layer_loads), "windows": engine.windows, "notes": engine.notes,
                   "bytes_read": getattr(loaded.streamed, "bytes_read", 0)}))
 """
