@@ -46,6 +46,18 @@ def load_bundle(path: str | os.PathLike, *, fingerprint: str | None = None) -> t
     return read_profile(profile_path, fingerprint=fingerprint), manifest
 
 
+def routing_choice(manifest: dict[str, Any] | None, *, method: str | None, domain: str | None,
+                   overrides: dict[str, Any], batch_aware: Any = None) -> tuple[str, str | None, dict[str, Any], Any]:
+    """Returns (method, domain, overrides, batch_aware) to route with: each the caller's, else the bundle
+    manifest's, else baseline, no domain, no overrides, no batch-aware step; the caller's overrides win key by key.
+
+    The one reading of a manifest's routing choice, for the HF runtime (`apply`) and the engine plugins.
+    """
+    manifest = manifest or {}
+    return (method or manifest.get("method") or "baseline", domain or manifest.get("domain"),
+            {**manifest.get("overrides", {}), **overrides}, batch_aware or manifest.get("batch_aware") or False)
+
+
 def sha256_of(path: str | os.PathLike) -> str:
     """Returns the hex sha256 of a file."""
     digest = hashlib.sha256()

@@ -23,7 +23,7 @@ from banpick_cli.profile.fingerprint import router_fingerprint
 from banpick_cli.profile.format import RoutingProfile
 from banpick_cli.routing import Routing, route, weights_for
 
-from banpick_cli.runtime.bundle import load_bundle, sha256_of
+from banpick_cli.runtime.bundle import load_bundle, routing_choice, sha256_of
 from banpick_cli.runtime.expect import expected_k, max_experts
 from banpick_cli.runtime.methods import get_method, names
 from banpick_cli.runtime.plan import RoutingPlan, build_plan
@@ -158,10 +158,10 @@ class EngineRouter:
                 f"{settings.profile} was made for another model ({ident.name_or_path}, router fingerprint "
                 f"{profile.fingerprint[7:19]}…), not the one {engine} loaded ({found[7:19]}…)"
             )
-        method = settings.method or (manifest or {}).get("method") or "baseline"
-        domain = settings.domain or (manifest or {}).get("domain")
-        params = {**(manifest or {}).get("overrides", {}), **settings.params}
-        batch = params.pop("batch_aware", None) or (manifest or {}).get("batch_aware") or False
+        params = dict(settings.params)
+        batch = params.pop("batch_aware", None)
+        method, domain, params, batch = routing_choice(manifest, method=settings.method, domain=settings.domain,
+                                                       overrides=params, batch_aware=batch)
         try:
             served = get_method(method).engines
         except BanpickError as err:

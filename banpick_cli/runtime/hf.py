@@ -27,7 +27,7 @@ from banpick_cli.profile.format import RoutingProfile, check_fingerprint
 from banpick_cli.routing.topk import to_mask
 
 from banpick_cli.runtime.auto import AutoPlan, build_auto
-from banpick_cli.runtime.bundle import load_bundle
+from banpick_cli.runtime.bundle import load_bundle, routing_choice
 from banpick_cli.runtime.plan import AUTO, RoutingPlan, build_plan
 
 
@@ -339,12 +339,8 @@ def apply(
     """
     loaded = as_loaded(model)
     prof, manifest = load_profile_for(profile, loaded)
-    if manifest is not None:
-        method = method or manifest.get("method")
-        domain = domain or manifest.get("domain")
-        overrides = {**manifest.get("overrides", {}), **overrides}
-        batch_aware = batch_aware or manifest.get("batch_aware") or False
-    method = method or "baseline"
+    method, domain, overrides, batch_aware = routing_choice(manifest, method=method, domain=domain, overrides=overrides,
+                                                            batch_aware=batch_aware)
     specs = loaded.router_specs()
     if domain == AUTO:
         if batch_aware:
