@@ -204,8 +204,10 @@ class RoutingHandle:
             real = real & mask.unsqueeze(-1)
             self._experts[position] += real.sum().to(self._device)
             self._tokens[position] += mask.sum().to(self._device)
-        used = to_mask(torch.where(real, indices.long(), self._num_experts), self._num_experts).any(0)  # [E]
-        self._unique[:, position] += torch.stack([used.sum(), real.any()]).to(self._device)
+        # [E + 1], the last for dropped slots: an index write of T x W, not a [T, E] mask
+        used = torch.zeros(self._num_experts + 1, dtype=torch.bool, device=indices.device)
+        used[torch.where(real, indices.long(), self._num_experts).flatten()] = True
+        self._unique[:, position] += torch.stack([used[:-1].sum(), real.any()]).to(self._device)
 
     def _mask_on(self, like: torch.Tensor) -> torch.Tensor | None:
         """Returns the real-token mask on `like`'s device, or None when it does not fit these tokens."""
