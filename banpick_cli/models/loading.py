@@ -142,6 +142,7 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_m
     `device_map` ("auto", "balanced", ... or a dict) spreads the layers over every visible GPU
     through accelerate, for models that do not fit one; inputs then go to the embedding's device.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     resolved, config = load_config(name)
@@ -162,7 +163,7 @@ def load_model(name: str, *, device: str = "auto", dtype: str = "auto", device_m
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=torch_dtype, **extra)
         tokenizer = AutoTokenizer.from_pretrained(resolved)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, SafetensorError) as err:  # SafetensorError: a corrupt or truncated shard
         reason = str(err).strip().splitlines()[0][:160]
         raise ModelError(f"cannot load model '{resolved}': {reason}") from None
     if device_map is None:

@@ -49,8 +49,11 @@ class Checkpoint:
         index = self.folder / "model.safetensors.index.json"
         single = self.folder / "model.safetensors"
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {key: self.folder / shard for key, shard in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+                self.files = {str(key): self.folder / str(shard) for key, shard in weight_map.items()}
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+                raise ModelError(f"{index} is not a safetensors index ({type(err).__name__}: {str(err)[:80]})") from None
         elif single.is_file():
             self.files = {}
         else:
@@ -62,14 +65,16 @@ class Checkpoint:
     def header(self, path: Path) -> tuple[int, dict[str, Any]]:
         """Returns (where the data starts, the JSON header) of one shard; headers are read once."""
         if path not in self._headers:
-            with open(path, "rb") as handle:
-                size = int.from_bytes(handle.read(8), "little")
-                self._headers[path] = (8 + size, json.loads(handle.read(size)))
+            self._headers[path] = _read_header(path)
         return self._headers[path]
 
     def entry(self, key: str) -> dict[str, Any]:
         """Returns the header entry of `key`: its dtype, shape and data offsets."""
-        return self.header(self.files[key])[1][key]
+        path = self.files[key]
+        entry = self.header(path)[1].get(key)
+        if entry is None:
+            raise ModelError(f"{path} has no tensor {key}, which its index places there")
+        return entry
 
     def nbytes(self, keys: list[str]) -> int:
         """Returns the bytes `keys` take on disk (from the shard headers; no tensor is read)."""
@@ -150,6 +155,44 @@ class Place:
     target: str  # the model's parameter or buffer name
     slot: tuple  # (expert,) or (expert, slice(rows)) in a fused expert tensor; () for a whole tensor
     scale: str | None = None  # the checkpoint key of its FP8 block scales
+
+
+MAX_HEADER = 100_000_000  # safetensors' own limit on a header's bytes
+
+
+def _read_header(path: Path) -> tuple[int, dict[str, Any]]:
+    """Returns (where the data starts, the checked JSON header) of one shard, or raises a one-line ModelError."""
+    def bad(why: str) -> ModelError:
+        return ModelError(f"{path} is not a readable safetensors file: {why}")
+
+    try:
+        with open(path, "rb") as handle:
+            length = os.fstat(handle.fileno()).st_size
+            size = int.from_bytes(handle.read(8), "little")
+            if length < 8 or size > min(MAX_HEADER, length - 8):
+                raise bad(f"its header claims {size:,} bytes in a file of {length:,}")
+            header = json.loads(handle.read(size))
+    except OSError as err:
+        raise ModelError(f"cannot read {path}: {err.strerror or err}") from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise bad(f"its header is not JSON ({str(err)[:80]})") from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    data = length - 8 - size
+    for key, entry in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
+            ok = dtype in _DTYPES and all(isinstance(n, int) and n >= 0 for n in [*shape, begin, end])
+        except (TypeError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise bad(f"tensor {key} has no valid dtype, shape and data_offsets")
+        if not begin <= end <= data or end - begin != math.prod(shape) * _DTYPES[dtype].itemsize:
+            raise bad(f"tensor {key}'s bytes {begin}-{end} do not fit its shape {shape} {dtype} or the file's "
+                      f"{data:,} data bytes (truncated?)")
+    return 8 + size, header
 
 
 def plan(model: nn.Module, checkpoint: Checkpoint, keys: list[str]) -> tuple[list[Place], list[str]]:

@@ -101,26 +101,22 @@ def model_identity(name: str) -> tuple[ModelIdentity, str | None, Path | None]:
 
 
 def _checkpoint_fingerprint(folder: Path, adapter, layers) -> str | None:
-    from safetensors import safe_open
+    """Returns the router fingerprint read from the checkpoint's router tensors (checked shard headers, the
+    streaming reader's), or None when the folder holds no safetensors or not these routers."""
+    from banpick_cli.passes.checkpoint import Checkpoint
 
-    index = folder / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-    elif (folder / "model.safetensors").is_file():
-        with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
-            weight_map = {key: "model.safetensors" for key in handle.keys()}
-    else:
+    if not ((folder / "model.safetensors.index.json").is_file() or (folder / "model.safetensors").is_file()):
         return None
+    checkpoint = Checkpoint(folder)
     found = []
     for layer in layers:
         for name, meta in adapter.router_tensors(layer).items():
             # Checkpoints keep the original module names (Mixtral's block_sparse_moe), not the loaded ones.
             keys = [f"model.layers.{layer.layer_index}.{block}.gate.{name}" for block in adapter.block_names]
-            key = next((k for k in keys if k in weight_map), None)
+            key = next((k for k in keys if k in checkpoint.files), None)
             if key is None:
                 return None
-            with safe_open(str(folder / weight_map[key]), framework="pt") as handle:
-                values = handle.get_tensor(key).to(torch.bfloat16).contiguous()
+            values = checkpoint.read([key])[key].to(torch.bfloat16).contiguous()
             if tuple(values.shape) != tuple(meta.shape):
                 return None
             found.append((layer.layer_index, name, values))
