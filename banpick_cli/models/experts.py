@@ -8,17 +8,19 @@ so that transient was a third of its memory above the layer (docs/scaling.md).
 
 `sliced_grouped_mm` computes the same products on the same rows, in the same order, and returns the same
 bits (tests/models/test_experts.py holds it to transformers' own function, bit for bit, on all six
-families, with and without pruned slots):
+families, float32 and bfloat16, with and without pruned slots, on one and two threads):
 - the pairs are sorted by expert as transformers sorts them, and every expert's GEMMs see exactly its
-  rows. On the CPU, torch's grouped_mm is a loop of one matrix product per expert, so the experts are
+  rows. On the CPU torch's grouped_mm is a loop of one matrix product per expert, so the experts are
   taken in slices of at most SLICE_BYTES of intermediates, each slice through the same grouped_mm call
-  on its own experts; elsewhere (a GPU's fused kernels) the experts go in one call, as transformers does.
+  on its own experts;
 - each slice's weighted down output is written into one S x hidden buffer, and every intermediate is
   dropped as soon as it is used;
-- on the CPU the per-token sum over the top-k slots runs on token blocks of the reordered rows: the
-  same reduction of the same k rows for every output element (torch's CPU reductions parallelise over
-  the kept dimensions, never over k, which is always the smallest); elsewhere in one block.
-Its peak is `peak_bytes`: the S x hidden buffer, the output, and one slice or block.
+- the per-token sum over the top-k slots runs on token blocks of the reordered rows: the same reduction
+  of the same k rows for every output element (torch's CPU reductions parallelise over the kept
+  dimensions, never over k, which is always the smallest).
+Its peak is `peak_bytes`: the S x hidden buffer, the output, and one slice or block. Off the CPU
+transformers' own function runs: a GPU's grouped GEMM is one fused kernel, and it needs no host
+synchronisation, which the slices' bounds would add.
 
 `use_sliced_experts(model)` registers it through transformers' experts interface (the extension point
 `set_experts_implementation` reads) and switches a model that runs `grouped_mm` to it; models on another
@@ -42,8 +44,9 @@ def sliced_grouped_mm(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
     """Returns the experts' weighted sum for each token ([tokens, hidden]), as transformers' grouped_mm does."""
     from transformers.integrations import moe
 
-    if getattr(self, "has_bias", False) or not getattr(self, "has_gate", True) or getattr(self, "has_post_expert_norm", False):
-        return moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)  # not one of our six
+    if (hidden_states.device.type != "cpu" or getattr(self, "has_bias", False) or not getattr(self, "has_gate", True)
+            or getattr(self, "has_post_expert_norm", False)):  # off the CPU, or not one of our six families' experts
+        return moe.grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
     k, tokens, hidden = top_k_index.size(-1), hidden_states.size(0), hidden_states.size(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))  # [S]: the pairs grouped by expert
     weights = top_k_weights.reshape(-1)[perm]
@@ -62,8 +65,7 @@ def sliced_grouped_mm(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
     out = empty(pairs, hidden, dtype=dtype, device=hidden_states.device)
     width = self.down_proj.size(-2) if self.is_transposed else self.down_proj.size(-1)
     row_bytes = (hidden + 4 * width) * self.down_proj.element_size()  # gathered input, gate/up, gated
-    on_cpu = hidden_states.device.type == "cpu"  # torch's CPU grouped_mm: one product per expert
-    for first, last in _slices(ends.tolist(), max(1, SLICE_BYTES // row_bytes) if on_cpu else pairs):
+    for first, last in _slices(ends.tolist(), max(1, SLICE_BYTES // row_bytes)):
         start = int(ends[first - 1]) if first else 0
         stop = int(ends[last - 1])
         if stop == start:
@@ -81,8 +83,7 @@ def sliced_grouped_mm(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
     del perm
     order = order.view(tokens, k)  # [tokens, k]: where each token's slot j landed in `out`
     result = out.new_empty(tokens, hidden)
-    # Off the CPU a reduction kernel may pick its order by the size: one block there, as transformers sums.
-    block = max(1, BLOCK_BYTES // (k * hidden * out.element_size())) if on_cpu else tokens
+    block = max(1, BLOCK_BYTES // (k * hidden * out.element_size()))
     for t0 in range(0, tokens, block):
         t1 = min(tokens, t0 + block)
         torch.sum(out[order[t0:t1].reshape(-1)].view(t1 - t0, k, hidden), dim=1, out=result[t0:t1])
@@ -101,13 +102,13 @@ def _slices(ends: list[int], rows: int) -> list[tuple[int, int]]:
 
 
 def peak_bytes(tokens: int, top_k: int, hidden: int, width: int, element: int, *, sliced: bool = True) -> int:
-    """Returns the most memory `sliced_grouped_mm` holds at once for `tokens` tokens (beyond its input);
-    `sliced` False: off the CPU, where the experts go in one slice and the sum in one block."""
+    """Returns the most memory the experts forward holds at once for `tokens` tokens (beyond its input):
+    `sliced_grouped_mm`'s on the CPU, transformers' grouped_mm's (`sliced` False) elsewhere."""
     pairs = tokens * top_k
-    slice_bytes = pairs * (hidden + 4 * width) * element
-    block_bytes = pairs * hidden * element
-    if sliced:
-        slice_bytes, block_bytes = min(SLICE_BYTES, slice_bytes), min(BLOCK_BYTES, block_bytes)
+    if not sliced:  # gathered inputs, down output, weighted rows and their reordered copy; or inputs and gate/up
+        return pairs * max(4 * hidden, hidden + 4 * width) * element + tokens * hidden * element
+    slice_bytes = min(SLICE_BYTES, pairs * (hidden + 4 * width) * element)
+    block_bytes = min(BLOCK_BYTES, pairs * hidden * element)
     # sort, permutation and order (int64), the weighted rows, the output, and the larger of a slice or a block
     return pairs * (3 * 8 + hidden * element) + tokens * hidden * element + max(slice_bytes, block_bytes)
 

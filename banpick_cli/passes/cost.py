@@ -110,7 +110,7 @@ def plan_cost(config: Any, *, command: str, samples: int, seq_len: int, batch_si
     layer-sensitivity: one per MoE layer, the default when None); `profile` has none. `checkpoint_every`
     is profile's window; the scans' window is what fits `hidden_cache_mb`, at most `window_batches`
     when set (their --checkpoint-every). `device` (its type) sets how many variants a scan stacks into
-    one forward, and whether the experts run in slices (the CPU: models/experts.py).
+    one forward, and whose experts forward runs (the CPU: models/experts.py's slices; else transformers').
     """
     shape = Shape.of(config, dtype)
     b = shape.bytes_per_param

@@ -153,6 +153,7 @@ def test_sliced_experts_hold_half_of_transformers_peak_and_at_most_peak_bytes():
         done = subprocess.run([sys.executable, "-c", _PEAK, name], capture_output=True, text=True, check=True)
         added[name] = json.loads(done.stdout.strip().splitlines()[-1])["added_mib"]
     predicted = sliced.peak_bytes(1024, 8, 1024, 512, 4) / 2**20
-    assert added["transformers"] > 110, added  # 4 x S x hidden x 4 bytes = 128 MiB
+    theirs = sliced.peak_bytes(1024, 8, 1024, 512, 4, sliced=False) / 2**20  # the dry-run's figure off the CPU
+    assert 0.9 * theirs <= added["transformers"] <= theirs + 4, (added, theirs)  # 4 x S x hidden x 4 bytes
     assert added["sliced"] <= predicted + 4, (added, predicted)
     assert added["sliced"] < added["transformers"] / 2, added
