@@ -34,24 +34,11 @@ from banpick_cli.models.base import ObserveFn, RoutingHooks
 from banpick_cli.models.loading import LoadedModel
 from banpick_cli.progress import ProgressEvent, ProgressFn, silent
 from banpick_cli.passes.kl_math import TOP_TOKENS, LayerPlan, default_stack, RouteVariant, target_log_probs, top_targets, topk_kl
+from banpick_cli.passes.kl_stack import per_replica, select_rows
+from banpick_cli.passes.kl_windows import WindowStates, WindowSums, cut_windows, state_tiers
 
 # LM-head outputs (floats) materialised at once: 8 MiB in float32 on a CPU (stays in cache), 512 MiB on a GPU.
 LOGITS_BUDGET = {"cpu": 1 << 21, "cuda": 1 << 27}
-
-
-@dataclass
-class WindowSums:
-    """What a layer-major run has summed over its finished windows: enough to resume after them.
-
-    The float64 sums are added batch by batch in the engine's batch order, and a batch's numbers do not
-    depend on which window holds it (a window only decides how long states are kept and where, never
-    how a batch is cut into forwards), so resuming from these sums gives the uninterrupted run's bits.
-    """
-
-    batches: int  # calibration batches finished: a prefix of the engine's batch order
-    windows: int  # windows finished
-    tokens: int  # real tokens in those batches
-    kl_sums: torch.Tensor  # [variants] float64: summed top-k KL, plans by position, variants as given
 
 
 @dataclass
@@ -78,56 +65,6 @@ class _Variant:
     start: int  # the decoder layer it routes differently
     position: int  # that layer's MoE position
     route: RouteVariant
-
-
-class _States:
-    """The variants' hidden states of one window: in memory up to a budget per tier, then on disk.
-
-    Tiers are tried in order (the run device, then the CPU on a GPU run); what fits none goes to a
-    temporary folder and is read back when its variant next runs.
-    """
-
-    def __init__(self, tiers: list[tuple[torch.device, int]]):
-        self.tiers = tiers
-        self.used = [0] * len(tiers)
-        self.held: dict[Any, tuple[int, torch.Tensor | str]] = {}
-        self.folder: str | None = None
-        self.spilled = 0  # tensors written to disk
-
-    def put(self, key: Any, tensor: torch.Tensor) -> None:
-        size = tensor.numel() * tensor.element_size()
-        for t, (device, budget) in enumerate(self.tiers):
-            if self.used[t] + size <= budget:
-                self.used[t] += size
-                self.held[key] = (t, tensor.to(device))
-                return
-        import os
-        import tempfile
-
-        self.folder = self.folder or tempfile.mkdtemp(prefix="banpick-states-")
-        path = os.path.join(self.folder, f"{len(self.held)}-{self.spilled}.pt")
-        torch.save(tensor.cpu().clone(), path)  # a view would save its whole stacked storage
-        self.spilled += 1
-        self.held[key] = (-1, path)
-
-    def pop(self, key: Any) -> torch.Tensor:
-        tier, value = self.held.pop(key)
-        if tier >= 0:
-            self.used[tier] -= value.numel() * value.element_size()
-            return value
-        import os
-
-        tensor = torch.load(value, weights_only=True)
-        os.unlink(value)
-        return tensor
-
-    def close(self) -> None:
-        self.held.clear()
-        if self.folder is not None:
-            import shutil
-
-            shutil.rmtree(self.folder, ignore_errors=True)
-            self.folder = None
 
 
 class KLEngine:
@@ -270,32 +207,17 @@ class KLEngine:
     def _windows(self, all_batches: list[Batch], variants: int) -> list[list[Batch]]:
         """Returns the batches cut into windows whose states (the base's and every variant's) fit the budget,
         of at most `window_batches` batches each when set."""
-        if not all_batches:
-            return []
         width = int(self.loaded.model.config.get_text_config().hidden_size)
         itemsize = torch.empty((), dtype=self._dtype()).element_size()
         budget = sum(b for _, b in self._tiers())
-        windows: list[list[Batch]] = [[]]
-        used = 0
-        for batch in all_batches:
-            size = batch.input_ids.numel() * width * itemsize * (variants + 1)
-            full = self.window_batches and len(windows[-1]) >= self.window_batches
-            if windows[-1] and (used + size > budget or full):
-                windows.append([])
-                used = 0
-            windows[-1].append(batch)
-            used += size
+        windows = cut_windows(all_batches, width * itemsize * (variants + 1), budget, self.window_batches)
         if len(windows) > 1 and (not self.window_batches or len(windows) > -(-len(all_batches) // self.window_batches)):
             self.notes.append(f"the hidden states of {variants} variants fit --hidden-cache-mb {self.hidden_cache_mb} "
                               f"in {len(windows)} windows of batches: each decoder layer is loaded once per window")
         return windows
 
     def _tiers(self) -> list[tuple[torch.device, int]]:
-        budget = self.hidden_cache_mb * 2**20
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return [(self.device, free // 4), (torch.device("cpu"), budget)]
-        return [(self.device, budget)]
+        return state_tiers(self.device, self.hidden_cache_mb)
 
     def _dtype(self) -> torch.dtype:
         return self.loaded.model.get_input_embeddings().weight.dtype
@@ -311,7 +233,7 @@ class KLEngine:
             for c in mask.sum(dim=1).tolist():
                 offsets.append(offsets[-1] + int(c))
             items.append(_Item(mask, offsets, calls, hidden.to(self.park)))
-        states = _States(self._tiers())
+        states = WindowStates(self._tiers())
         try:
             for j in range(last + 1):
                 layer = source.acquire(j, self.device)
@@ -375,7 +297,7 @@ class KLEngine:
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _variants_through(self, hooks: RoutingHooks, layer: torch.nn.Module, j: int, b: int, item: _Item,
-                          variants: list[_Variant], states: _States) -> None:
+                          variants: list[_Variant], states: WindowStates) -> None:
         """Advances every variant that routes at or before layer j through it, for one batch."""
         chunks: list[list[int]] = []  # at most `stack` variants, all of one plan
         for k, variant in enumerate(variants):
@@ -394,7 +316,7 @@ class KLEngine:
             while queue:
                 sub, r0, r1 = queue.pop(0)
                 h = torch.cat([inputs[k][r0:r1].to(self.device) for k in sub])
-                hooks.overrides = {variants[sub[0]].position: _per_replica([variants[k].route for k in sub])} if starting else {}
+                hooks.overrides = {variants[sub[0]].position: per_replica([variants[k].route for k in sub])} if starting else {}
                 try:
                     out = self._call(layer, item, j, h, r0, r1, len(sub))
                 except torch.OutOfMemoryError:
@@ -429,13 +351,13 @@ class KLEngine:
               replicas: int) -> torch.Tensor:
         """Returns layer j's output for texts r0..r1 of a batch, `replicas` stacked copies (replica-major)."""
         args, kwargs = item.calls[j]
-        args = _select_rows(dict(enumerate(args)), item.rows, r0, r1, replicas)
-        kwargs = _select_rows(kwargs, item.rows, r0, r1, replicas)
+        args = select_rows(dict(enumerate(args)), item.rows, r0, r1, replicas)
+        kwargs = select_rows(kwargs, item.rows, r0, r1, replicas)
         out = layer(h.to(self.device), *_to(tuple(args.values()), self.device), **_to(kwargs, self.device))
         return out[0] if isinstance(out, tuple) else out
 
     def _kl(self, norm: torch.nn.Module, head: torch.nn.Module, b: int, item: _Item, variants: list[_Variant],
-            states: _States, sums: torch.Tensor) -> None:
+            states: WindowStates, sums: torch.Tensor) -> None:
         """Adds each variant's summed top-k KL on one batch into `sums`, against the unmodified targets."""
         mask = item.mask.to(self.device)
         step = self._token_chunk()
@@ -465,32 +387,3 @@ def _longest_first(tokenizer, texts: list[str], seq_len: int) -> list[str]:
     """Returns the texts ordered by token count (after truncation), longest first, ties in given order."""
     lengths = [min(len(ids), seq_len) for ids in tokenizer(texts, add_special_tokens=True)["input_ids"]]
     return [texts[i] for i in sorted(range(len(texts)), key=lambda i: -lengths[i])]
-
-
-def _per_replica(variants: Sequence[RouteVariant]):
-    """Returns a route override for stacked replicas: replica v's tokens are routed by variants[v]."""
-
-    def override(position, logits, weights, indices):
-        parts = logits.split(logits.shape[0] // len(variants))
-        routed = [variant(part) for variant, part in zip(variants, parts)]
-        return torch.cat([w for w, _ in routed]), torch.cat([i for _, i in routed])
-
-    return override
-
-
-def _select_rows(kwargs: dict[str, Any], rows: int, r0: int, r1: int, replicas: int) -> dict[str, Any]:
-    """Returns a decoder layer's keyword arguments for texts r0..r1 repeated `replicas` times.
-
-    Per-text tensors (the causal mask [B, 1, T, T]) have the batch as their first dimension; shared
-    ones (rotary embeddings [1, T, d], position ids) have 1 and broadcast, and are left alone.
-    """
-
-    def pick(x: Any) -> Any:
-        if isinstance(x, torch.Tensor) and x.dim() > 0 and rows > 1 and x.shape[0] == rows:
-            x = x[r0:r1]
-            return x.repeat(replicas, *[1] * (x.dim() - 1)) if replicas > 1 else x
-        if isinstance(x, tuple):
-            return tuple(pick(y) for y in x)
-        return x
-
-    return {key: pick(value) for key, value in kwargs.items()}

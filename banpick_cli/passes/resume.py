@@ -146,7 +146,7 @@ class WindowCheckpoint:
 
     def resume(self, variants: int):
         """Returns (WindowSums or None, the stage's saved tensors) when the sidecar fits `variants` sums."""
-        from banpick_cli.passes.kl import WindowSums
+        from banpick_cli.passes.kl_windows import WindowSums
 
         saved = self.saved
         if saved is None or "kl_sums" not in saved.tensors or saved.tensors["kl_sums"].numel() != variants:

@@ -24,11 +24,11 @@ What is isolated (each a test in tests/tasks/test_sandbox*.py, as root and as us
   reported (`returncode`) but decides nothing: `os._exit(0)`, `sys.exit(0)`, an atexit handler, a signal
   or a fork grade a run failed.
 - Limits: wall-clock timeout (the launcher kills the init from outside, which takes the namespace down);
-  memory: a cgroup caps the whole tree at `memory_mb` where one can be made (root with cgroup v1's memory
-  hierarchy or a delegated cgroup v2), else RLIMIT_AS per process times RLIMIT_NPROC (`memory_bound()`
-  says which, in words); RLIMIT_CPU, RLIMIT_FSIZE (1 MiB per file, stdout and stderr included),
-  RLIMIT_NOFILE, RLIMIT_NPROC (which the kernel does not enforce for root; on Linux 6.14+ the namespace's
-  own pid_max caps it near 300 processes instead).
+  memory: a cgroup (`sandbox_cgroup.py`) caps the whole tree at `memory_mb` where one can be made (root
+  with cgroup v1's memory hierarchy or a delegated cgroup v2), else RLIMIT_AS per process times
+  RLIMIT_NPROC (`memory_bound()` says which, in words); RLIMIT_CPU, RLIMIT_FSIZE (1 MiB per file, stdout
+  and stderr included), RLIMIT_NOFILE, RLIMIT_NPROC (which the kernel does not enforce for root; on Linux
+  6.14+ the namespace's own pid_max caps it near 300 processes instead).
 - stdin, stdout and stderr are unlinked temporary files the program cannot remove; stdin is empty.
 
 Not isolated: the kernel is shared (no seccomp filter); /usr and the interpreter's prefix are readable; a
@@ -63,6 +63,7 @@ import threading
 from dataclasses import dataclass
 
 from banpick_cli.errors import SandboxUnavailable
+from banpick_cli.tasks.sandbox_cgroup import cgroup_parent, memory_cgroup, remove_cgroup
 
 OUTPUT_LIMIT = 1 << 20  # bytes each of stdout/stderr (and any file) may grow to (RLIMIT_FSIZE)
 PROCESS_LIMIT = 64  # RLIMIT_NPROC of the program (per user; the kernel exempts root)
@@ -135,7 +136,7 @@ def _run_isolated(source: str, *, timeout_s: float, memory_mb: int, legacy_remou
     os.close(token_w)
     verdict_r, verdict_w = os.pipe()
     report_r, report_w = os.pipe()
-    cgroup = _memory_cgroup(memory_mb)
+    cgroup = memory_cgroup(memory_mb)
     try:
         with _temp_file(source.encode("utf-8")) as stdin, _temp_file() as stdout, _temp_file() as stderr:
             name = "banpick-sandbox-" + secrets.token_hex(6)
@@ -166,7 +167,7 @@ def _run_isolated(source: str, *, timeout_s: float, memory_mb: int, legacy_remou
         for fd in (report_r, verdict_r):
             if fd >= 0:
                 os.close(fd)
-        out_of_memory = _remove_cgroup(cgroup) if cgroup else False
+        out_of_memory = remove_cgroup(cgroup) if cgroup else False
     code = int(report[5:]) if report.startswith("exit ") and report[5:].lstrip("-").isdigit() else None
     if out_of_memory:
         note = f"sandbox: the program's processes used more than {memory_mb} MiB together and were killed"
@@ -180,98 +181,10 @@ def _run_isolated(source: str, *, timeout_s: float, memory_mb: int, legacy_remou
     return SandboxResult("failed", None, (tail + f"\nsandbox: {why}")[-_TAIL:])
 
 
-_cgroup_root: list[str | None] = []  # [] until probed, then [the folder new cgroups go in, or None]
-_cgroup_lock = threading.Lock()
-_CGROUP_V1, _CGROUP_V2 = "/sys/fs/cgroup/memory", "/sys/fs/cgroup"
-
-
-def _memory_cgroup(memory_mb: int) -> str | None:
-    """Returns a new memory cgroup capped at `memory_mb` for one program's whole tree, or None where this
-    process may not make one (an unprivileged user, a read-only /sys/fs/cgroup, no memory controller)."""
-    with _cgroup_lock:
-        if not _cgroup_root:
-            _cgroup_root.append(_cgroup_parent())
-    parent = _cgroup_root[0]
-    if parent is None:
-        return None
-    path = os.path.join(parent, "banpick-sandbox-" + secrets.token_hex(6))
-    try:
-        os.mkdir(path)
-    except OSError:
-        return None
-    limit = str(int(memory_mb) << 20)
-    try:
-        if os.path.exists(os.path.join(path, "memory.limit_in_bytes")):  # cgroup v1
-            _write(os.path.join(path, "memory.limit_in_bytes"), limit)
-            if os.path.exists(os.path.join(path, "memory.memsw.limit_in_bytes")):  # no swapping out of the cap
-                _write(os.path.join(path, "memory.memsw.limit_in_bytes"), limit)
-        else:
-            _write(os.path.join(path, "memory.max"), limit)
-            _write(os.path.join(path, "memory.swap.max"), "0")
-    except OSError:
-        _remove_cgroup(path)
-        return None
-    return path
-
-
-def _cgroup_parent() -> str | None:
-    # This process's own memory cgroup: v1's memory hierarchy, else the unified one where memory is enabled.
-    try:
-        with open("/proc/self/cgroup") as f:
-            lines = [line.rstrip("\n").split(":", 2) for line in f]
-    except OSError:
-        return None
-    for _, controllers, rel in lines:
-        if "memory" in controllers.split(",") and os.path.isdir(_CGROUP_V1):
-            return _usable(os.path.join(_CGROUP_V1, rel.lstrip("/")))
-    for hierarchy, controllers, rel in lines:
-        if hierarchy == "0" and not controllers:
-            base = os.path.join(_CGROUP_V2, rel.lstrip("/"))
-            try:
-                with open(os.path.join(base, "cgroup.subtree_control")) as f:
-                    enabled = "memory" in f.read().split()
-            except OSError:
-                return None
-            return _usable(base) if enabled else None
-    return None
-
-
-def _usable(parent: str) -> str | None:
-    return parent if os.path.isdir(parent) and os.access(parent, os.W_OK) else None
-
-
-def _remove_cgroup(path: str) -> bool:
-    """Removes a program's cgroup once its processes are gone; returns whether the kernel killed one of them
-    for memory."""
-    killed = False
-    for events in ("memory.oom_control", "memory.events"):
-        try:
-            with open(os.path.join(path, events)) as f:
-                killed = killed or any(line.split()[:1] == ["oom_kill"] and line.split()[1] != "0" for line in f)
-        except (OSError, IndexError):
-            pass
-    for _ in range(50):  # the last tasks may take a moment to leave once the namespace is gone
-        try:
-            os.rmdir(path)
-            break
-        except FileNotFoundError:
-            break
-        except OSError:
-            threading.Event().wait(0.01)
-    return killed
-
-
-def _write(path: str, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-
 
 def memory_bound(memory_mb: int = 512) -> str:
     """Returns, in words, what bounds the memory of one program's whole tree of processes on this machine."""
-    with _cgroup_lock:
-        if not _cgroup_root:
-            _cgroup_root.append(_cgroup_parent())
-    if _cgroup_root[0] is not None:
+    if cgroup_parent() is not None:
         return f"{memory_mb} MiB for the program and all its processes together (a memory cgroup)"
     return (f"{memory_mb} MiB of address space per process (RLIMIT_AS) times at most {PROCESS_LIMIT} processes "
             f"(RLIMIT_NPROC; about 300 for root, the namespace's pid_max): no cgroup can be made here")
