@@ -11,7 +11,8 @@ lambda 0.8, beta 0.5, as bench/engine_vllm_cpu.py; banpick adds one key expert p
 
 at the routers of Qwen3-30B-A3B (128 experts, top-8, softmax, renormalised) and DeepSeek-V2-Lite (64
 experts, top-6, softmax, not renormalised) on random logits (std 2) of T tokens, float32 and bfloat16.
-One torch thread; each number is the median over --repeat batches of --calls calls (wall time per call).
+One torch thread; each number is the median over --repeat batches of --calls calls (the process's CPU time
+per call, less sensitive than wall time to other jobs on the machine).
 
     .venv/bin/python bench/bench_route.py [--methods ban,banpick] [--tokens 1,8,64] [--dtypes float32,bfloat16]
         [--calls 200] [--repeat 15] [--profile ROWS] [--json]
@@ -83,10 +84,10 @@ def per_call_us(fn, logits: list[torch.Tensor], calls: int, repeat: int) -> floa
         fn(x)
     times = []
     for _ in range(repeat):
-        start = time.perf_counter()
+        start = time.process_time()
         for i in range(calls):
             fn(logits[i % len(logits)])
-        times.append((time.perf_counter() - start) / calls * 1e6)
+        times.append((time.process_time() - start) / calls * 1e6)
     return statistics.median(times)
 
 

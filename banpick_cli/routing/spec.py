@@ -120,7 +120,7 @@ class Routing:
         real = self.indices < num_experts
         first = torch.where(real[:, :1], self.indices[:, :1], 0)
         indices = torch.where(real, self.indices, first)
-        return Routing(indices=indices, weights=self.weights.masked_fill(~real, 0.0), k=self.k)
+        return Routing(indices=indices, weights=torch.where(real, self.weights, 0.0), k=self.k)
 
 
 def _describe(x: object) -> str:
