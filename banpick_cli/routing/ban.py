@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import RouterSpec, Routing
-from .topk import check_k, gather_scores, keep_prefix, probs, route_probs, top_indices
+from .spec import RouterSpec, Routing, scalar
+from .topk import check_k, gather_scores, keep_slots, probs, route_probs, top_indices
 
 REWEIGHTS = ("model", "keep")  # reading 9, and its alternative
 
@@ -31,13 +31,12 @@ def token_ratio(logits: torch.Tensor, spec: RouterSpec, k_num: int = 3, k_base: 
 
 
 def ratio_of(p: torch.Tensor, indices: torch.Tensor, k_num: int, scores: torch.Tensor | None = None) -> torch.Tensor:
-    """Returns R [T]: the scores p [T, E] of the first k_num slots of `indices` over those of all slots.
-
-    `scores`: `gather_scores(p, indices)`, when the caller has it already."""
-    real = indices < p.shape[1]
+    """Returns R [T]: the scores p [T, E] (probabilities: >= 0 or NaN) of the first k_num slots of `indices` over
+    those of all slots; 1 where they sum to 0 or NaN. `scores`: `gather_scores(p, indices)`, if the caller has it."""
+    real = indices < scalar(p.shape[1], indices.device)
     w = (gather_scores(p, indices) if scores is None else scores) * real  # [T, W], preference order
-    total = w.sum(-1)
-    return torch.where(total > 0, w[:, :k_num].sum(-1) / total, 1.0)
+    # NaN exactly where the total is 0 (then every score is) or NaN: one op for where(total > 0, ..., 1).
+    return (w[:, :k_num].sum(-1) / w.sum(-1)).nan_to_num(nan=1.0)
 
 
 def ban_k(
@@ -119,8 +118,7 @@ def ban_rule(
     if not isinstance(k_num, int) or not 1 <= k_num <= k_base:
         raise ValueError(f"ratio_k_num must be an integer in [1, k_base={k_base}], got {k_num!r}")
     layer = (*_check_layer(layer_sensitivity, r_min, r_max), k_base, k_min, float(lam), float(beta), bool(clip))
-    k_top, bounds = k_steps(*layer)
-    return BanRule(spec, k_num, reweight, layer, k_top, torch.tensor(bounds, dtype=torch.float32))
+    return BanRule(spec, k_num, reweight, layer, _slot_bounds(*layer))
 
 
 @dataclass(frozen=True, eq=False)
@@ -131,11 +129,11 @@ class BanRule:
     k_num: int  # R's numerator: the top-k_num
     reweight: str
     layer: tuple  # ban_k's arguments after the ratio: (L', R_min, R_max, K_base, K_min, lam, beta, clip)
-    k_top: int  # ban_k as a step function of R: K_top - (number of `bounds` below R), see k_steps
-    bounds: torch.Tensor  # float32, ascending
+    # float32 [K_base]: slot s is kept for a token whose R <= slot_bounds[s] (+inf: always; NaN: never), see k_steps
+    slot_bounds: torch.Tensor
 
     def __call__(self, logits: torch.Tensor) -> Routing:
-        p, indices, k, kept = self.keep(logits)
+        p, indices, keep, kept = self.keep(logits)
         if self.reweight == "model":
             return kept
         # The kept experts are a prefix of the base slots, so the old weights line up slot by slot.
@@ -143,20 +141,35 @@ class BanRule:
         return Routing(kept.indices, base.weights.masked_fill(kept.indices == self.spec.num_experts, 0.0), kept.k)
 
     def keep(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Routing]:
-        """Returns (probs [T, E], the model's top-K_base experts [T, K_base], K [T], the kept prefix Routing):
-        Ban's keep-set, shared by Ban and Ban&Pick."""
+        """Returns (probs [T, E], the model's top-K_base experts [T, K_base], which of those slots Ban keeps
+        (bool [T, K_base], each token's first K_i), the kept Routing): Ban's keep-set, shared with Ban&Pick."""
         spec = self.spec
         p = probs(logits, spec)
         indices = top_indices(p, spec, spec.top_k)  # [T, K_base], preference order
         scores = gather_scores(p, indices)  # read once, for R and for the weights
-        k = self.k_of(ratio_of(p, indices, self.k_num, scores))
-        return p, indices, k, keep_prefix(p, spec, k, indices, logits.dtype, scores)
+        keep = self.slots_kept(ratio_of(p, indices, self.k_num, scores))
+        return p, indices, keep, keep_slots(p, spec, keep, indices, logits.dtype, scores)
+
+    def slots_kept(self, ratio: torch.Tensor) -> torch.Tensor:
+        """Returns bool [T, K_base]: slot s < ban_k(ratio, *self.layer) (one comparison for a float32 R on the CPU)."""
+        if ratio.dtype != torch.float32 or ratio.device.type != "cpu":
+            k = ban_k(ratio, *self.layer)
+            return torch.arange(self.spec.top_k, device=ratio.device) < k.unsqueeze(-1)
+        return ratio.unsqueeze(-1) <= self.slot_bounds
 
     def k_of(self, ratio: torch.Tensor) -> torch.Tensor:
-        """Returns `ban_k(ratio, *self.layer)` [T] (long): on the CPU for a float32 R, by one bucketize."""
-        if ratio.dtype != torch.float32 or ratio.device.type != "cpu":
-            return ban_k(ratio, *self.layer)
-        return self.k_top - torch.bucketize(ratio, self.bounds)
+        """Returns `ban_k(ratio, *self.layer)` [T] (long)."""
+        return self.slots_kept(ratio).sum(-1)
+
+
+def _slot_bounds(*layer) -> torch.Tensor:
+    # Slot s (0-based) is kept iff K > s iff R <= the bound of level s + 1; below K(+max) always, at K(-max) and
+    # above never (NaN compares false).
+    k_top, bounds = k_steps(*layer)
+    k_base = layer[3]
+    k_bottom = k_top - len(bounds)
+    levels = [math.inf] * k_bottom + list(reversed(bounds)) + [math.nan] * (k_base - k_top)
+    return torch.tensor(levels, dtype=torch.float32)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -83,7 +83,8 @@ class BanPickRule:
 
     def __call__(self, logits: torch.Tensor) -> Routing:
         spec = self.ban.spec
-        p, _, k, kept = self.ban.keep(logits)
+        p, _, keep, kept = self.ban.keep(logits)
+        k = keep.sum(-1)  # K_i: the kept slots are each token's first K_i
         reach = k if self.range_base == "kept" else torch.full_like(k, spec.top_k)
         limit = self.range_factor * reach.double()
         return force(p, choice_scores(p, spec), spec, to_mask(kept.indices, spec.num_experts), self.key, limit,

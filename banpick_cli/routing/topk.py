@@ -7,7 +7,7 @@ import math
 
 import torch
 
-from .spec import RouterSpec, Routing
+from .spec import RouterSpec, Routing, scalar
 
 # Experts outside the router's groups have choice score -inf; where an order among them is still
 # needed (a forced key expert), they rank below every allowed expert and by probability among
@@ -105,7 +105,9 @@ def _top(
     choice = choice_scores(p, spec, banned, extra)
     ordered = spec.topk_method != "noaux_tc"
     values, indices = torch.topk(choice, k, dim=-1, sorted=ordered)  # sorted: preference order
-    indices = torch.where(values.abs() < math.inf, indices, spec.num_experts)  # isfinite, in two ops not five
+    device = p.device
+    # isfinite, in two ops not five
+    indices = torch.where(values.abs() < scalar(math.inf, device), indices, scalar(spec.num_experts, device))
     return indices, None if ordered else torch.argsort(values, dim=-1, descending=True, stable=True)
 
 
@@ -119,28 +121,35 @@ def keep_top_probs(
 
 
 def keep_prefix(
-    p: torch.Tensor,
-    spec: RouterSpec,
-    k_per_token: torch.Tensor,
-    indices: torch.Tensor,
-    dtype: torch.dtype,
-    scores: torch.Tensor | None = None,
+    p: torch.Tensor, spec: RouterSpec, k_per_token: torch.Tensor, indices: torch.Tensor, dtype: torch.dtype
 ) -> Routing:
     """Returns the routing of `indices` [T, W] (in the router's order of preference, as `route_probs`
     gives them) cut to each token's first k_i slots, weights by the model's rule over those.
 
     The same experts as `keep_top_probs` on such indices, without re-ranking every expert: what the
-    per-token rules (Ban, DES, dynamic) run on every router call. `scores`: `gather_scores(p, indices)`,
-    when the caller has it already.
+    per-token rules (Ban, DES, dynamic) run on every router call.
     """
-    kept = torch.where(_slots(indices.shape[1], indices.device) < k_per_token.to(indices.device).unsqueeze(-1),
-                       indices, spec.num_experts)
+    keep = _slots(indices.shape[1], indices.device) < k_per_token.to(indices.device).unsqueeze(-1)
+    return keep_slots(p, spec, keep, indices, dtype)
+
+
+def keep_slots(
+    p: torch.Tensor,
+    spec: RouterSpec,
+    keep: torch.Tensor,
+    indices: torch.Tensor,
+    dtype: torch.dtype,
+    scores: torch.Tensor | None = None,
+) -> Routing:
+    """Returns the routing of `indices` [T, W] keeping the slots where `keep` (bool [T, W]) holds, weights by
+    the model's rule over those. `scores`: `gather_scores(p, indices)`, when the caller has it already."""
+    kept = torch.where(keep, indices, scalar(spec.num_experts, indices.device))
     return _routing(p, spec, kept, dtype, gather_scores(p, indices) if scores is None else scores)
 
 
 def gather_scores(p: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """Returns p [T, E] at `indices` [T, W]; a "no expert" slot reads the last expert's score (mask it)."""
-    return p.gather(1, indices.clamp(max=p.shape[1] - 1))
+    return p.gather(1, indices.clamp(max=scalar(p.shape[1] - 1, indices.device)))
 
 
 @functools.lru_cache(maxsize=64)
@@ -252,8 +261,8 @@ def _routing(
     p: torch.Tensor, spec: RouterSpec, indices: torch.Tensor, dtype: torch.dtype, scores: torch.Tensor | None = None
 ) -> Routing:
     # `scores`: p gathered where `indices` has a real expert (any value elsewhere), when the caller has it.
-    real = indices < spec.num_experts
-    w = torch.where(real, gather_scores(p, indices) if scores is None else scores, 0.0)  # [T, W]
+    real = indices < scalar(spec.num_experts, indices.device)
+    w = torch.where(real, gather_scores(p, indices) if scores is None else scores, scalar(0.0, p.device))  # [T, W]
     return Routing(indices=indices, weights=_rule_weights(w, spec, dtype), k=real.sum(dim=-1))
 
 
@@ -267,7 +276,7 @@ def _rule_weights(w: torch.Tensor, spec: RouterSpec, dtype: torch.dtype) -> torc
         denom = w.sum(dim=-1, keepdim=True)
         if spec.scoring == "sigmoid":
             denom = denom + 1e-20  # DeepSeek-V3's guard, kept for bit-exactness
-        w = torch.where(denom > 0, w / denom, w)  # a token with no expert keeps weight 0, not NaN
+        w = torch.where(denom > scalar(0.0, w.device), w / denom, w)  # a token with no expert keeps weight 0, not NaN
     if spec.routed_scaling_factor != 1:  # w * 1.0 is w, bit for bit: skip the op
         w = w * spec.routed_scaling_factor
     return w.to(dtype) if spec.weights_in_logits_dtype else w

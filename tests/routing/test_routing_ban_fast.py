@@ -42,21 +42,28 @@ def logits_for(spec: RouterSpec, tokens: int, dtype: torch.dtype, seed: int) -> 
     x = torch.randn(tokens, spec.num_experts, generator=gen) * [0.1, 1.0, 2.0, 6.0][seed % 4]
     if seed % 3 == 0:
         x = x.round()  # many exact ties
-    if seed % 5 == 0 and tokens > 2:
-        x[1, : spec.num_experts // 2] = float("-inf")  # softmax gives them exactly 0
+    if seed % 2 == 0 and tokens > 4:
+        x[1, : spec.num_experts // 2] = float("-inf")  # softmax and sigmoid give them exactly 0
         x[2] = float("nan")
+        x[3] = float("-inf")  # sigmoid: every score 0 (softmax: NaN)
+        x[4, -1] = float("nan")  # sigmoid: one NaN score, read by the "no expert" slots' gather
     return x.to(dtype)
 
 
 def knobs(spec: RouterSpec, seed: int) -> dict:
+    """Ban's knobs drawn at random (edges included: R_min == R_max, lam 0, beta 0 and 1, K_min == K_base)."""
     gen = torch.Generator().manual_seed(1000 + seed)
-    u = torch.rand(4, generator=gen).tolist()
+    u = torch.rand(5, generator=gen).tolist()
+
+    def pick(*options):
+        return options[int(torch.randint(len(options), (1,), generator=gen))]
+
     r_min = 0.1 + 0.5 * u[1]
-    r_max = r_min if seed % 7 == 0 else r_min + 0.5 * u[2]
-    k_min = 1 + seed % spec.top_k
-    return dict(layer_sensitivity=[0.0, 1.0, u[0]][seed % 3], r_min=r_min, r_max=r_max, k_min=k_min,
-                lam=[0.0, 0.35, 0.7, 1.0, 2.5][seed % 5], beta=[0.0, 0.5, 1.0, u[3]][seed % 4], clip=seed % 2 == 0,
-                ratio_k_num=None if seed % 3 else 1 + (seed // 3) % spec.top_k)
+    r_max = pick(r_min, r_min + 0.5 * u[2], r_min + 0.5 * u[2], r_min + 0.01 * u[2])
+    k_min = int(torch.randint(1, spec.top_k + 1, (1,), generator=gen))
+    return dict(layer_sensitivity=pick(0.0, 1.0, u[0], u[0]), r_min=r_min, r_max=r_max, k_min=k_min,
+                lam=pick(0.0, 0.35, 0.7, 1.0, 2.5, 4 * u[3]), beta=pick(0.0, 0.5, 1.0, u[4], u[4]), clip=pick(True, False),
+                ratio_k_num=pick(None, None, int(torch.randint(1, spec.top_k + 1, (1,), generator=gen))))
 
 
 CASES = list(itertools.product(SPECS, [0, 1, 2, 7, 64], [torch.float32, torch.bfloat16]))
@@ -65,7 +72,7 @@ CASES = list(itertools.product(SPECS, [0, 1, 2, 7, 64], [torch.float32, torch.bf
 @pytest.mark.parametrize("name, tokens, dtype", CASES)
 def test_ban_and_ban_pick_equal_the_old_routing_bit_for_bit(name, tokens, dtype):
     spec = SPECS[name]
-    for seed in range(12):
+    for seed in range(16):
         x, kw = logits_for(spec, tokens, dtype, seed), knobs(spec, seed)
         reweight = "keep" if seed % 4 == 3 else "model"
         want = ref.ban(x, spec, **kw, reweight=reweight)
