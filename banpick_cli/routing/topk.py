@@ -17,8 +17,9 @@ _OUTSIDE = 1e6
 
 def probs(logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
     """Returns the router's scores [T, E] in float32: softmax over all experts, or sigmoid."""
-    x = _check_logits(logits, spec)
-    return x.softmax(dim=-1) if spec.scoring == "softmax" else x.sigmoid()
+    _check_logits(logits, spec)
+    # softmax(dtype=float32) casts first, as .float().softmax() does, in one call
+    return logits.softmax(dim=-1, dtype=torch.float32) if spec.scoring == "softmax" else logits.float().sigmoid()
 
 
 def select_scores(logits: torch.Tensor, spec: RouterSpec, banned: torch.Tensor | None = None) -> torch.Tensor:
