@@ -164,13 +164,12 @@ def _slots(width: int, device: torch.device) -> torch.Tensor:
     return _cpu_slots(width) if device.type == "cpu" else torch.arange(width, device=device)
 
 
-def _check_logits(logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+def _check_logits(logits: torch.Tensor, spec: RouterSpec) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] != spec.num_experts:
         shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a tensor [tokens, {spec.num_experts}], got {shape}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    return logits.float()
 
 
 def check_indices(indices: torch.Tensor, p: torch.Tensor) -> None:
