@@ -11,7 +11,8 @@ ambiguous rules, and the options that offer the alternatives: docs/routing.md.
     weights_for, keep_top         the model's weight rule on any set; keep each token's top k_i
     pick                          Pick strategies A-E (section 4.3)
     token_ratio, ban_k, ban       Ban (section 5): R per token, K per token, the routing
-    ban_pick                      Ban then Pick C (section 6.1)
+    ban_rule                      one layer's Ban, its knobs checked and its constants taken once
+    ban_pick, ban_pick_rule       Ban then Pick C (section 6.1); one layer's, checked once
     fixed_k                       Fixed-K: the model's own top-k with a smaller k (the rival of per-token pruning)
     batch_share, distinct_experts batch-aware step after any rule: fewer distinct experts per batch
     dynamic_k, dynamic            top-p dynamic routing (appendix E)
@@ -19,8 +20,8 @@ ambiguous rules, and the options that offer the alternatives: docs/routing.md.
                                   DES, ODP and RICE (appendix E)
 """
 
-from .ban import BETA, K_MIN, LAM, ban, ban_k, check_ban_params, token_ratio
-from .banpick import ban_pick
+from .ban import BETA, K_MIN, LAM, ban, ban_k, ban_rule, check_ban_params, token_ratio
+from .banpick import ban_pick, ban_pick_rule
 from .baselines import des, des_bounds, des_ratios, des_thresholds, dynamic, dynamic_k, odp, rice
 from .batch import ANCHOR, batch_share, default_candidates, distinct_experts
 from .fixed_k import fixed_k
@@ -39,6 +40,8 @@ __all__ = [
     "ban",
     "ban_k",
     "ban_pick",
+    "ban_pick_rule",
+    "ban_rule",
     "batch_share",
     "check_ban_params",
     "default_candidates",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+import math
+
 import torch
 
-from .spec import RouterSpec, Routing
+from .spec import RouterSpec, Routing, scalar
 
 # Experts outside the router's groups have choice score -inf; where an order among them is still
 # needed (a forced key expert), they rank below every allowed expert and by probability among
@@ -14,8 +17,9 @@ _OUTSIDE = 1e6
 
 def probs(logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
     """Returns the router's scores [T, E] in float32: softmax over all experts, or sigmoid."""
-    x = _check_logits(logits, spec)
-    return x.softmax(dim=-1) if spec.scoring == "softmax" else x.sigmoid()
+    _check_logits(logits, spec)
+    # softmax(dtype=float32) casts first, as .float().softmax() does, in one call
+    return logits.softmax(dim=-1, dtype=torch.float32) if spec.scoring == "softmax" else logits.float().sigmoid()
 
 
 def select_scores(logits: torch.Tensor, spec: RouterSpec, banned: torch.Tensor | None = None) -> torch.Tensor:
@@ -80,18 +84,32 @@ def route_probs(
     extra: torch.Tensor | None = None,
 ) -> Routing:
     """Returns the top-k routing of scores p [T, E] (float32), choosing by p plus biases."""
-    choice = choice_scores(p, spec, banned, extra)
-    if spec.topk_method != "noaux_tc":
-        values, indices = torch.topk(choice, k, dim=-1)  # sorted: preference order
-        indices = torch.where(torch.isfinite(values), indices, spec.num_experts)
-        return _routing(p, spec, indices, dtype)
-    # DeepSeek-V3 takes top-k unsorted and renormalises in that order; do the same, then sort,
-    # so the weights match it bit for bit.
-    values, indices = torch.topk(choice, k, dim=-1, sorted=False)
-    indices = torch.where(torch.isfinite(values), indices, spec.num_experts)
+    indices, order = _top(p, spec, k, banned, extra)
     routing = _routing(p, spec, indices, dtype)
-    order = torch.argsort(values, dim=-1, descending=True, stable=True)
+    if order is None:
+        return routing
     return Routing(routing.indices.gather(1, order), routing.weights.gather(1, order), routing.k)
+
+
+def top_indices(p: torch.Tensor, spec: RouterSpec, k: int) -> torch.Tensor:
+    """Returns `route_probs(p, spec, k, ...).indices` [T, k] (preference order) without the weights."""
+    indices, order = _top(p, spec, k)
+    return indices if order is None else indices.gather(1, order)
+
+
+def _top(
+    p: torch.Tensor, spec: RouterSpec, k: int, banned: torch.Tensor | None = None, extra: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # Returns the top-k experts [T, k], a slot whose choice score is not finite holding "no expert"; and, for
+    # noaux_tc, the order [T, k] that sorts them. DeepSeek-V3 takes top-k unsorted and renormalises in that
+    # order: the weights are computed in it, then sorted, so that they match it bit for bit.
+    choice = choice_scores(p, spec, banned, extra)
+    ordered = spec.topk_method != "noaux_tc"
+    values, indices = torch.topk(choice, k, dim=-1, sorted=ordered)  # sorted: preference order
+    device = p.device
+    # isfinite, in two ops not five
+    indices = torch.where(values.abs() < scalar(math.inf, device), indices, scalar(spec.num_experts, device))
+    return indices, None if ordered else torch.argsort(values, dim=-1, descending=True, stable=True)
 
 
 def keep_top_probs(
@@ -112,18 +130,46 @@ def keep_prefix(
     The same experts as `keep_top_probs` on such indices, without re-ranking every expert: what the
     per-token rules (Ban, DES, dynamic) run on every router call.
     """
-    slots = torch.arange(indices.shape[1], device=indices.device)
-    kept = torch.where(slots < k_per_token.to(indices.device).unsqueeze(-1), indices, spec.num_experts)
-    return _routing(p, spec, kept, dtype)
+    keep = _slots(indices.shape[1], indices.device) < k_per_token.to(indices.device).unsqueeze(-1)
+    return keep_slots(p, spec, keep, indices, dtype)
 
 
-def _check_logits(logits: torch.Tensor, spec: RouterSpec) -> torch.Tensor:
+def keep_slots(
+    p: torch.Tensor,
+    spec: RouterSpec,
+    keep: torch.Tensor,
+    indices: torch.Tensor,
+    dtype: torch.dtype,
+    scores: torch.Tensor | None = None,
+) -> Routing:
+    """Returns the routing of `indices` [T, W] keeping the slots where `keep` (bool [T, W]) holds, weights by
+    the model's rule over those. `scores`: `gather_scores(p, indices)`, when the caller has it already."""
+    kept = torch.where(keep, indices, scalar(spec.num_experts, indices.device))
+    return _routing(p, spec, kept, dtype, gather_scores(p, indices) if scores is None else scores)
+
+
+def gather_scores(p: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Returns p [T, E] at `indices` [T, W]; a "no expert" slot reads the last expert's score (mask it)."""
+    return p.gather(1, indices.clamp(max=scalar(p.shape[1] - 1, indices.device)))
+
+
+@functools.lru_cache(maxsize=64)
+def _cpu_slots(width: int) -> torch.Tensor:
+    return torch.arange(width)
+
+
+def _slots(width: int, device: torch.device) -> torch.Tensor:
+    # 0..width-1, made once on the CPU (an op per call is a good part of a 1-token call's cost); made per
+    # call elsewhere, where a tensor kept across calls could come from a CUDA graph's private pool.
+    return _cpu_slots(width) if device.type == "cpu" else torch.arange(width, device=device)
+
+
+def _check_logits(logits: torch.Tensor, spec: RouterSpec) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[1] != spec.num_experts:
         shape = list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ValueError(f"logits must be a tensor [tokens, {spec.num_experts}], got {shape}")
     if not logits.is_floating_point():
         raise ValueError(f"logits must be floating point, got {logits.dtype}")
-    return logits.float()
 
 
 def check_indices(indices: torch.Tensor, p: torch.Tensor) -> None:
@@ -211,18 +257,26 @@ def from_mask(
     return _routing(p, spec, indices, dtype)
 
 
-def _routing(p: torch.Tensor, spec: RouterSpec, indices: torch.Tensor, dtype: torch.dtype) -> Routing:
-    weights = _weights(p, spec, indices, dtype)
-    return Routing(indices=indices, weights=weights, k=(indices < spec.num_experts).sum(dim=-1))
+def _routing(
+    p: torch.Tensor, spec: RouterSpec, indices: torch.Tensor, dtype: torch.dtype, scores: torch.Tensor | None = None
+) -> Routing:
+    # `scores`: p gathered where `indices` has a real expert (any value elsewhere), when the caller has it.
+    real = indices < scalar(spec.num_experts, indices.device)
+    w = torch.where(real, gather_scores(p, indices) if scores is None else scores, scalar(0.0, p.device))  # [T, W]
+    return Routing(indices=indices, weights=_rule_weights(w, spec, dtype), k=real.sum(dim=-1))
 
 
 def _weights(p: torch.Tensor, spec: RouterSpec, indices: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    real = indices < spec.num_experts
-    w = p.gather(1, indices.clamp(max=spec.num_experts - 1)).masked_fill(~real, 0.0)  # [T, W]
+    return _rule_weights(torch.where(indices < spec.num_experts, gather_scores(p, indices), 0.0), spec, dtype)
+
+
+def _rule_weights(w: torch.Tensor, spec: RouterSpec, dtype: torch.dtype) -> torch.Tensor:
+    # The model's weights from the experts' own scores w [T, W] (0 at "no expert" slots).
     if spec.renormalize:
         denom = w.sum(dim=-1, keepdim=True)
         if spec.scoring == "sigmoid":
             denom = denom + 1e-20  # DeepSeek-V3's guard, kept for bit-exactness
-        w = torch.where(denom > 0, w / denom, w)  # a token with no expert keeps weight 0, not NaN
-    w = w * spec.routed_scaling_factor
+        w = torch.where(denom > scalar(0.0, w.device), w / denom, w)  # a token with no expert keeps weight 0, not NaN
+    if spec.routed_scaling_factor != 1:  # w * 1.0 is w, bit for bit: skip the op
+        w = w * spec.routed_scaling_factor
     return w.to(dtype) if spec.weights_in_logits_dtype else w

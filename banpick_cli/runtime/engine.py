@@ -223,7 +223,8 @@ class EngineRouter:
                 f"Pick {self.plan.params.get('strategy')} builds its range limit on the host and cannot run inside a "
                 "CUDA graph: start the engine eager (vLLM --enforce-eager, SGLang --disable-cuda-graph) or use ban/banpick"
             )
-        logits = logits[:, : self.specs[position].num_experts]  # an engine may append shared-expert gate columns
+        if logits.shape[1] != self.specs[position].num_experts:  # an engine may append shared-expert gate columns
+            logits = logits[:, : self.specs[position].num_experts]
         if position not in self._scale and stock is not None and not capturing:
             self._scale[position] = self_check(self.specs[position], logits, *stock, layer=layer_index, engine=self.engine)
         routing = self.plan.route(position, logits, decode=self.plan.batch is None or self.is_decode())
@@ -253,16 +254,16 @@ def fit_slots(routing: Routing, logits: torch.Tensor, spec, slots: int, *, rewei
     Narrower routings are padded; every empty slot then holds the token's first expert, weight 0.
     """
     e = spec.num_experts
-    indices, weights = routing.indices, routing.weights
     if routing.width > slots:
-        indices, weights = indices[:, :slots], weights[:, :slots]
+        indices, weights = routing.indices[:, :slots], routing.weights[:, :slots]
         if reweight:
             weights = weights_for(logits, spec, indices)
-    elif routing.width < slots:
+        routing = Routing(indices, weights, (indices < e).sum(-1))
+    elif routing.width < slots:  # the added slots hold no expert: k stays
         pad = slots - routing.width
-        indices = torch.nn.functional.pad(indices, (0, pad), value=e)
-        weights = torch.nn.functional.pad(weights, (0, pad), value=0.0)
-    safe = Routing(indices, weights, (indices < e).sum(-1)).sentinel_free(e)
+        routing = Routing(torch.nn.functional.pad(routing.indices, (0, pad), value=e),
+                          torch.nn.functional.pad(routing.weights, (0, pad), value=0.0), routing.k)
+    safe = routing.sentinel_free(e)
     return safe.weights.float(), safe.indices
 
 

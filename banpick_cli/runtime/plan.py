@@ -15,7 +15,7 @@ import torch
 
 from banpick_cli.errors import BadSetting, ProfileError
 from banpick_cli.profile.format import RoutingProfile
-from banpick_cli.routing import BETA, K_MIN, LAM, RouterSpec, Routing, ban, ban_pick, check_ban_params, pick, rice
+from banpick_cli.routing import BETA, K_MIN, LAM, RouterSpec, Routing, ban_pick_rule, ban_rule, check_ban_params, pick, rice
 from banpick_cli.runtime.methods import Method, allowed_params, get_method, resolve
 
 AUTO = "auto"  # a domain chosen per request (runtime/auto.py)
@@ -199,7 +199,7 @@ def ban_rules(profile, specs, record: Method, domain, overrides) -> RoutingPlan:
     method = record.name
     params, per_layer = _ban_setup(profile, record, overrides)
     rules = {
-        position: _rule(position, spec, lambda x, s=spec, a=args: ban(x, s, *a, **params))
+        position: _rule(position, spec, _checked(lambda: ban_rule(spec, *args, **params)))
         for position, (spec, args) in enumerate(zip(specs, per_layer))
         # K_min == K_base prunes nothing, and the weights are then the model's own: leave the layer be.
         if params.get("k_min", 0) < spec.top_k or params.get("reweight", "model") != "model"
@@ -214,7 +214,7 @@ def banpick_rules(profile, specs, record: Method, domain, overrides) -> RoutingP
     pick_settings = {k: v for k, v in _recorded(profile.domain(domain).recorded_pick(), record).items() if k == "range_factor"}
     params, per_layer = _ban_setup(profile, record, {**pick_settings, **overrides})
     rules = {
-        position: _rule(position, spec, lambda x, s=spec, k=key[position], a=args: ban_pick(x, s, k, *a, **params),
+        position: _rule(position, spec, _checked(lambda: ban_pick_rule(spec, key[position], *args, **params)),
                         key[position])
         for position, (spec, args) in enumerate(zip(specs, per_layer))
     }
@@ -301,6 +301,15 @@ def _ban_record(params: dict, per_layer: list) -> dict:
 
 def _ratio_note(overrides: dict, profile: RoutingProfile) -> dict:
     return {"ratio_scope": overrides.get("ratio_scope", profile.ban.settings.get("ratio_scope", "layer"))}
+
+
+def _checked(build: Callable[[], Callable[[torch.Tensor], Routing]]) -> Callable[[torch.Tensor], Routing]:
+    # A routing core rule built once per layer (its knobs checked and constants taken at the build), a bad
+    # hyperparameter failing as one line naming it.
+    try:
+        return build()
+    except ValueError as err:
+        raise BadSetting(str(err)) from None
 
 
 def _rule(position: int, spec: RouterSpec, fn: Callable[[torch.Tensor], Routing], key: torch.Tensor | None = None,
