@@ -50,24 +50,22 @@ def sliced_grouped_mm(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
     k, tokens, hidden = top_k_index.size(-1), hidden_states.size(0), hidden_states.size(-1)
     expert_ids, perm = torch.sort(top_k_index.reshape(-1))  # [S]: the pairs grouped by expert
     weights = top_k_weights.reshape(-1)[perm]
-    # As transformers counts rows per expert (histc on the CPU): pruned slots (id == num_experts, set
+    # As transformers counts rows per expert on the CPU (histc of floats): pruned slots (id == num_experts, set
     # only with the expert-parallel flag, models/base.py) sort last and fall outside every expert.
-    histc_input = expert_ids.float() if hidden_states.device.type in ("cpu", "mps") else expert_ids.int()
-    per_expert = torch.histc(histc_input, bins=self.num_experts, min=0, max=self.num_experts - 1)
-    del histc_input
+    per_expert = torch.histc(expert_ids.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
     ends = torch.cumsum(per_expert, dim=0, dtype=torch.int32)  # [E]
+    bounds = ends.tolist()
     pairs = expert_ids.numel()
-    # Rows past the last expert (pruned slots) stay 0, as transformers' masks make them.
     # The weighted rows in transformers' dtype: the experts' (inputs are cast to it) times the routing
-    # weights' (float32 when the router keeps them so), summed in it, cast to the input's at the end.
+    # weights' (float32 when the router keeps them so), summed in it, cast to the input's at the end. Rows
+    # past the last expert (pruned slots) stay 0, as transformers' masks make them.
     dtype = torch.promote_types(self.down_proj.dtype, top_k_weights.dtype)
-    empty = torch.zeros if int(ends[-1]) < pairs else torch.empty
+    empty = torch.zeros if bounds[-1] < pairs else torch.empty
     out = empty(pairs, hidden, dtype=dtype, device=hidden_states.device)
     width = self.down_proj.size(-2) if self.is_transposed else self.down_proj.size(-1)
     row_bytes = (hidden + 4 * width) * self.down_proj.element_size()  # gathered input, gate/up, gated
-    for first, last in _slices(ends.tolist(), max(1, SLICE_BYTES // row_bytes)):
-        start = int(ends[first - 1]) if first else 0
-        stop = int(ends[last - 1])
+    for first, last in _slices(bounds, max(1, SLICE_BYTES // row_bytes)):
+        start, stop = bounds[first - 1] if first else 0, bounds[last - 1]
         if stop == start:
             continue
         offsets = ends[first:last] - start
