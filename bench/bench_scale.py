@@ -176,7 +176,7 @@ def cgroup_proof(cli: argparse.Namespace) -> dict:
         result, err = run_limited({**base, **extra}, code=code, time_v=True)
         runs[name] = result or {"failed": err.strip().splitlines()[0][:300]}
         runs[name]["process_s"] = round(time.perf_counter() - t0, 1)
-    layer_mb = 64 * 3 * 512 * 1024 * 4 / 2**20 + 10  # the experts and the attention of one decoder layer
+    layer_mb = (work / "model" / "layer-000.safetensors").stat().st_size / 2**20  # one decoder layer, as written
     for run in runs.values():
         if "loaded_rss_mb" in run:  # resident memory above the loaded model's (runtime and resident parts), in layers
             run["profile_layers_above_runtime"] = round((run["profile_peak_rss_mb"] - run["loaded_rss_mb"]) / layer_mb, 2)

@@ -85,6 +85,8 @@ def write_checkpoint(folder: Path, *, layers: int, hidden: int, width: int, expe
 RUN = r"""
 import json, resource, sys, time
 args = json.loads(sys.argv[1])
+def kib(key):  # a /proc/self/status figure in kB
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
 if args.get("limit_mb") and args.get("cgroup"):
     pass  # the memory cgroup run_limited put this process in holds the limit
 elif args["limit_mb"]:
@@ -105,7 +107,7 @@ if args.get("cgroup_above_mb"):
     args["limit_mb"], args["runtime_mb"] = limit >> 20, usage >> 20
 if args.get("limit_above_mb"):
     # The runtime (Python, torch, transformers) is what it is; the model gets only this much more.
-    data_now = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmData")) << 10
+    data_now = kib("VmData") << 10
     limit = data_now + (args["limit_above_mb"] << 20)
     resource.setrlimit(resource.RLIMIT_DATA, (limit, limit))
     args["limit_mb"] = limit >> 20
@@ -119,12 +121,12 @@ else:
     loaded = load_model(args["model"], device="cpu", dtype="float32")
 load_s = time.perf_counter() - start
 # The runtime as issue 21 counts it: Python, torch, transformers and the model's resident parts.
-loaded_rss = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmRSS")) // 1024
+loaded_rss = kib("VmRSS") // 1024
 start = time.perf_counter()
 usage = count_usage_pass(loaded, texts, seq_len=args["seq_len"], batch_size=args["batch_size"],
                          options=RunOptions(checkpoint_every=0)).usage
 profile_s = time.perf_counter() - start
-profile_peak = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM")) // 1024
+profile_peak = kib("VmHWM") // 1024
 counts = usage.expert_counts
 specs = loaded.router_specs()
 plans = [LayerPlan(layer.position, tuple(prune_variant(specs[layer.position], e)
@@ -138,8 +140,7 @@ kl_s = time.perf_counter() - start
 # Peak RSS is this process's own high-water mark (VmHWM), not getrusage's ru_maxrss: Linux carries
 # ru_maxrss over an exec, and Python starts children with vfork, so a child's ru_maxrss is at least its
 # parent's peak (a pytest process that loaded models, say) and two runs of different sizes can read the same.
-status = {k: int(v.split()[0]) // 1024 for k, v in (line.split(":", 1) for line in open("/proc/self/status"))
-          if k in ("VmHWM", "VmData", "VmPeak")}
+status = {k: kib(k) // 1024 for k in ("VmHWM", "VmData", "VmPeak")}
 print(json.dumps({"limit_mb": args["limit_mb"], "runtime_mb": args.get("runtime_mb"), "counts": counts.tolist(), "tokens": usage.tokens, "kl": {p: v.tolist() for p, v in kl.items()},
                   "load_s": round(load_s, 3), "profile_s": round(profile_s, 3), "kl_s": round(kl_s, 3),
                   "peak_rss_mb": status["VmHWM"], "profile_peak_rss_mb": profile_peak, "loaded_rss_mb": loaded_rss,
