@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from .spec import RouterSpec, Routing, scalar
-from .topk import check_k, gather_scores, keep_slots, probs, route_probs, top_indices
+from .topk import check_k, gather_scores, keep_slots, probs, route_probs, slot_numbers, top_indices
 
 REWEIGHTS = ("model", "keep")  # reading 9, and its alternative
 
@@ -154,7 +154,7 @@ class BanRule:
         """Returns bool [T, K_base]: slot s < ban_k(ratio, *self.layer) (one comparison for a float32 R on the CPU)."""
         if ratio.dtype != torch.float32 or ratio.device.type != "cpu":
             k = ban_k(ratio, *self.layer)
-            return torch.arange(self.spec.top_k, device=ratio.device) < k.unsqueeze(-1)
+            return slot_numbers(self.spec.top_k, ratio.device) < k.unsqueeze(-1)
         return ratio.unsqueeze(-1) <= self.slot_bounds
 
     def k_of(self, ratio: torch.Tensor) -> torch.Tensor:

@@ -130,7 +130,7 @@ def keep_prefix(
     The same experts as `keep_top_probs` on such indices, without re-ranking every expert: what the
     per-token rules (Ban, DES, dynamic) run on every router call.
     """
-    keep = _slots(indices.shape[1], indices.device) < k_per_token.to(indices.device).unsqueeze(-1)
+    keep = slot_numbers(indices.shape[1], indices.device) < k_per_token.to(indices.device).unsqueeze(-1)
     return keep_slots(p, spec, keep, indices, dtype)
 
 
@@ -158,8 +158,9 @@ def _cpu_slots(width: int) -> torch.Tensor:
     return torch.arange(width)
 
 
-def _slots(width: int, device: torch.device) -> torch.Tensor:
-    # 0..width-1, made once on the CPU (an op per call is a good part of a 1-token call's cost); made per
+def slot_numbers(width: int, device: torch.device) -> torch.Tensor:
+    """Returns 0..width-1 [width] on `device`."""
+    # Made once on the CPU (an op per call is a good part of a 1-token call's cost); made per
     # call elsewhere, where a tensor kept across calls could come from a CUDA graph's private pool.
     return _cpu_slots(width) if device.type == "cpu" else torch.arange(width, device=device)
 
